@@ -1,0 +1,87 @@
+"""The FastAPI application: routers, limits, auth set-up and background parts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from app.auth import parse_keys
+from app.batcher import Batcher
+from app.model_cache import ModelCache
+from app.routes import datasets, health, identify, jobs, models
+from app.uploads import BodyLimit
+from facegrad.db import get_engine
+from facegrad.settings import Settings, get_settings
+
+log = logging.getLogger("facegrad.api")
+API_VERSION = "1.0.0"
+
+
+def create_app(settings: Settings | None = None, reconcile: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    api_keys = parse_keys(settings.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        get_engine(settings.db_url)  # creates tables
+        if not api_keys:
+            log.warning("no FACEGRAD_API_KEYS set: the API is OPEN to anyone who can reach "
+                        "%s:%s", settings.host, settings.port)
+        app.state.batcher.start()
+        reconciler = None
+        if reconcile:
+            from worker.reconciler import Reconciler
+
+            reconciler = Reconciler(settings)
+            reconciler.start()
+        yield
+        await app.state.batcher.stop()
+        if reconciler:
+            reconciler.stop()
+
+    app = FastAPI(
+        title="facegrad",
+        version=API_VERSION,
+        description="Train face-recognition models with controlled gradient clipping, and "
+        "identify faces. Every error is `{\"detail\": ...}` with a 4xx status that says what "
+        "to fix. Send `X-API-Key` when the server has keys configured.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = api_keys
+    app.state.models = ModelCache()
+    app.state.batcher = Batcher(settings.identify_batch_wait_ms)
+    app.state.gallery_lock = threading.Lock()
+
+    for r in (health.router, datasets.router, jobs.router, models.router, identify.router):
+        app.include_router(r)
+
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error; the server log has the details"},
+                            status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/docs")
+
+    return app

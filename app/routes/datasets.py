@@ -1,0 +1,121 @@
+"""Upload, list, read and delete face datasets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.auth import admin_only
+from app.deps import get_db, get_settings_dep
+from app.schemas import DatasetList, DatasetOut, Error
+from app.uploads import spool_upload, uuid_path
+from facegrad import storage
+from facegrad.archive import DatasetError, Limits
+from facegrad.datasets import build_from_npz, build_from_zip
+from facegrad.db import Dataset, Job
+from facegrad.detect import crop_one
+from facegrad.settings import Settings
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(admin_only)])
+ERRORS = {400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
+          413: {"model": Error}, 415: {"model": Error}, 422: {"model": Error}}
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(max_upload_bytes=settings.max_upload_bytes,
+                  max_members=settings.max_archive_members,
+                  max_uncompressed_bytes=settings.max_uncompressed_bytes,
+                  max_member_bytes=settings.max_member_bytes,
+                  max_compression_ratio=settings.max_compression_ratio,
+                  max_pixels=settings.max_image_pixels)
+
+
+def to_out(d: Dataset) -> DatasetOut:
+    return DatasetOut(id=d.id, name=d.name, created_at=d.created_at,
+                      num_identities=d.num_identities, num_images=d.num_images,
+                      identities=d.identities, rejected=d.rejected, detect=d.detect,
+                      source_format=d.source_format, warnings=d.info.get("warnings", []))
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS,
+             summary="Upload a labelled face dataset (.zip of identity folders, or .npz)")
+def upload_dataset(
+    file: UploadFile = File(description=".zip with one folder per identity, or .npz with "
+                        "'images' (N,H,W[,C] uint8) and 'labels' (N,)"),
+    name: str | None = Form(None, max_length=200),
+    detect: Literal["auto", "none"] = Form(
+        "none", description="'auto' finds the face in each image and crops it (whole image "
+        "when it already is a face crop); applied the same way at identify time."),
+    db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
+) -> DatasetOut:
+    limits = limits_from(settings)
+    fname = (file.filename or "").lower()
+    kind = "zip" if fname.endswith(".zip") else "npz" if fname.endswith(".npz") else None
+    tmp = spool_upload(file, settings, limits.max_upload_bytes)
+    try:
+        if kind is None:  # sniff the content when the name says nothing
+            with open(tmp, "rb") as f:
+                kind = "zip" if f.read(4) == b"PK\x03\x04" else None
+        if kind is None:
+            raise HTTPException(415, "upload a .zip (one folder per identity) or a .npz with "
+                                "'images' and 'labels' arrays")
+        crop = (lambda rgb: crop_one(rgb, detect)) if detect == "auto" else None
+        kw = {"crop": crop} if crop else {}
+        try:
+            report = (build_from_zip if kind == "zip" else build_from_npz)(tmp, limits, **kw)
+        except DatasetError as e:
+            raise HTTPException(e.status, e.reason) from e
+        ds = Dataset(name=name or Path(file.filename or "dataset").stem[:200],
+                     num_images=int(report.arrays.images.shape[0]),
+                     num_identities=len(report.identities), identities=report.identities,
+                     rejected=report.rejected, detect=detect, source_format=kind,
+                     info=report.info)
+        db.add(ds)
+        db.flush()
+        report.arrays.save(storage.dataset_dir(settings, ds.id))
+        db.commit()
+        return to_out(ds)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@router.get("", response_model=DatasetList, summary="List datasets, newest first")
+def list_datasets(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                  db: Session = Depends(get_db)) -> DatasetList:
+    total = db.scalar(select(func.count()).select_from(Dataset))
+    rows = db.scalars(select(Dataset).order_by(Dataset.created_at.desc())
+                      .limit(limit).offset(offset)).all()
+    return DatasetList(items=[to_out(d) for d in rows], total=total)
+
+
+def get_or_404(db: Session, dataset_id: str) -> Dataset:
+    ds = db.get(Dataset, dataset_id)
+    if ds is None:
+        raise HTTPException(404, f"no dataset with id {dataset_id}")
+    return ds
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses={404: {"model": Error}})
+def get_dataset(dataset_id: str = uuid_path("dataset"), db: Session = Depends(get_db)):
+    return to_out(get_or_404(db, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204,
+               responses={404: {"model": Error}, 409: {"model": Error}},
+               summary="Delete a dataset (409 while a queued or running job uses it)")
+def delete_dataset(dataset_id: str = uuid_path("dataset"), db: Session = Depends(get_db),
+                   settings: Settings = Depends(get_settings_dep)) -> None:
+    ds = get_or_404(db, dataset_id)
+    busy = db.scalar(select(func.count()).select_from(Job).where(
+        Job.dataset_id == ds.id, Job.status.in_(("queued", "running"))))
+    if busy:
+        raise HTTPException(409, f"dataset is used by {busy} queued or running job(s); "
+                            "cancel them or wait until they end")
+    db.delete(ds)
+    db.flush()
+    shutil.rmtree(storage.dataset_dir(settings, ds.id), ignore_errors=True)

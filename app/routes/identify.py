@@ -1,0 +1,102 @@
+"""Identify the faces in uploaded images, and verify whether two photos show the same person."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth import identify_or_admin
+from app.deps import get_db, get_settings_dep
+from app.faces import faces_of_upload
+from app.schemas import Error, IdentifyOut, IdentifyResult, VerifyOut
+from facegrad.db import Model
+from facegrad.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(identify_or_admin)])
+ERRORS = {404: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
+          422: {"model": Error}}
+
+
+def pick_model(db: Session, model_id: str | None) -> Model:
+    if model_id:
+        m = db.get(Model, model_id.strip().lower())
+        if m is None:
+            raise HTTPException(404, f"no model with id {model_id}")
+        return m
+    m = db.scalars(select(Model).order_by(Model.created_at.desc()).limit(1)).first()
+    if m is None:
+        raise HTTPException(404, "no trained model yet: train one with POST /v1/jobs")
+    return m
+
+
+@router.post("/identify", response_model=IdentifyOut, responses=ERRORS,
+             summary="Who is in these images? One result per file, in order")
+async def identify(
+    request: Request,
+    file: list[UploadFile] = File(description="one or more images"),
+    model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$",
+                                description="default: the newest model"),
+    top_k: int = Form(5, ge=1, le=100),
+    threshold: float | None = Form(None, ge=-1, le=1, description="cosine similarity below "
+                                   "which a face is 'unknown'; default: the model's calibrated"),
+    detect: Literal["auto", "none"] | None = Form(None, description="default: the model's"),
+    max_faces: int = Form(10, ge=1, le=100),
+    db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
+) -> IdentifyOut:
+    if len(file) > settings.max_identify_files:
+        raise HTTPException(413, f"{len(file)} files sent; at most "
+                            f"{settings.max_identify_files} per call (FACEGRAD_MAX_IDENTIFY_FILES)")
+    m = pick_model(db, model_id)
+    lm = await run_in_threadpool(request.app.state.models.get, m.id, m.path, m.gallery_version)
+    per_file = []
+    for f in file:
+        faces, note = await run_in_threadpool(faces_of_upload, f, settings, detect or m.detect,
+                                             max_faces)
+        per_file.append((f.filename or "", faces, note))
+    crops = [crop for _, faces, _ in per_file for _, crop in faces]
+    emb = await request.app.state.batcher.embed(lm, np.stack(crops)) if crops else None
+    matches = lm.match(emb, top_k, threshold) if crops else []
+    results, i = [], 0
+    for name, faces, note in per_file:
+        out = []
+        for box, _ in faces:
+            identity, conf, cands = matches[i]
+            i += 1
+            out.append({"box": box, "identity": identity, "confidence": conf,
+                        "candidates": [{"identity": c, "confidence": s} for c, s in cands]})
+        results.append(IdentifyResult(filename=name, faces=out, note=note))
+    thr = lm.threshold if threshold is None else threshold
+    return IdentifyOut(model_id=m.id, threshold=thr, results=results)
+
+
+@router.post("/verify", response_model=VerifyOut, responses=ERRORS,
+             summary="Do two photos show the same person?")
+async def verify(
+    request: Request,
+    file: list[UploadFile] = File(description="exactly two images"),
+    model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$"),
+    threshold: float | None = Form(None, ge=-1, le=1),
+    detect: Literal["auto", "none"] | None = Form(None),
+    db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
+) -> VerifyOut:
+    if len(file) != 2:
+        raise HTTPException(422, f"send exactly two files in the 'file' field ({len(file)} sent)")
+    m = pick_model(db, model_id)
+    lm = await run_in_threadpool(request.app.state.models.get, m.id, m.path, m.gallery_version)
+    crops = []
+    for f in file:
+        faces, _ = await run_in_threadpool(faces_of_upload, f, settings, detect or m.detect, 1)
+        if not faces:
+            raise HTTPException(422, f"no face found in {f.filename!r}")
+        crops.append(faces[0][1])
+    emb = await request.app.state.batcher.embed(lm, np.stack(crops))
+    sim = float(emb[0] @ emb[1])
+    thr = float(m.open_set.get("verify_threshold", lm.threshold)) if threshold is None \
+        else threshold
+    return VerifyOut(model_id=m.id, same_person=sim >= thr, similarity=round(sim, 4),
+                     threshold=thr)

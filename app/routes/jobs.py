@@ -1,0 +1,104 @@
+"""Training jobs: create, read, list, metrics history, cancel."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.auth import admin_only
+from app.deps import get_db, get_settings_dep
+from app.schemas import Error, JobCreate, JobList, JobMetrics, JobOut, JobStatus
+from app.uploads import uuid_path
+from facegrad.db import Dataset, Job, JobEpoch, utcnow
+from facegrad.settings import Settings
+from worker.queue import BrokerUnavailable, publish_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(admin_only)])
+
+
+def to_out(j: Job) -> JobOut:
+    return JobOut(id=j.id, dataset_id=j.dataset_id, status=j.status, created_at=j.created_at,
+                  started_at=j.started_at, finished_at=j.finished_at, config=j.config,
+                  progress=j.progress or {}, metrics=j.metrics or {}, clipping=j.clipping or {},
+                  checkpoints=j.checkpoints or [], model_id=j.model_id, error=j.error,
+                  attempts=j.attempts, resumed_from_epoch=j.resumed_from_epoch,
+                  cancel_requested=j.cancel_requested, worker=j.worker)
+
+
+def get_or_404(db: Session, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id}")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses={404: {"model": Error}, 422: {"model": Error},
+                        503: {"model": Error, "description": "the broker is down"}},
+             summary="Queue a training job")
+def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db),
+               settings: Settings = Depends(get_settings_dep)) -> JobOut:
+    ds = db.get(Dataset, body.dataset_id.lower())
+    if ds is None:
+        raise HTTPException(404, f"no dataset with id {body.dataset_id}; upload one with "
+                            "POST /v1/datasets")
+    cfg = body.model_dump(exclude={"dataset_id"})
+    job = Job(dataset_id=ds.id, config=cfg, status="queued", progress={
+        "epoch": 0, "epochs": body.epochs, "step": 0, "steps_total": 0, "fraction": 0.0})
+    db.add(job)
+    db.commit()
+    try:
+        publish_job(job.id)
+    except BrokerUnavailable as e:
+        db.delete(job)
+        db.commit()
+        raise HTTPException(503, f"{e}; the job was not accepted, try again when /readyz "
+                            "answers 200") from e
+    job.enqueued_at = utcnow()
+    db.commit()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return to_out(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first")
+def list_jobs(status: JobStatus | None = None, dataset_id: str | None = None,
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+              db: Session = Depends(get_db)) -> JobList:
+    q = select(Job)
+    if status:
+        q = q.where(Job.status == status)
+    if dataset_id:
+        q = q.where(Job.dataset_id == dataset_id)
+    total = db.scalar(select(func.count()).select_from(q.subquery()))
+    rows = db.scalars(q.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    return JobList(items=[to_out(j) for j in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": Error}})
+def get_job(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> JobOut:
+    return to_out(get_or_404(db, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetrics, responses={404: {"model": Error}},
+            summary="Per-epoch history: losses, accuracies, clipping telemetry")
+def job_metrics(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> JobMetrics:
+    job = get_or_404(db, job_id)
+    rows = db.scalars(select(JobEpoch).where(JobEpoch.job_id == job.id)
+                      .order_by(JobEpoch.epoch)).all()
+    return JobMetrics(job_id=job.id, status=job.status, history=[r.record for r in rows])
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses={404: {"model": Error}, 409: {"model": Error}},
+             summary="Cancel a job: a queued one at once, a running one at its next step")
+def cancel_job(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> JobOut:
+    job = get_or_404(db, job_id)
+    if job.status in ("succeeded", "failed"):
+        raise HTTPException(409, f"job already {job.status}; only queued or running jobs can "
+                            "be cancelled")
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", utcnow()
+    job.cancel_requested = True
+    db.commit()
+    return to_out(job)

@@ -1,0 +1,171 @@
+"""Request and response bodies of the v1 API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from facegrad.config import TrainConfig
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Error(BaseModel):
+    detail: str | list | dict
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    num_identities: int
+    num_images: int
+    identities: dict[str, int] = Field(description="label → number of images")
+    rejected: dict[str, str] = Field(description="file → why it was not used")
+    detect: str
+    source_format: str
+    warnings: list[str] = []
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+    total: int
+
+
+class JobCreate(TrainConfig):
+    """A training job: the dataset and any training setting to change from its default."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"dataset_id": "00000000-0000-0000-0000-000000000000",
+                      "architecture": "seed_cnn", "epochs": 30, "learning_rate": 0.01,
+                      "optimizer": {"name": "sgd", "momentum": 0.0},
+                      "clip": {"mode": "norm", "max_norm": 5.0, "scope": "per_tensor"}}]})
+    dataset_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$", description="id of an uploaded dataset")
+
+
+class Progress(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps_total: int = 0
+    fraction: float = 0.0
+
+
+class NormStats(BaseModel):
+    last: float | None = None
+    mean: float | None = None
+    max: float | None = None
+
+
+class ClippingOut(BaseModel):
+    steps: int = 0
+    clipped_steps: int = 0
+    clip_fraction: float = 0.0
+    skipped_steps: int = 0
+    zeroed: int = 0
+    grad_norm_pre: NormStats = NormStats()
+    grad_norm_post: NormStats = NormStats()
+    threshold: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    dataset_id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    config: dict
+    progress: Progress
+    metrics: dict
+    clipping: ClippingOut
+    checkpoints: list[dict]
+    model_id: str | None
+    error: str | None
+    attempts: int
+    resumed_from_epoch: int | None
+    cancel_requested: bool
+    worker: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class EpochRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int
+    train_loss: float | None = None
+    train_acc: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    clipping: dict = {}
+
+
+class JobMetrics(BaseModel):
+    job_id: str
+    status: JobStatus
+    history: list[EpochRecord]
+
+
+class ModelOut(BaseModel):
+    id: str
+    job_id: str | None
+    dataset_id: str | None
+    created_at: datetime
+    architecture: str
+    input_size: list[int] = Field(description="[height, width, channels] the model sees")
+    labels: list[str]
+    metrics: dict
+    config: dict
+    clip: dict
+    preprocessing: dict
+    threshold: float
+    open_set: dict
+    detect: str
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+    total: int
+
+
+class Candidate(BaseModel):
+    identity: str
+    confidence: float
+
+
+class Face(BaseModel):
+    box: list[int] | None = Field(description="[x, y, w, h] in the original image, or null")
+    identity: str | None = Field(description="null = unknown (best score under threshold)")
+    confidence: float
+    candidates: list[Candidate]
+
+
+class IdentifyResult(BaseModel):
+    filename: str
+    faces: list[Face]
+    note: str | None = None
+
+
+class IdentifyOut(BaseModel):
+    model_id: str
+    threshold: float
+    results: list[IdentifyResult]
+
+
+class VerifyOut(BaseModel):
+    model_id: str
+    same_person: bool
+    similarity: float
+    threshold: float
+
+
+class IdentityList(BaseModel):
+    model_id: str
+    identities: dict[str, int] = Field(description="identity → number of enrolled images")

@@ -1,0 +1,153 @@
+"""Training configuration: the one definition used by the ML core, the API schema and the CLI.
+
+Every field has a default that trains a good model, bounds that reject absurd values, and a
+description that ends up in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ARCHITECTURES = ("facenet_s", "seed_cnn")
+DEFAULT_ARCHITECTURE = "facenet_s"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _ClipBase(_Strict):
+    on_nonfinite: Literal["skip", "fail"] = Field(
+        "skip",
+        description="What to do when the gradient norm is NaN/inf: 'skip' the optimizer step "
+        "and count it, or 'fail' the job with an error naming the step.",
+    )
+
+
+class ClipNone(_ClipBase):
+    mode: Literal["none"] = "none"
+
+
+class ClipValue(_ClipBase):
+    """Clamp every gradient element to [-clip_value, clip_value] (Keras clipvalue)."""
+
+    mode: Literal["value"]
+    clip_value: float = Field(1.0, gt=0, le=1e6, description="Elements are clamped to ±clip_value.")
+
+
+class ClipNorm(_ClipBase):
+    """Rescale gradients whose p-norm exceeds max_norm.
+
+    scope 'global' is torch's clip_grad_norm_ (Keras global_clipnorm); 'per_tensor' clips each
+    parameter's gradient on its own (Keras clipnorm, as in SGD(lr=0.01, clipnorm=5.0)).
+    """
+
+    mode: Literal["norm"]
+    max_norm: float = Field(5.0, gt=0, le=1e6, description="Largest allowed norm.")
+    norm_type: float | Literal["inf"] = Field(2.0, description="p of the p-norm (>= 1), or 'inf'.")
+    scope: Literal["global", "per_tensor"] = "global"
+
+    @field_validator("norm_type")
+    @classmethod
+    def _p(cls, v):
+        if v == "inf":
+            return v
+        if not (1.0 <= float(v) <= 100.0) or math.isnan(float(v)):
+            raise ValueError("norm_type must be a number in [1, 100] or 'inf'")
+        return float(v)
+
+    @property
+    def p(self) -> float:
+        return math.inf if self.norm_type == "inf" else float(self.norm_type)
+
+
+class ClipThreshold(_ClipBase):
+    """The origin document's rule: T = alpha * max|g_i|; every g_i with |g_i| > T becomes 0."""
+
+    mode: Literal["threshold"]
+    alpha: float = Field(0.9, gt=0, le=1, description="T = alpha * max|g|, alpha in (0, 1].")
+    scope: Literal["global", "per_tensor"] = Field(
+        "global", description="Take max|g| over all parameters ('global') or per tensor."
+    )
+
+
+class ClipAGC(_ClipBase):
+    """Adaptive gradient clipping (Brock et al. 2021): unit-wise ||g|| <= clip_factor*max(||w||, eps)."""
+
+    mode: Literal["agc"]
+    clip_factor: float = Field(0.01, gt=0, le=10)
+    eps: float = Field(1e-3, gt=0, le=1)
+    exempt_output: bool = Field(True, description="Leave the final classifier layer unclipped.")
+
+
+class ClipAutoClip(_ClipBase):
+    """AutoClip (Seetharaman et al. 2020): clip the global L2 norm to the p-th percentile of history."""
+
+    mode: Literal["autoclip"]
+    percentile: float = Field(10.0, gt=0, le=100)
+    warmup_steps: int = Field(
+        10, ge=0, le=100000, description="Steps that only record norms before clipping starts."
+    )
+    history_size: int = Field(
+        10000, ge=1, le=1_000_000, description="How many past norms the percentile looks at."
+    )
+
+
+ClipConfig = Annotated[
+    Union[ClipNone, ClipValue, ClipNorm, ClipThreshold, ClipAGC, ClipAutoClip],
+    Field(discriminator="mode"),
+]
+
+CLIP_MODES = ("none", "value", "norm", "threshold", "agc", "autoclip")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam/adamw).")
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov(self):
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer name 'sgd' with momentum > 0")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Everything that defines a training run. Only dataset_id is required by the API."""
+
+    architecture: Literal["facenet_s", "seed_cnn"] = Field(
+        DEFAULT_ARCHITECTURE,
+        description="'facenet_s' (default: small residual net with batch norm and a normalised "
+        "embedding) or 'seed_cnn' (the origin document's Conv32-Conv64-Dense128 CNN).",
+    )
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(3e-3, gt=0, le=10)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Cosine decay with a short warm-up, or a constant rate."
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    clip: ClipConfig = Field(default_factory=lambda: ClipNorm(mode="norm", max_norm=5.0))
+    image_size: int = Field(64, ge=32, le=256, description="Square input side in pixels.")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=0.9, description="Share of each identity held out for validation."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    augment: bool = Field(True, description="Random crop/flip/brightness on the training device.")
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    checkpoint_every: int = Field(1, ge=1, le=1000, description="Write a checkpoint every N epochs.")
+    target_fpir: float = Field(
+        0.01, gt=0, lt=1, description="False-positive identification rate the threshold is set to."
+    )
+
+    @model_validator(mode="after")
+    def _seed_cnn_size(self):
+        if self.architecture == "seed_cnn" and self.image_size < 32:
+            raise ValueError("seed_cnn needs image_size >= 32")
+        return self

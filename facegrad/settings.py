@@ -1,0 +1,67 @@
+"""Service settings, from FACEGRAD_* environment variables (shared by the API, worker and CLI)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEGRAD_", extra="ignore")
+
+    data_dir: Path = Field(Path("./var"), description="All files: datasets, runs, SQLite files.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset = SQLite file in data_dir/facegrad.db."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded SQLite."
+    )
+    api_keys: str = Field(
+        "", description="Comma-separated role:sha256hex entries (roles: admin, identify)."
+    )
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_archive_members: int = 50_000
+    max_uncompressed_bytes: int = 2 * 1024**3
+    max_member_bytes: int = 64 * 1024**2
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 40_000_000
+    max_identify_files: int = 32
+    max_identify_bytes: int = 64 * 1024**2
+
+    job_lease_seconds: int = Field(
+        120, description="A running job whose worker has not renewed its lease for this long is "
+        "considered dead and may be taken over by another worker."
+    )
+    reconcile_interval_seconds: float = 10.0
+    identify_batch_wait_ms: float = 2.0
+    log_json: bool = False
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'facegrad.db').resolve()}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    s = Settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    return s

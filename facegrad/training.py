@@ -1,0 +1,269 @@
+"""The training loop: data → model → clipped steps → checkpoints → a model with its gallery.
+
+Reads top to bottom like a script; the service calls ``train`` with hooks that record progress,
+metrics and checkpoints, and a ``should_stop`` for cancellation. It knows nothing of HTTP,
+Celery or the database.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facegrad import checkpoint as ckpt
+from facegrad.clipping import build_clipper
+from facegrad.clipping.telemetry import ClipTelemetry
+from facegrad.config import TrainConfig
+from facegrad.data import DeviceBatches, FaceArrays, stratified_split
+from facegrad.gallery import calibrate, embed, prototypes
+from facegrad.models import build_model, forward_logits
+from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, bad data); the message is shown to the user."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Hooks:
+    on_progress: Callable[[dict], None] = lambda p: None
+    on_epoch: Callable[[dict], None] = lambda rec: None
+    on_checkpoint: Callable[[Path, int], None] = lambda path, epoch: None
+    should_stop: Callable[[], bool] = lambda: False
+    on_resume: Callable[[int], None] = lambda epoch: None
+    progress_interval_s: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    history: list[dict]
+    clipping: dict
+    open_set: dict
+    resumed_from_epoch: int | None = None
+    info: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' was asked for but this worker has no CUDA GPU")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=o.momentum,
+                               nesterov=o.nesterov)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.learning_rate)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Cosine decay after a linear warm-up of 3% of the steps (or the constant rate)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    warm = max(1, int(0.03 * total))
+    if step < warm:
+        return cfg.learning_rate * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def autocast_dtype(device: torch.device, amp: bool):
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for xb, yb in batches.epoch(batch_size * 2, None, augment=False, drop_last=False):
+        with torch.autocast(xb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, logits = forward_logits(model, xb)
+        loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+        n += yb.numel()
+    return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
+
+
+def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None = None,
+          resume: Path | None = None) -> TrainResult:
+    hooks = hooks or Hooks()
+    run_dir = Path(run_dir)
+    device = pick_device(cfg.device)
+    num_classes = len(data.names)
+    if num_classes < 2:
+        raise TrainingError("training needs at least 2 identities")
+
+    # --- data: seeded stratified split, resident on the device as uint8 ---------------------
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
+    images = np.asarray(data.images)
+    train_set = DeviceBatches(images[train_idx], data.labels[train_idx], cfg.image_size, device,
+                              pin=True)
+    val_set = DeviceBatches(images[val_idx], data.labels[val_idx], cfg.image_size, device)
+    drop_last = len(train_set) > cfg.batch_size
+    steps_per_epoch = train_set.num_batches(cfg.batch_size, drop_last)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # --- model, optimizer, clipping -----------------------------------------------------------
+    model = build_model(cfg.architecture, num_classes, cfg.image_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, model)
+    clipper = build_clipper(cfg.clip, model)
+    telemetry = ClipTelemetry()
+    amp_dtype = autocast_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start_epoch, step = 0, 0
+
+    # --- resume from the last checkpoint of an interrupted run ---------------------------------
+    resumed_from = None
+    if resume is not None:
+        tensors, meta = ckpt.load(resume, device)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
+        clipper.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
+                                | meta.get("clipper", {}))
+        telemetry.load_state_dict(meta["telemetry"])
+        gen.set_state(tensors["rng.data"].cpu())
+        torch.set_rng_state(tensors["rng.torch"].cpu())
+        history = meta["history"]
+        start_epoch = resumed_from = meta["epoch"]
+        step = meta["step"]
+        hooks.on_resume(resumed_from)
+
+    def save_checkpoint(epoch: int) -> Path:
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
+        clip_state = clipper.state_dict()
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors |= opt_tensors
+        tensors |= {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)}
+        tensors |= {"rng.data": gen.get_state(), "rng.torch": torch.get_rng_state()}
+        meta = {"kind": "resume", "epoch": epoch, "step": step, "config": cfg.model_dump(),
+                "optimizer": opt_meta, "telemetry": telemetry.state_dict(), "history": history,
+                "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
+        path = ckpt.save(run_dir / "checkpoints" / f"epoch-{epoch:04d}", tensors, meta)
+        hooks.on_checkpoint(path, epoch)
+        return path
+
+    # --- the loop -------------------------------------------------------------------------------
+    last_report = 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), \
+            torch.zeros((), device=device, dtype=torch.long), 0
+        for xb, yb in train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last):
+            if hooks.should_stop():
+                raise Cancelled()
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step, total_steps)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                _, logits = forward_logits(model, xb, yb)
+                loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip true gradients, not scaled ones
+            result = clipper(params)
+            telemetry.update(result)
+            if not bool(result.finite) or not torch.isfinite(loss):
+                if cfg.clip.on_nonfinite == "fail":
+                    raise TrainingError(
+                        f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} "
+                        f"at epoch {epoch + 1}, step {step + 1}; lower the learning rate or clip "
+                        "harder (on_nonfinite='skip' skips such steps instead)")
+                scaler.update()  # lets a float16 scaler back off
+                step += 1
+                continue
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.detach() * yb.numel()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += yb.numel()
+            step += 1
+            now = time.monotonic()
+            if now - last_report >= hooks.progress_interval_s:
+                last_report = now
+                hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
+                                   "steps_total": total_steps})
+
+        clip_epoch = telemetry.epoch_summary()
+        if seen == 0 or not all(torch.isfinite(p).all() for p in params):
+            raise TrainingError(
+                f"training diverged in epoch {epoch + 1}: every step had non-finite gradients "
+                f"({clip_epoch['skipped_steps']} skipped); lower the learning rate or clip harder")
+        val_loss, val_acc = evaluate(model, val_set, cfg.batch_size, amp_dtype)
+        record = {
+            "epoch": epoch + 1, "step": step,
+            "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
+            "val_loss": None if math.isnan(val_loss) else val_loss,
+            "val_acc": None if math.isnan(val_acc) else val_acc,
+            "lr": lr_at(cfg, max(0, step - 1), total_steps),
+            "epoch_seconds": time.perf_counter() - t0,
+            "clipping": clip_epoch,
+        }
+        history.append(record)
+        hooks.on_epoch(record | {"clipping_total": telemetry.total_summary()})
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            save_checkpoint(epoch + 1)
+
+    # --- the model: weights, prototypes, calibrated open-set threshold ---------------------------
+    emb_train = embed(model, images[train_idx], cfg.image_size, device)
+    y_train = torch.from_numpy(data.labels[train_idx].astype(np.int64))
+    protos = prototypes(emb_train, y_train, num_classes)
+    if len(val_idx):
+        emb_val = embed(model, images[val_idx], cfg.image_size, device)
+        open_set = calibrate(emb_val, torch.from_numpy(data.labels[val_idx].astype(np.int64)),
+                             protos, cfg.target_fpir)
+    else:
+        open_set = calibrate(emb_train, y_train, protos, cfg.target_fpir)
+        open_set["note"] = "no validation split: calibrated on training images (optimistic)"
+    counts = np.bincount(data.labels[train_idx], minlength=num_classes)
+    model_meta = {
+        "kind": "model",
+        "architecture": cfg.architecture,
+        "labels": data.names,
+        "num_classes": num_classes,
+        "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
+                          "image_size": cfg.image_size, "channels": 3,
+                          "normalisation": "per_image_standardise"},
+        "config": cfg.model_dump(),
+        "history": history,
+        "open_set": open_set,
+        "gallery": {"source": "training", "counts": {n: int(c) for n, c in zip(data.names, counts)}},
+        "too_few_to_split": [data.names[i] for i in too_few],
+    }
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["gallery.prototypes"] = protos
+    tensors["gallery.sums"] = torch.zeros_like(protos).index_add_(0, y_train, emb_train)
+    tensors["gallery.counts"] = torch.from_numpy(counts.astype(np.int64))
+    model_path = ckpt.save(run_dir / "model", tensors, model_meta)
+    return TrainResult(model_path, history, telemetry.total_summary(), open_set, resumed_from,
+                       {"too_few_to_split": model_meta["too_few_to_split"]})
