@@ -38,10 +38,8 @@ class SeedCNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(self.features(x))
-        # The embedding is Dense(128) before its ReLU: signed values spread identities apart
-        # on the sphere far better than the all-positive post-ReLU activations.
-        return F.normalize(h, dim=1), self.classifier(F.relu(h))
+        h = F.relu(self.hidden(self.features(x)))  # the embedding is the Dense(128) layer
+        return F.normalize(h, dim=1), self.classifier(h)
 
 
 class BasicBlock(nn.Module):

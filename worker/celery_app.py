@@ -13,9 +13,9 @@ TASK_RUN_JOB = "facegrad.run_job"
 def make_celery() -> Celery:
     settings = get_settings()
     app = Celery("facegrad", broker=settings.celery_broker_url, include=["worker.tasks"])
-    transport = {"visibility_timeout": 6 * 3600}  # redelivery is handled by the job lease
-    if settings.embedded_broker:
-        transport = {"polling_interval": 0.2}
+    # Redis: redelivery of a dead worker's job is the lease + reconciler's work, not this
+    # timeout's. The embedded SQLite transport hands its options to create_engine: none there.
+    transport = {} if settings.embedded_broker else {"visibility_timeout": 6 * 3600}
     app.conf.update(
         task_default_queue=QUEUE,
         task_acks_late=True,  # a job is acknowledged when it ends, so a lost worker's job returns
