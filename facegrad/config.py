@@ -75,7 +75,10 @@ class ClipThreshold(_ClipBase):
 
 
 class ClipAGC(_ClipBase):
-    """Adaptive gradient clipping (Brock et al. 2021): unit-wise ||g|| <= clip_factor*max(||w||, eps)."""
+    """Adaptive gradient clipping (Brock et al. 2021).
+
+    Unit-wise ||g|| <= clip_factor * max(||w||, eps).
+    """
 
     mode: Literal["agc"]
     clip_factor: float = Field(0.01, gt=0, le=10)
@@ -84,7 +87,7 @@ class ClipAGC(_ClipBase):
 
 
 class ClipAutoClip(_ClipBase):
-    """AutoClip (Seetharaman et al. 2020): clip the global L2 norm to the p-th percentile of history."""
+    """AutoClip (Seetharaman et al. 2020): clip the global L2 norm to a percentile of history."""
 
     mode: Literal["autoclip"]
     percentile: float = Field(10.0, gt=0, le=100)
@@ -141,9 +144,10 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = Field(True, description="Random crop/flip/brightness on the training device.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
-    checkpoint_every: int = Field(1, ge=1, le=1000, description="Write a checkpoint every N epochs.")
+    checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float = Field(
-        0.01, gt=0, lt=1, description="False-positive identification rate the threshold is set to."
+        0.01, gt=0, lt=1,
+        description="False-positive identification rate the threshold is set to."
     )
 
     @model_validator(mode="after")

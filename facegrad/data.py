@@ -38,7 +38,7 @@ class FaceArrays:
         os.replace(tmp, folder / "names.json")
 
     @classmethod
-    def load(cls, folder: Path, mmap: bool = True) -> "FaceArrays":
+    def load(cls, folder: Path, mmap: bool = True) -> FaceArrays:
         images = np.load(folder / "images.npy", mmap_mode="r" if mmap else None,
                          allow_pickle=False)
         labels = np.load(folder / "labels.npy", allow_pickle=False)

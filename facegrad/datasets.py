@@ -6,14 +6,19 @@ unreadable files are reported per file rather than failing the whole upload.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from facegrad.archive import DatasetError, Limits, check_identities, iter_zip_images, \
-    read_npz_dataset
+from facegrad.archive import (
+    DatasetError,
+    Limits,
+    check_identities,
+    iter_zip_images,
+    read_npz_dataset,
+)
 from facegrad.data import FaceArrays
 from facegrad.imageio import ImageError, decode_image
 from facegrad.preprocess import STORE_SIZE, prepare_face

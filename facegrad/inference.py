@@ -36,7 +36,7 @@ class Gallery:
                   {"kind": "gallery", "labels": self.labels, "version": self.version})
 
     @classmethod
-    def load(cls, folder: Path) -> "Gallery":
+    def load(cls, folder: Path) -> Gallery:
         tensors, meta = ckpt.load(folder / "gallery.json")
         return cls(meta["labels"], tensors["sums"].float(), tensors["counts"], meta["version"])
 

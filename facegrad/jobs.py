@@ -19,8 +19,8 @@ from facegrad import storage
 from facegrad.checkpoint import CheckpointError
 from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays
-from facegrad.logging_setup import job_id_var
 from facegrad.db import Job, JobEpoch, Model, session_scope, utcnow
+from facegrad.logging_setup import job_id_var
 from facegrad.settings import Settings
 from facegrad.training import Cancelled, Hooks, TrainingError, train
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -257,7 +257,8 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         "config": cfg.model_dump(),
         "history": history,
         "open_set": open_set,
-        "gallery": {"source": "training", "counts": {n: int(c) for n, c in zip(data.names, counts)}},
+        "gallery": {"source": "training",
+                    "counts": {n: int(c) for n, c in zip(data.names, counts)}},
         "too_few_to_split": [data.names[i] for i in too_few],
     }
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}

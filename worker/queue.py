@@ -17,7 +17,8 @@ def publish_job(job_id: str) -> None:
     try:
         with celery_app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
-            celery_app.send_task(TASK_RUN_JOB, args=[job_id], task_id=f"{job_id}.{uuid.uuid4().hex[:8]}",
+            celery_app.send_task(TASK_RUN_JOB, args=[job_id],
+                                 task_id=f"{job_id}.{uuid.uuid4().hex[:8]}",
                                  queue=QUEUE, retry=False, connection=conn)
     except Exception as e:  # kombu/redis raise many types for a broker that is down
         raise BrokerUnavailable(f"the job broker does not answer ({type(e).__name__})") from e
