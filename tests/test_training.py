@@ -1,0 +1,136 @@
+"""The training loop on real faces: reproducible, resumable, safe with non-finite gradients."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facegrad import checkpoint as ckpt
+from facegrad.config import TrainConfig
+from facegrad.data import FaceArrays, stratified_split
+from facegrad.inference import LoadedModel
+from facegrad.preprocess import prepare_face
+from facegrad.training import Cancelled, Hooks, TrainingError, train
+from tests.harness import ORL
+
+
+@pytest.fixture(scope="module")
+def small_faces():
+    """6 ORL identities × 10 images, as stored crops."""
+    if not ORL.is_dir():
+        pytest.skip("shared face data missing")
+    imgs, labels, names = [], [], []
+    for i, d in enumerate(sorted(p for p in ORL.iterdir() if p.is_dir())[:6]):
+        names.append(d.name)
+        for f in sorted(d.glob("*.png")):
+            imgs.append(prepare_face(np.asarray(Image.open(f).convert("RGB"))))
+            labels.append(i)
+    return FaceArrays(np.stack(imgs), np.array(labels), names)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"architecture": "seed_cnn", "epochs": 4, "batch_size": 16, "image_size": 32,
+            "learning_rate": 0.01, "optimizer": {"name": "sgd", "momentum": 0.9},
+            "clip": {"mode": "norm", "max_norm": 5.0, "scope": "per_tensor"}, "seed": 3,
+            "val_fraction": 0.2}
+    base.update(kw)
+    return TrainConfig.model_validate(base)
+
+
+def test_split_is_stratified_and_seeded():
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 2)
+    tr, va, few = stratified_split(labels, 0.2, seed=1)
+    tr2, va2, _ = stratified_split(labels, 0.2, seed=1)
+    assert (tr == tr2).all() and (va == va2).all()
+    assert np.bincount(labels[va], minlength=3).tolist() == [2, 2, 0]
+    assert few == [2] and set(tr) | set(va) == set(range(22))
+
+
+def test_same_seed_same_metrics(small_faces, tmp_path):
+    a = train(cfg(), small_faces, tmp_path / "a")
+    b = train(cfg(), small_faces, tmp_path / "b")
+    key = [(h["train_loss"], h["val_acc"], h["clipping"]["clipped_steps"]) for h in a.history]
+    assert key == [(h["train_loss"], h["val_acc"], h["clipping"]["clipped_steps"])
+                   for h in b.history]
+    c = train(cfg(seed=4), small_faces, tmp_path / "c")
+    assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+
+
+def test_resume_continues_the_same_run(small_faces, tmp_path):
+    full = train(cfg(augment=True), small_faces, tmp_path / "full")
+
+    epochs_seen = []
+
+    def stop_after_two():
+        return len(epochs_seen) >= 2
+
+    hooks = Hooks(on_epoch=lambda r: epochs_seen.append(r["epoch"]), should_stop=stop_after_two)
+    with pytest.raises(Cancelled):
+        train(cfg(augment=True), small_faces, tmp_path / "cut", hooks)
+    last = sorted((tmp_path / "cut" / "checkpoints").glob("epoch-*.json"))[-1]
+    assert last.name == "epoch-0002.json"
+    resumed_at = []
+    res = train(cfg(augment=True), small_faces, tmp_path / "cut",
+                Hooks(on_resume=resumed_at.append), resume=last)
+    assert resumed_at == [2] and res.resumed_from_epoch == 2
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    for a, b in zip(full.history, res.history):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-4)
+        assert a["val_acc"] == b["val_acc"]
+    assert res.clipping["steps"] == full.clipping["steps"]
+
+
+def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
+    res = train(cfg(epochs=6), small_faces, tmp_path / "m")
+    meta = json.loads(res.model_path.read_text())
+    assert meta["labels"] == small_faces.names
+    assert meta["preprocessing"]["image_size"] == 32
+    assert meta["config"]["clip"] == {"mode": "norm", "max_norm": 5.0, "norm_type": 2.0,
+                                      "scope": "per_tensor", "on_nonfinite": "skip"}
+    lm = LoadedModel(tmp_path / "m")
+    out = lm.match(lm.embed(small_faces.images[:20]), top_k=3, threshold=-1)
+    assert len(out) == 20 and len(out[0][2]) == 3
+    acc = np.mean([o[0] == small_faces.names[y] for o, y in zip(out, small_faces.labels[:20])])
+    assert acc > 0.5
+
+
+def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):
+    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0},
+            clip={"mode": "none", "on_nonfinite": "fail"}, lr_schedule="constant")
+    with pytest.raises(TrainingError, match=r"non-finite .* at epoch \d+, step \d+"):
+        train(c, small_faces, tmp_path / "f")
+
+
+def test_nonfinite_skip_policy_never_writes_nan(small_faces, tmp_path):
+    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0},
+            clip={"mode": "none", "on_nonfinite": "skip"}, lr_schedule="constant")
+    with pytest.raises(TrainingError, match="diverged|non-finite"):
+        train(c, small_faces, tmp_path / "s")
+    for meta in (tmp_path / "s" / "checkpoints").glob("*.json"):
+        tensors, _ = ckpt.load(meta)
+        assert all(bool(t.float().isfinite().all()) for t in tensors.values())
+
+
+def test_checkpoint_refuses_tampered_or_truncated(tmp_path):
+    import torch
+
+    meta = ckpt.save(tmp_path / "c", {"w": torch.arange(1000.0)}, {"epoch": 1})
+    tensors, m = ckpt.load(meta)
+    assert m["epoch"] == 1 and tensors["w"][999] == 999
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+    weights = tmp_path / "c.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        ckpt.load(meta)
+    weights.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(ckpt.CheckpointError, match="truncated or modified"):
+        ckpt.load(meta)
+    meta.write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable"):
+        ckpt.load(meta)
