@@ -2,7 +2,8 @@
 """The two quick-start commands, on a machine that has only Python 3.10+.
 
     python3 dev.py up      # installs what is needed into .venv, then runs API + worker
-    python3 dev.py test    # installs test tools too, then runs the whole test suite
+    python3 dev.py test    # installs test tools too (and, as root on Debian, the chromium
+                           # package for the browser test), then runs the whole test suite
 
 Anything after the command is passed on (`python3 dev.py up --port 9000`,
 `python3 dev.py test -k clipping`). Standard library only.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -39,6 +41,28 @@ def ensure_venv(extras: str) -> None:
     stamp.write_text(digest)
 
 
+def ensure_chromium() -> None:
+    """Best effort, for the browser test: Debian's chromium + chromium-driver when running as
+    root on Debian and /usr/bin/chromium is missing (FACEGRAD_NO_APT=1 skips it). Quiet and
+    never fatal: without Chromium that one test is skipped, saying why."""
+    if (Path("/usr/bin/chromium").exists() or os.environ.get("FACEGRAD_NO_APT") == "1"
+            or not hasattr(os, "geteuid") or os.geteuid() != 0
+            or not Path("/etc/debian_version").exists() or not shutil.which("apt-get")):
+        return
+    print("installing Debian's chromium for the browser test (apt-get, best effort) ...",
+          flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        for cmd in (["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium",
+                     "chromium-driver"]):
+            subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=900, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"  chromium not installed ({type(e).__name__}); the browser test will be "
+              "skipped", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("up", "test"):
         print(__doc__)
@@ -48,6 +72,7 @@ def main(argv: list[str]) -> int:
         ensure_venv("")
         return subprocess.call([str(BIN / "facegrad"), "up", *rest], cwd=ROOT)
     ensure_venv("test")
+    ensure_chromium()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env)
 

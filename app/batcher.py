@@ -7,10 +7,12 @@ loop keeps accepting requests meanwhile. On a CPU batching gains little; on a GP
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import torch
 
+from app.metrics import BATCH_FACES, BATCH_REQUESTS, BATCH_SECONDS
 from facegrad.inference import LoadedModel
 
 
@@ -62,7 +64,12 @@ class Batcher:
     async def _embed_group(items) -> None:
         model = items[0][0]
         try:
-            emb = await asyncio.to_thread(model.embed, np.concatenate([c for _, c, _ in items]))
+            crops = np.concatenate([c for _, c, _ in items])
+            BATCH_FACES.observe(len(crops))
+            BATCH_REQUESTS.observe(len(items))
+            t0 = time.perf_counter()
+            emb = await asyncio.to_thread(model.embed, crops)
+            BATCH_SECONDS.observe(time.perf_counter() - t0)
         except Exception as e:
             for *_, fut in items:
                 if not fut.done():

@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 
-from app.auth import parse_keys
+from app import metrics
+from app.auth import APIKeyGate, parse_keys
 from app.batcher import Batcher
 from app.model_cache import ModelCache
-from app.routes import datasets, health, identify, jobs, models
+from app.routes import console, datasets, health, identify, jobs, models
 from app.uploads import BodyLimit
 from facegrad.db import get_engine
 from facegrad.settings import Settings, get_settings
@@ -25,7 +26,11 @@ API_VERSION = "1.0.0"
 
 def create_app(settings: Settings | None = None, reconcile: bool = True) -> FastAPI:
     settings = settings or get_settings()
-    api_keys = parse_keys(settings.api_keys)
+    try:
+        api_keys = parse_keys(settings.api_keys)
+    except ValueError as e:  # one clear line at start-up rather than a traceback
+        log.critical("cannot start: %s", e)
+        raise SystemExit(f"facegrad: cannot start: {e}") from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,11 +67,14 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
     for r in (health.router, datasets.router, jobs.router, models.router, identify.router):
         app.include_router(r)
 
+    if api_keys:  # 401 before the body is read; inside CORS so that a 401 carries its headers
+        app.add_middleware(APIKeyGate, keys=api_keys)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, slack=1024 * 1024)
+    metrics.install(app, settings)  # GET /metrics; its middleware outermost, so it counts all
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -80,8 +88,6 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
         return JSONResponse({"detail": "internal server error; the server log has the details"},
                             status_code=500)
 
-    @app.get("/", include_in_schema=False)
-    def root():
-        return RedirectResponse("/docs")
+    console.install(app)  # the web console at / (static files, plotly.js from the wheel)
 
     return app

@@ -1,4 +1,5 @@
-"""The ``facegrad`` command: run the service (serve, worker, up)."""
+"""The ``facegrad`` command: run the service (serve, worker, up) and talk to it (client commands
+from :mod:`facegrad.client_cli`: dataset, train, jobs, identify, models)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import time
 
 import typer
 
+from facegrad.client_cli import register as register_client_commands
+
 cli = typer.Typer(help="facegrad: face-recognition training with controlled gradient clipping.",
                   no_args_is_help=True, add_completion=False)
+register_client_commands(cli)
 
 
 def _env_with(host: str | None = None, port: int | None = None) -> dict:
@@ -48,8 +52,12 @@ def worker(name: str = typer.Option("facegrad@%h", help="Celery node name."),
     from facegrad.logging_setup import setup_logging
     from facegrad.settings import get_settings
 
-    setup_logging(get_settings().log_json)
+    settings = get_settings()
+    setup_logging(settings.log_json)
+    from facegrad.worker_metrics import serve as serve_metrics
     from worker.celery_app import QUEUE, celery_app
+
+    serve_metrics(settings.worker_metrics_port, settings.host)
 
     celery_app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", QUEUE,
                             "-n", name, "--loglevel", loglevel, "--without-gossip",
@@ -64,8 +72,11 @@ def up(host: str = typer.Option(None, help="Address the API listens on (default 
     env = _env_with(host, port)
     exe = [sys.executable, "-m", "facegrad.cli"]
     procs = [subprocess.Popen(exe + ["serve"], env=env)]
-    procs += [subprocess.Popen(exe + ["worker", "--name", f"facegrad{i}@%h"], env=env)
-              for i in range(workers)]
+    metrics_port = env.get("FACEGRAD_WORKER_METRICS_PORT", "").strip()
+    for i in range(workers):  # worker i serves its metrics on FACEGRAD_WORKER_METRICS_PORT + i
+        wenv = dict(env, FACEGRAD_WORKER_METRICS_PORT=str(int(metrics_port) + i)) \
+            if metrics_port.isdigit() else env
+        procs.append(subprocess.Popen(exe + ["worker", "--name", f"facegrad{i}@%h"], env=wenv))
 
     def stop(*_):
         for p in procs:

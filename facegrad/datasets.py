@@ -40,12 +40,12 @@ def build_from_zip(path: Path, limits: Limits, crop: FaceCropper = prepare_face)
     labels: list[str] = []
     rejected: dict[str, str] = {}
     for label, member, data in iter_zip_images(path, limits):
-        try:
-            rgb = decode_image(data, max_pixels=limits.max_pixels, filename=member)
+        try:  # a cropper may refuse an image too (ImageError: no face found)
+            face = crop(decode_image(data, max_pixels=limits.max_pixels, filename=member))
         except ImageError as e:
             rejected[member] = e.reason
             continue
-        images.append(crop(rgb))
+        images.append(face)
         labels.append(label)
     return _finish(images, labels, rejected, limits)
 
@@ -58,8 +58,12 @@ def build_from_npz(path: Path, limits: Limits, crop: FaceCropper = prepare_face)
 
 def _finish(images, labels, rejected, limits: Limits) -> BuildReport:
     if not images:
+        examples = "; ".join(why if m in why else f"'{m}': {why}"
+                             for m, why in list(rejected.items())[:3])
         raise DatasetError("the upload holds no readable face images"
-                           + (f" ({len(rejected)} files rejected)" if rejected else ""), 422)
+                           + (f" ({len(rejected)} files rejected, e.g. {examples})"
+                              if rejected else "")
+                           + ". Upload JPEG/PNG/PGM/BMP/WebP/GIF/TIFF face images.", 422)
     names = sorted(set(labels))
     counts = {n: 0 for n in names}
     for lab in labels:

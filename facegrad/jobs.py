@@ -8,14 +8,16 @@ job whose worker died has an expired lease and is taken over, resuming from its 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import or_, update
 
-from facegrad import storage
+from facegrad import storage, worker_metrics
 from facegrad.checkpoint import CheckpointError
 from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays
@@ -53,6 +55,7 @@ class Heartbeat(threading.Thread):
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._context = contextvars.copy_context()  # its log lines carry the job id too
 
     def beat(self) -> None:
         with session_scope(self.settings.db_url) as s:
@@ -65,6 +68,9 @@ class Heartbeat(threading.Thread):
             job.lease_expires = utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
 
     def run(self) -> None:
+        self._context.run(self._run)
+
+    def _run(self) -> None:
         interval = min(1.0, self.settings.job_lease_seconds / 4)
         while not self._stop.wait(interval):
             try:
@@ -89,9 +95,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def run_job(settings: Settings, job_id: str, owner: str) -> str:
     """Train job ``job_id`` if it is ours to run; returns its final (or current) status."""
     token = job_id_var.set(job_id)
+    worker_metrics.BUSY.set(1)
+    t0 = time.perf_counter()
+    status = "error"
     try:
-        return _run_job(settings, job_id, owner)
+        status = _run_job(settings, job_id, owner)
+        return status
     finally:
+        worker_metrics.BUSY.set(0)
+        worker_metrics.JOBS.labels(status).inc()
+        if status in TERMINAL:
+            log.info("job %s: %s after %.1f s", job_id, status, time.perf_counter() - t0)
         job_id_var.reset(token)
 
 
@@ -110,6 +124,9 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
         job = s.get(Job, job_id)
         cfg = TrainConfig.model_validate(job.config)
         dataset_id = job.dataset_id
+        attempt = job.attempts
+    log.info("job %s: training %s for %d epochs on dataset %s, clip %s (attempt %d)", job_id,
+             cfg.architecture, cfg.epochs, dataset_id, cfg.clip.mode, attempt)
     run_dir = storage.run_dir(settings, job_id)
     heartbeat = Heartbeat(settings, job_id, owner)
     heartbeat.start()
@@ -156,6 +173,13 @@ def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
                             "fraction": round(rec["step"] / max(1, steps_total), 4)}
             job.metrics = {k: rec[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
             job.clipping = rec["clipping_total"]
+            config = dict(job.config)
+        worker_metrics.observe_epoch(rec, config)
+        clip = rec.get("clipping") or {}
+        log.info("job %s: epoch %d/%d train loss %.4f acc %.3f, val acc %s, %d/%d steps "
+                 "clipped, %.2f s", job_id, rec["epoch"], epochs, rec["train_loss"],
+                 rec["train_acc"], "-" if rec.get("val_acc") is None else f"{rec['val_acc']:.3f}",
+                 clip.get("clipped_steps", 0), clip.get("steps", 0), rec.get("epoch_seconds", 0))
 
     def on_checkpoint(path: Path, epoch: int) -> None:
         with session_scope(settings.db_url) as s:

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = 10.0
     identify_batch_wait_ms: float = 2.0
     log_json: bool = False
+    worker_metrics_port: int | None = Field(
+        None, description="Port on which each training worker serves its Prometheus metrics "
+        "(listening on FACEGRAD_HOST); unset = not served."
+    )
 
     @property
     def db_url(self) -> str:

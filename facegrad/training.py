@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
-from facegrad.clipping import build_clipper
+from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
@@ -94,6 +94,97 @@ def autocast_dtype(device: torch.device, amp: bool):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+@dataclass
+class StepParts:
+    """What a training step works on: built by ``make_step_parts``, used by ``train_step``."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    clipper: Clipper
+    telemetry: ClipTelemetry
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+
+def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device) -> StepParts:
+    """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run."""
+    model = build_model(cfg.architecture, num_classes, cfg.image_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    amp_dtype = autocast_dtype(device, cfg.amp)
+    return StepParts(model=model, params=params, opt=make_optimizer(cfg, model),
+                     clipper=build_clipper(cfg.clip, model), telemetry=ClipTelemetry(),
+                     scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+                     amp_dtype=amp_dtype, device=device)
+
+
+def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
+    """One step: forward, backward, unscale, clip, record telemetry, optimizer step.
+
+    Returns ``(loss, logits, result, ok)``; ``ok`` is False when the loss or the gradient norm
+    was not finite, in which case the optimizer did not step (the scaler was still updated so
+    a float16 scaler backs off). The model must be in training mode.
+    """
+    if parts.device.type == "cuda":
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    for g in parts.opt.param_groups:
+        g["lr"] = lr
+    amp_dtype = parts.amp_dtype
+    with torch.autocast(parts.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        _, logits = forward_logits(parts.model, xb, yb)
+        loss = F.cross_entropy(logits.float(), yb)
+    parts.opt.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.unscale_(parts.opt)  # clip true gradients, not scaled ones
+    result = parts.clipper(parts.params)
+    parts.telemetry.update(result)
+    if not bool(result.finite) or not torch.isfinite(loss):
+        parts.scaler.update()
+        return loss, logits, result, False
+    parts.scaler.step(parts.opt)
+    parts.scaler.update()
+    return loss, logits, result, True
+
+
+def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: int,
+                total_steps: int, hooks: Hooks, progress: dict):
+    """The inner loop over one epoch's ``(xb, yb)`` batches → ``(step, loss_sum, correct, seen)``.
+
+    ``loss_sum`` and ``correct`` stay on the device (no per-step host sync); ``progress`` holds
+    ``last_report``, the monotonic time of the last ``on_progress`` call, across epochs.
+    """
+    device = parts.device
+    parts.model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for xb, yb in batches:
+        if hooks.should_stop():
+            raise Cancelled()
+        loss, logits, _, ok = train_step(parts, xb, yb, lr_at(cfg, step, total_steps))
+        if not ok:
+            if cfg.clip.on_nonfinite == "fail":
+                raise TrainingError(
+                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} "
+                    f"at epoch {epoch + 1}, step {step + 1}; lower the learning rate or clip "
+                    "harder (on_nonfinite='skip' skips such steps instead)")
+            step += 1
+            continue
+        loss_sum += loss.detach() * yb.numel()
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += yb.numel()
+        step += 1
+        now = time.monotonic()
+        if now - progress["last_report"] >= hooks.progress_interval_s:
+            progress["last_report"] = now
+            hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
+                               "steps_total": total_steps})
+    return step, loss_sum, correct, seen
+
+
 @torch.no_grad()
 def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype) -> tuple[float, float]:
     model.eval()
@@ -129,15 +220,10 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     total_steps = steps_per_epoch * cfg.epochs
 
     # --- model, optimizer, clipping -----------------------------------------------------------
-    model = build_model(cfg.architecture, num_classes, cfg.image_size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, model)
-    clipper = build_clipper(cfg.clip, model)
-    telemetry = ClipTelemetry()
-    amp_dtype = autocast_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    parts = make_step_parts(cfg, num_classes, device)
+    model, params, opt, clipper, telemetry = (parts.model, parts.params, parts.opt,
+                                              parts.clipper, parts.telemetry)
+    amp_dtype = parts.amp_dtype
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch, step = 0, 0
@@ -173,46 +259,12 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         return path
 
     # --- the loop -------------------------------------------------------------------------------
-    last_report = 0.0
+    progress = {"last_report": 0.0}
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), \
-            torch.zeros((), device=device, dtype=torch.long), 0
-        for xb, yb in train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last):
-            if hooks.should_stop():
-                raise Cancelled()
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step, total_steps)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                _, logits = forward_logits(model, xb, yb)
-                loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # clip true gradients, not scaled ones
-            result = clipper(params)
-            telemetry.update(result)
-            if not bool(result.finite) or not torch.isfinite(loss):
-                if cfg.clip.on_nonfinite == "fail":
-                    raise TrainingError(
-                        f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} "
-                        f"at epoch {epoch + 1}, step {step + 1}; lower the learning rate or clip "
-                        "harder (on_nonfinite='skip' skips such steps instead)")
-                scaler.update()  # lets a float16 scaler back off
-                step += 1
-                continue
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * yb.numel()
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += yb.numel()
-            step += 1
-            now = time.monotonic()
-            if now - last_report >= hooks.progress_interval_s:
-                last_report = now
-                hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
-                                   "steps_total": total_steps})
+        t0 = time.perf_counter()
+        batches = train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last)
+        step, loss_sum, correct, seen = train_epoch(cfg, parts, batches, epoch, step, total_steps,
+                                                    hooks, progress)
 
         clip_epoch = telemetry.epoch_summary()
         if seen == 0 or not all(torch.isfinite(p).all() for p in params):

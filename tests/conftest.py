@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import ORL, RedisServer, Service, orl_split, upload, wait_job
+from tests.harness import ORL, RedisServer, Service, free_port, orl_split, upload, wait_job
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,8 +25,10 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, redis_server):
-    """API + one worker on the private Redis; shared by the API tests."""
-    s = Service(tmp_path_factory.mktemp("svc"), redis_server.url)
+    """API + one worker on the private Redis; shared by the API tests. The worker serves its
+    Prometheus metrics on ``service.env["FACEGRAD_WORKER_METRICS_PORT"]``."""
+    s = Service(tmp_path_factory.mktemp("svc"), redis_server.url,
+                FACEGRAD_WORKER_METRICS_PORT=free_port())
     s.start_api()
     s.start_worker()
     yield s

@@ -259,6 +259,18 @@ def test_agc_output_layer_names_take_precedence():
         build_clipper(ClipAGC(mode="agc"), Net(["hea"]))  # prefixes match at "." boundaries
 
 
+@pytest.mark.parametrize("arch", ["facenet_s", "seed_cnn"])
+def test_agc_builds_for_the_service_models(arch):
+    """Their output_layer_names end in "." ("classifier."): still matched at the boundary."""
+    from facegrad.clipping import output_layer_params
+    from facegrad.models import build_model
+
+    model = build_model(arch, 5, 64)
+    out = output_layer_params(model)
+    assert out and {id(p) for p in out} == {id(p) for p in model.classifier.parameters()}
+    assert isinstance(build_clipper(ClipAGC(mode="agc"), model), AGCClipper)
+
+
 def test_agc_matches_reference_on_random():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 5), nn.Linear(5, 2))

@@ -19,6 +19,7 @@ from facegrad.archive import DatasetError, Limits
 from facegrad.datasets import build_from_npz, build_from_zip
 from facegrad.db import Dataset, Job
 from facegrad.detect import crop_one
+from facegrad.imageio import ImageError
 from facegrad.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(admin_only)])
@@ -35,6 +36,25 @@ def limits_from(settings: Settings) -> Limits:
                   max_pixels=settings.max_image_pixels)
 
 
+def face_cropper(kind: str):
+    """detect='auto': the crop of each image's face. A zip member with no face is rejected on its
+    own (ImageError, reported in ``rejected``); for a .npz the whole upload is refused, naming
+    the first image without a face."""
+    index = 0
+
+    def crop(rgb):
+        nonlocal index
+        index += 1
+        out = crop_one(rgb, "auto")
+        if out is None:
+            where = "" if kind == "zip" else f"images[{index - 1}]: "
+            raise ImageError(f"{where}no face found in this image; crop the images to the faces "
+                             "or upload with detect='none'", 422)
+        return out
+
+    return crop
+
+
 def to_out(d: Dataset) -> DatasetOut:
     return DatasetOut(id=d.id, name=d.name, created_at=d.created_at,
                       num_identities=d.num_identities, num_images=d.num_images,
@@ -47,7 +67,8 @@ def to_out(d: Dataset) -> DatasetOut:
 def upload_dataset(
     file: UploadFile = File(description=".zip with one folder per identity, or .npz with "
                         "'images' (N,H,W[,C] uint8) and 'labels' (N,)"),
-    name: str | None = Form(None, max_length=200),
+    name: str | None = Form(None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
+                            description="default: the file name without its extension"),
     detect: Literal["auto", "none"] = Form(
         "none", description="'auto' finds the face in each image and crops it (whole image "
         "when it already is a face crop); applied the same way at identify time."),
@@ -64,13 +85,13 @@ def upload_dataset(
         if kind is None:
             raise HTTPException(415, "upload a .zip (one folder per identity) or a .npz with "
                                 "'images' and 'labels' arrays")
-        crop = (lambda rgb: crop_one(rgb, detect)) if detect == "auto" else None
-        kw = {"crop": crop} if crop else {}
+        kw = {"crop": face_cropper(kind)} if detect == "auto" else {}
         try:
             report = (build_from_zip if kind == "zip" else build_from_npz)(tmp, limits, **kw)
-        except DatasetError as e:
+        except (DatasetError, ImageError) as e:
             raise HTTPException(e.status, e.reason) from e
-        ds = Dataset(name=name or Path(file.filename or "dataset").stem[:200],
+        default = "".join(ch for ch in Path(file.filename or "").stem if ch.isprintable())
+        ds = Dataset(name=name or default[:200] or "dataset",
                      num_images=int(report.arrays.images.shape[0]),
                      num_identities=len(report.identities), identities=report.identities,
                      rejected=report.rejected, detect=detect, source_format=kind,
@@ -85,7 +106,8 @@ def upload_dataset(
 
 
 @router.get("", response_model=DatasetList, summary="List datasets, newest first")
-def list_datasets(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+def list_datasets(limit: int = Query(50, ge=1, le=500),
+                  offset: int = Query(0, ge=0, le=1_000_000_000),
                   db: Session = Depends(get_db)) -> DatasetList:
     total = db.scalar(select(func.count()).select_from(Dataset))
     rows = db.scalars(select(Dataset).order_by(Dataset.created_at.desc())

@@ -23,14 +23,21 @@ ERRORS = {404: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
 
 
 def pick_model(db: Session, model_id: str | None) -> Model:
+    """The model asked for, else the newest; the session's pooled connection is released.
+
+    Identify and verify then await decoding and the batcher without holding a connection:
+    otherwise, with more calls in flight than the pool has connections, the next call's
+    query blocked the event loop on the pool (30 s timeout) and stalled every request.
+    """
     if model_id:
         m = db.get(Model, model_id.strip().lower())
         if m is None:
             raise HTTPException(404, f"no model with id {model_id}")
-        return m
-    m = db.scalars(select(Model).order_by(Model.created_at.desc()).limit(1)).first()
-    if m is None:
-        raise HTTPException(404, "no trained model yet: train one with POST /v1/jobs")
+    else:
+        m = db.scalars(select(Model).order_by(Model.created_at.desc()).limit(1)).first()
+        if m is None:
+            raise HTTPException(404, "no trained model yet: train one with POST /v1/jobs")
+    db.commit()  # ends the read transaction; attributes stay loaded (expire_on_commit=False)
     return m
 
 

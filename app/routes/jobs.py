@@ -63,7 +63,8 @@ def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(status: JobStatus | None = None, dataset_id: str | None = None,
-              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+              limit: int = Query(50, ge=1, le=500),
+              offset: int = Query(0, ge=0, le=1_000_000_000),
               db: Session = Depends(get_db)) -> JobList:
     q = select(Job)
     if status:

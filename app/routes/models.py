@@ -42,7 +42,8 @@ def loaded(request: Request, m: Model):
 
 
 @router.get("", response_model=ModelList, dependencies=[Depends(identify_or_admin)])
-def list_models(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+def list_models(limit: int = Query(50, ge=1, le=500),
+                offset: int = Query(0, ge=0, le=1_000_000_000),
                 db: Session = Depends(get_db)) -> ModelList:
     total = db.scalar(select(func.count()).select_from(Model))
     rows = db.scalars(select(Model).order_by(Model.created_at.desc())

@@ -120,6 +120,7 @@ def output_layer_params(model: nn.Module) -> list[nn.Parameter]:
     prefixes = getattr(model, "output_layer_names", None)
     if prefixes is not None:
         prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+        prefixes = [pre.rstrip(".") for pre in prefixes]  # "classifier." means "classifier"
         found = [
             p
             for name, p in model.named_parameters()

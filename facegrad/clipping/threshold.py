@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .norm import max_abs
+
 
 @torch.no_grad()
 def clip_threshold_(
@@ -19,13 +21,13 @@ def clip_threshold_(
     Returns ``(zeroed, T)``: the int64 count of zeroed elements and, for ``global``, T
     (NaN for ``per_tensor``).
     """
-    max_abs = torch.stack(torch._foreach_norm(grads, math.inf))
+    tops = torch.stack(max_abs(grads))
     if scope == "global":
-        t = alpha * max_abs.max()
+        t = alpha * tops.max()
         thresholds = [t] * len(grads)
     else:
-        t = torch.full((), math.nan, device=max_abs.device, dtype=max_abs.dtype)
-        thresholds = list((alpha * max_abs).unbind())
+        t = torch.full((), math.nan, device=tops.device, dtype=tops.dtype)
+        thresholds = list((alpha * tops).unbind())
     counts = []
     for g, thr in zip(grads, thresholds, strict=True):
         mask = g.abs() > thr

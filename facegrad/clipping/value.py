@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from .norm import max_abs
 
 
 @torch.no_grad()
@@ -14,7 +14,7 @@ def clip_value_(grads: list[Tensor], clip_value: float) -> Tensor:
 
     Returns a 0-d bool tensor: whether any element was outside the range.
     """
-    max_abs = torch.stack(torch._foreach_norm(grads, math.inf)).max()
+    top = torch.stack(max_abs(grads)).max()
     torch._foreach_clamp_min_(grads, -clip_value)
     torch._foreach_clamp_max_(grads, clip_value)
-    return max_abs > clip_value
+    return top > clip_value

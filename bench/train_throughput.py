@@ -1,0 +1,146 @@
+"""Training throughput: the service's training step vs a bare PyTorch loop (clip mode none).
+
+    .venv/bin/python bench/train_throughput.py [--device cuda] [--threads N] [--rounds 7]
+
+Rows per architecture (seed_cnn, facenet_s), batch 32, 64x64, the 400 ORL faces:
+
+- bare: the same model and AdamW, a plain forward / cross-entropy / backward / step over
+  float batches already standardised in memory (no clipping, telemetry or LR schedule).
+- service step: ``facegrad.training.train_step`` (what ``train`` runs per batch: LR set,
+  autocast, unscale, clipper, telemetry, finiteness check, optimizer step) on the same batches.
+- service loop: ``facegrad.training.train_epoch`` over ``DeviceBatches.epoch`` with
+  augmentation off: the inner loop of ``train`` including batch assembly and running metrics
+  (augmentation is bench/data_pipeline.py's subject).
+
+Bare and service rows alternate within each round (rotating order); the ratio is the median over
+rounds of service images/s over bare images/s in the same round. Bar: ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import time
+
+from _common import (
+    device_parser,
+    footer,
+    header,
+    interleave,
+    orl_all,
+    setup,
+    sync,
+    table,
+    verdict,
+)
+
+import torch  # isort: skip
+import torch.nn.functional as F  # isort: skip
+
+BAR = 0.95
+BATCH = 32
+
+
+def bare_parts(arch: str, num_classes: int, device: torch.device, amp_dtype):
+    from facegrad.models import FaceNetS, build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes, 64).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    margin = isinstance(model, FaceNetS)  # its training forward takes the target (CosFace)
+
+    def step(xb, yb):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, logits = model(xb, yb) if margin else model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    model.train()
+    return step
+
+
+def main() -> None:
+    ap = device_parser(__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    device = setup(args)
+    header("train_throughput: service training step vs bare PyTorch loop", device)
+
+    from facegrad.config import TrainConfig
+    from facegrad.data import DeviceBatches
+    from facegrad.training import Hooks, make_step_parts, train_epoch, train_step
+
+    data = orl_all()
+    batches_src = DeviceBatches(data.images, data.labels, 64, device)
+    steps = batches_src.num_batches(BATCH, True)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x, y)
+               for x, y in batches_src.epoch(BATCH, gen, augment=False)]
+    n_img = sum(y.numel() for _, y in batches)
+    print(f"{len(data.names)} identities, {len(batches_src)} images, {steps} steps of {BATCH} "
+          f"per timed repetition, {args.rounds} rounds + 1 warm-up")
+
+    rows, ok_all = [], True
+    for arch in ("seed_cnn", "facenet_s"):
+        cfg = TrainConfig(architecture=arch, clip={"mode": "none"}, batch_size=BATCH,
+                          device=device.type, lr_schedule="constant")
+        torch.manual_seed(0)
+        parts = make_step_parts(cfg, len(data.names), device)
+        parts.model.train()
+        bare = bare_parts(arch, len(data.names), device, parts.amp_dtype)
+        hooks, progress = Hooks(), {"last_report": 0.0}
+        loop_gen = torch.Generator().manual_seed(1)
+
+        def run_bare(bare=bare):
+            sync(device)
+            t0 = time.perf_counter()
+            for xb, yb in batches:
+                bare(xb, yb)
+            sync(device)
+            return time.perf_counter() - t0
+
+        def run_step(parts=parts, cfg=cfg):
+            sync(device)
+            t0 = time.perf_counter()
+            for xb, yb in batches:
+                train_step(parts, xb, yb, cfg.learning_rate)
+            sync(device)
+            return time.perf_counter() - t0
+
+        def run_loop(parts=parts, cfg=cfg, loop_gen=loop_gen, hooks=hooks,
+                     progress=progress):
+            sync(device)
+            t0 = time.perf_counter()
+            it = batches_src.epoch(BATCH, loop_gen, augment=False, drop_last=True)
+            _, loss_sum, _, seen = train_epoch(cfg, parts, it, 0, 0, steps, hooks, progress)
+            float(loss_sum)  # the epoch's one host sync, as train() does after the loop
+            sync(device)
+            assert seen == n_img
+            return time.perf_counter() - t0
+
+        variants = {"bare": run_bare, "service step": run_step, "service loop": run_loop}
+        for fn in variants.values():  # warm-up: allocator, oneDNN primitives
+            fn()
+        res = interleave(variants, args.rounds, baseline="bare")
+        for name, r in res.items():
+            ips = n_img / r["median"]
+            ratio = 1.0 / r["ratio"]  # throughput ratio = bare time / service time
+            if name == "bare":
+                rows.append([arch, name, ips, r["median"] / steps * 1000, 1.0, "baseline"])
+            else:
+                ok = ratio >= BAR
+                ok_all &= ok
+                rows.append([arch, name, ips, r["median"] / steps * 1000, ratio,
+                             f">= {BAR}: {verdict(ok)}"])
+    print()
+    print(table(["arch", "variant", "images/s", "ms/step", "x bare", "bar"], rows))
+    print(f"\nbar (service >= {BAR}x bare images/s, every row): {verdict(ok_all)}")
+    footer()
+
+
+if __name__ == "__main__":
+    main()

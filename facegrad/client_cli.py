@@ -1,0 +1,636 @@
+"""Client commands of the ``facegrad`` CLI: talk to a running server over its REST API.
+
+``facegrad dataset upload|list|show``, ``facegrad train``, ``facegrad jobs list|show|metrics|
+cancel``, ``facegrad identify`` and ``facegrad models list``. Every command takes ``--url``
+(``FACEGRAD_URL``), ``--api-key`` (``FACEGRAD_API_KEY``) and ``--json`` (print the server's JSON
+instead of tables). Exit status 0 on success, 1 when the server refuses or cannot be reached (its
+``detail`` on stderr), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import sys
+import time
+import zipfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".webp", ".gif",
+                  ".tif", ".tiff"}
+IDENTIFY_CHUNK = 16  # files per identify call (the server's default cap is 32)
+PANEL = "Client (talks to a running server)"
+
+UrlOpt = Annotated[str, typer.Option(
+    "--url", envvar="FACEGRAD_URL", help="Server URL.", show_default=True)]
+KeyOpt = Annotated[str | None, typer.Option(
+    "--api-key", envvar="FACEGRAD_API_KEY", show_default=False,
+    help="API key, sent as X-API-Key (needed when the server has FACEGRAD_API_KEYS).")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the server's JSON instead of tables.")]
+
+
+class Detect(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
+class Arch(str, Enum):
+    facenet_s = "facenet_s"
+    seed_cnn = "seed_cnn"
+
+
+class Optim(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Status(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ClientError(Exception):
+    """A failure to report on stderr with exit status 1."""
+
+
+def _out() -> Console:
+    # Not a terminal (a pipe, a test): wide enough that ids are never cut.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 200, highlight=False)
+
+
+def handled(fn):
+    """Turn ClientError (and a lost connection) into 'facegrad: error: ...' + exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as e:
+            _err().print(f"facegrad: error: {e}", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def detail_of(r: httpx.Response) -> str:
+    """The server's ``detail`` as one readable line (422 lists become 'field: message; ...')."""
+    try:
+        detail = r.json().get("detail", r.text)
+    except (ValueError, AttributeError):
+        return r.text.strip()[:500] or r.reason_phrase
+    if isinstance(detail, list):
+        parts = []
+        for e in detail:
+            if isinstance(e, dict):
+                loc = [str(x) for x in e.get("loc", []) if x not in ("body", "query", "path")]
+                parts.append(f"{'.'.join(loc)}: {e.get('msg', '')}" if loc else e.get("msg", ""))
+            else:
+                parts.append(str(e))
+        return "; ".join(parts)
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None, timeout: float = 300):
+        self.url = url.rstrip("/")
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kw) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach the facegrad server at {self.url} "
+                              f"({type(e).__name__}: {e}); start it with 'facegrad up' or "
+                              "set --url / FACEGRAD_URL") from None
+        if r.status_code >= 400:
+            raise ClientError(f"{detail_of(r)} (HTTP {r.status_code})")
+        if not r.content:
+            return None
+        try:
+            return r.json()
+        except ValueError:
+            raise ClientError(f"{self.url}{path} did not answer JSON; is --url a facegrad "
+                              "server?") from None
+
+    def get(self, path: str, **kw) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw) -> Any:
+        return self.request("POST", path, **kw)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _f(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _when(ts: str | None) -> str:
+    return (ts or "-").replace("T", " ")[:19]
+
+
+def clip_text(clip: dict | None) -> str:
+    if not clip:
+        return "-"
+    extra = [f"{k}={v}" for k, v in clip.items() if k not in ("mode", "on_nonfinite")]
+    return clip.get("mode", "?") + (f" ({', '.join(extra)})" if extra else "")
+
+
+# --- --clip SPEC ------------------------------------------------------------------------------
+
+def _value(text: str):
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if t.lower() in ("inf", "nan", "infinity"):
+        return t.lower()
+    for cast in (int, float):
+        try:
+            return cast(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_clip(spec: str) -> dict:
+    """``norm:5``, ``norm:5:per_tensor``, ``value:1``, ``threshold:0.9``, ``agc:0.01``,
+    ``autoclip:10``, ``none``; any field also as ``key=value`` (``norm:5:norm_type=inf``) and
+    ``skip``/``fail`` for on_nonfinite. The first bare number is the mode's main parameter."""
+    from facegrad.config import ClipAGC, ClipAutoClip, ClipNone, ClipNorm, ClipThreshold, ClipValue
+
+    modes = {"none": ClipNone, "value": ClipValue, "norm": ClipNorm, "threshold": ClipThreshold,
+             "agc": ClipAGC, "autoclip": ClipAutoClip}
+    parts = [p.strip() for p in spec.split(":")]
+    mode = parts[0].lower()
+    if mode not in modes:
+        raise typer.BadParameter(f"unknown clip mode {parts[0]!r}; one of {', '.join(modes)} "
+                                 "(e.g. norm:5, value:1, norm:5:per_tensor, threshold:0.9, "
+                                 "agc:0.01, autoclip:10, none)", param_hint="--clip")
+    fields = modes[mode].model_fields
+    params = [n for n in fields if n not in ("mode", "on_nonfinite")]
+    out: dict[str, Any] = {"mode": mode}
+    for part in parts[1:]:
+        if not part:
+            continue
+        if "=" in part:
+            key, val = (s.strip() for s in part.split("=", 1))
+            if key not in fields or key == "mode":
+                raise typer.BadParameter(
+                    f"clip mode {mode!r} has no parameter {key!r}; it takes "
+                    f"{', '.join(params + ['on_nonfinite']) or 'only on_nonfinite'}",
+                    param_hint="--clip")
+            out[key] = _value(val)
+        elif part in ("global", "per_tensor") and "scope" in fields:
+            out["scope"] = part
+        elif part in ("skip", "fail"):
+            out["on_nonfinite"] = part
+        elif params and params[0] not in out and isinstance(_value(part), int | float):
+            out[params[0]] = _value(part)
+        else:
+            raise typer.BadParameter(f"cannot read {part!r} in {spec!r}; clip mode {mode!r} "
+                                     f"takes {', '.join(params) or 'no parameter'}",
+                                     param_hint="--clip")
+    return out
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+def zip_folder(folder: Path) -> tuple[bytes, int, int]:
+    """Zip the images of ``folder``'s identity sub-folders in memory → (bytes, files, skipped).
+
+    ``folder/alice/1.jpg`` becomes ``alice/1.jpg``; deeper nesting is kept (the server takes the
+    innermost folder as the identity). Hidden files and non-images are left out.
+    """
+    buf = io.BytesIO()
+    n = skipped = 0
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder)
+            if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            if len(rel.parts) < 2 or p.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped += 1
+                continue
+            z.write(p, rel.as_posix())
+            n += 1
+    if n == 0:
+        raise ClientError(f"{folder} has no images in identity sub-folders (expected "
+                          f"{folder}/<identity>/<image>, e.g. {folder}/alice/1.jpg)")
+    return buf.getvalue(), n, skipped
+
+
+def show_dataset(ds: dict, console: Console) -> None:
+    console.print(f"dataset [bold]{ds['id']}[/] {ds['name']!r}: {ds['num_identities']} "
+                  f"identities, {ds['num_images']} images (detect={ds.get('detect')}, "
+                  f"{ds.get('source_format')})")
+    t = Table("identity", "images")
+    for label, count in sorted(ds.get("identities", {}).items()):
+        t.add_row(label, str(count))
+    console.print(t)
+    rejected = ds.get("rejected") or {}
+    if rejected:
+        r = Table("rejected file", "reason", title=f"{len(rejected)} rejected")
+        for name, why in sorted(rejected.items()):
+            r.add_row(name, why)
+        console.print(r)
+    for w in ds.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+dataset_app = typer.Typer(help="Upload and list face datasets.", no_args_is_help=True)
+
+
+@dataset_app.command("upload")
+@handled
+def dataset_upload(
+    path: Annotated[Path, typer.Argument(
+        exists=True, help="A folder of identity folders (zipped in memory), a .zip, or a .npz "
+        "with 'images' and 'labels'.")],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")]
+    = None,
+    detect: Annotated[Detect | None, typer.Option(
+        help="'auto' crops the face in each photo; 'none' uses images as they are "
+        "(default: the server's).")] = None,
+    url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False,
+):
+    """Upload a labelled dataset: DIR (one sub-folder per identity), ZIP or NPZ."""
+    err = _err()
+    if path.is_dir():
+        blob, n, skipped = zip_folder(path)
+        filename = f"{path.resolve().name or 'dataset'}.zip"
+        if not as_json:
+            err.print(f"zipped {n} images from {path}"
+                      + (f" ({skipped} other files left out)" if skipped else ""))
+    elif path.suffix.lower() in (".zip", ".npz"):
+        blob, filename = path.read_bytes(), path.name
+    else:
+        raise ClientError(f"{path}: expected a folder, a .zip or a .npz")
+    data = {}
+    if name:
+        data["name"] = name
+    elif path.is_dir():
+        data["name"] = path.resolve().name
+    if detect:
+        data["detect"] = detect.value
+    ds = Client(url, api_key).post("/v1/datasets", files={"file": (filename, blob)}, data=data)
+    if as_json:
+        print_json(ds)
+    else:
+        show_dataset(ds, _out())
+
+
+@dataset_app.command("list")
+@handled
+def dataset_list(limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """List datasets, newest first."""
+    doc = Client(url, api_key).get("/v1/datasets", params={"limit": limit})
+    if as_json:
+        return print_json(doc)
+    t = Table("id", "name", "identities", "images", "detect", "rejected", "created",
+              title=f"{doc['total']} datasets")
+    for d in doc["items"]:
+        t.add_row(d["id"], d["name"], str(d["num_identities"]), str(d["num_images"]),
+                  d.get("detect", "-"), str(len(d.get("rejected") or {})), _when(d["created_at"]))
+    _out().print(t)
+
+
+@dataset_app.command("show")
+@handled
+def dataset_show(dataset_id: Annotated[str, typer.Argument(help="Dataset id.")],
+                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """One dataset: identities and counts, rejected files, warnings."""
+    ds = Client(url, api_key).get(f"/v1/datasets/{dataset_id}")
+    print_json(ds) if as_json else show_dataset(ds, _out())
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def _job_line(job: dict) -> str:
+    p, m, c = job.get("progress") or {}, job.get("metrics") or {}, job.get("clipping") or {}
+    bits = [f"epoch {p.get('epoch', 0)}/{p.get('epochs', '?')}"]
+    if m.get("train_loss") is not None:
+        bits.append(f"loss {_f(m['train_loss'])}")
+    if m.get("train_acc") is not None:
+        bits.append(f"acc {_pct(m['train_acc'])}")
+    if m.get("val_acc") is not None:
+        bits.append(f"val_acc {_pct(m['val_acc'])}")
+    if c.get("steps"):
+        bits.append(f"clipped {_pct(c.get('clip_fraction'))}")
+    return "  ".join(bits)
+
+
+def wait_for(client: Client, job: dict, poll: float, quiet: bool) -> dict:
+    """Poll the job until it ends, with a live progress bar on stderr (none when ``quiet``)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    job_id = job["id"]
+    progress = Progress(TextColumn("[bold]{task.description:>9}"), BarColumn(),
+                        TaskProgressColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), console=_err(), disable=quiet)
+    try:
+        with progress:
+            task = progress.add_task(job["status"], total=1.0, info=_job_line(job))
+            while True:
+                progress.update(task, description=job["status"],
+                                completed=(job.get("progress") or {}).get("fraction", 0.0),
+                                info=_job_line(job))
+                if job["status"] in TERMINAL:
+                    return job
+                time.sleep(poll)
+                job = client.get(f"/v1/jobs/{job_id}")
+    except KeyboardInterrupt:
+        _err().print(f"stopped waiting; job {job_id} goes on on the server "
+                     f"('facegrad jobs show {job_id}', 'facegrad jobs cancel {job_id}')")
+        raise typer.Exit(130) from None
+
+
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset id.")],
+    arch: Annotated[Arch | None, typer.Option(
+        "--arch", help="facenet_s (default) or seed_cnn.")] = None,
+    clip: Annotated[str | None, typer.Option(
+        help="Clipping rule: norm:5 | norm:5:per_tensor | value:1 | threshold:0.9 | agc:0.01 | "
+        "autoclip:10 | none; more fields as key=value (norm:5:norm_type=inf). "
+        "Default: the server's (norm:5).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (server default 30).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    optimizer: Annotated[Optim | None, typer.Option(help="sgd, adam or adamw.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input side, 32-256.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[Device | None, typer.Option(
+        help="auto (default: CUDA when the worker has it), cpu or cuda.")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the job with a progress bar until it ends; exit 1 unless it "
+        "succeeds.")] = False,
+    poll: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
+    url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False,
+):
+    """Start a training job (and with --wait follow it to the end)."""
+    body: dict[str, Any] = {"dataset_id": dataset}
+    for key, val in (("architecture", arch.value if arch else None), ("epochs", epochs),
+                     ("learning_rate", lr), ("batch_size", batch_size),
+                     ("image_size", image_size), ("seed", seed),
+                     ("device", device.value if device else None)):
+        if val is not None:
+            body[key] = val
+    if optimizer:
+        body["optimizer"] = {"name": optimizer.value}
+    if clip:
+        body["clip"] = parse_clip(clip)
+    _train(body, wait, poll, url, api_key, as_json)
+
+
+@handled
+def _train(body: dict, wait: bool, poll: float, url: str, api_key: str | None,
+           as_json: bool) -> None:
+    client = Client(url, api_key)
+    job = client.post("/v1/jobs", json=body)
+    if not wait:
+        if as_json:
+            return print_json(job)
+        _out().print(f"job [bold]{job['id']}[/] {job['status']} (clip "
+                     f"{clip_text(job['config'].get('clip'))}); follow it with "
+                     f"'facegrad jobs show {job['id']}'")
+        return
+    if not as_json:
+        _err().print(f"job {job['id']} {job['status']}: {job['config'].get('architecture')}, "
+                     f"{job['config'].get('epochs')} epochs, clip "
+                     f"{clip_text(job['config'].get('clip'))}")
+    job = wait_for(client, job, poll, quiet=as_json)
+    if as_json:
+        print_json(job)
+    elif job["status"] == "succeeded":
+        show_job(job, [], _out())
+    if job["status"] == "failed":
+        raise ClientError(f"job {job['id']} failed: {job.get('error') or 'no reason given'}")
+    if job["status"] == "cancelled":
+        raise ClientError(f"job {job['id']} was cancelled")
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+def show_job(job: dict, history: list[dict], console: Console) -> None:
+    cfg, m, c = job.get("config") or {}, job.get("metrics") or {}, job.get("clipping") or {}
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(job["status"], "")
+    t = Table(show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("job", job["id"]),
+        ("status", f"[{style}]{job['status']}[/]" if style else job["status"]),
+        ("dataset", job["dataset_id"]),
+        ("model", job.get("model_id") or "-"),
+        ("training", f"{cfg.get('architecture')}, {cfg.get('epochs')} epochs, batch "
+                     f"{cfg.get('batch_size')}, lr {cfg.get('learning_rate')}, "
+                     f"{(cfg.get('optimizer') or {}).get('name')}, image {cfg.get('image_size')}"),
+        ("clip", clip_text(cfg.get("clip"))),
+        ("progress", _job_line(job)),
+        ("metrics", f"train loss {_f(m.get('train_loss'))}, acc {_pct(m.get('train_acc'))}; "
+                    f"val loss {_f(m.get('val_loss'))}, acc {_pct(m.get('val_acc'))}"),
+        ("clipping", f"{c.get('clipped_steps', 0)}/{c.get('steps', 0)} steps clipped "
+                     f"({_pct(c.get('clip_fraction'))}), {c.get('skipped_steps', 0)} skipped; "
+                     f"grad norm pre mean {_f((c.get('grad_norm_pre') or {}).get('mean'))} max "
+                     f"{_f((c.get('grad_norm_pre') or {}).get('max'))}, post mean "
+                     f"{_f((c.get('grad_norm_post') or {}).get('mean'))}; threshold "
+                     f"{_f(c.get('threshold'))}"),
+        ("created", _when(job.get("created_at"))),
+        ("finished", _when(job.get("finished_at"))),
+    ]
+    if job.get("error"):
+        rows.append(("error", f"[red]{job['error']}[/]"))
+    if job.get("attempts", 1) > 1:
+        rows.append(("attempts", f"{job['attempts']} (resumed from epoch "
+                                 f"{job.get('resumed_from_epoch')})"))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    if history:
+        h = Table("epoch", "train loss", "train acc", "val loss", "val acc", "clipped",
+                  "norm pre mean", "norm pre max", "norm post mean", "threshold", "seconds")
+        for r in history:
+            cl = r.get("clipping") or {}
+            pre, post = cl.get("grad_norm_pre") or {}, cl.get("grad_norm_post") or {}
+            h.add_row(str(r["epoch"]), _f(r.get("train_loss")), _pct(r.get("train_acc")),
+                      _f(r.get("val_loss")), _pct(r.get("val_acc")), _pct(cl.get("clip_fraction")),
+                      _f(pre.get("mean")), _f(pre.get("max")), _f(post.get("mean")),
+                      _f(cl.get("threshold")), _f(r.get("epoch_seconds"), 3))
+        console.print(h)
+
+
+jobs_app = typer.Typer(help="List, inspect and cancel training jobs.", no_args_is_help=True)
+
+
+@jobs_app.command("list")
+@handled
+def jobs_list(status: Annotated[Status | None, typer.Option(help="Only jobs in this state.")]
+              = None,
+              limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+              url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status.value
+    doc = Client(url, api_key).get("/v1/jobs", params=params)
+    if as_json:
+        return print_json(doc)
+    t = Table("id", "status", "dataset", "arch", "clip", "progress", "val acc", "created",
+              "model", title=f"{doc['total']} jobs")
+    for j in doc["items"]:
+        p = j.get("progress") or {}
+        t.add_row(j["id"], j["status"], j["dataset_id"][:8], j["config"].get("architecture"),
+                  clip_text(j["config"].get("clip")),
+                  f"{p.get('epoch', 0)}/{p.get('epochs', '?')}",
+                  _pct((j.get("metrics") or {}).get("val_acc")), _when(j["created_at"]),
+                  j.get("model_id") or "-")
+    _out().print(t)
+
+
+@jobs_app.command("show")
+@handled
+def jobs_show(job_id: Annotated[str, typer.Argument(help="Job id.")],
+              url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """One job: status, settings, metrics, clipping totals and the per-epoch history."""
+    client = Client(url, api_key)
+    job = client.get(f"/v1/jobs/{job_id}")
+    if as_json:
+        return print_json(job)
+    show_job(job, client.get(f"/v1/jobs/{job_id}/metrics")["history"], _out())
+
+
+@jobs_app.command("metrics")
+@handled
+def jobs_metrics(job_id: Annotated[str, typer.Argument(help="Job id.")],
+                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """A job's per-epoch history: losses, accuracies, clipping telemetry."""
+    client = Client(url, api_key)
+    doc = client.get(f"/v1/jobs/{job_id}/metrics")
+    if as_json:
+        return print_json(doc)
+    show_job(client.get(f"/v1/jobs/{job_id}"), doc["history"], _out())
+
+
+@jobs_app.command("cancel")
+@handled
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="Job id.")],
+                url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """Cancel a job: a queued one at once, a running one at its next step."""
+    job = Client(url, api_key).post(f"/v1/jobs/{job_id}/cancel")
+    if as_json:
+        return print_json(job)
+    what = "cancelled" if job["status"] == "cancelled" else \
+        "cancel requested; it stops at its next step"
+    _out().print(f"job {job['id']}: {what}")
+
+
+# --- identify and models -------------------------------------------------------------------
+
+@handled
+def identify(
+    images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
+                                                 help="Image files.")],
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Candidates per face (server default 5).")]
+    = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Similarity under which a face is 'unknown' (default: the model's calibrated "
+        "one).")] = None,
+    detect: Annotated[Detect | None, typer.Option(
+        help="Find faces ('auto') or take each image as one face ('none'); default: the "
+        "model's.")] = None,
+    url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False,
+):
+    """Who is in these photos? One row per face; 'unknown' under the threshold."""
+    client = Client(url, api_key)
+    form: dict[str, Any] = {}
+    for key, val in (("model_id", model), ("top_k", top_k), ("threshold", threshold),
+                     ("detect", detect.value if detect else None)):
+        if val is not None:
+            form[key] = str(val)
+    doc: dict[str, Any] = {}
+    for i in range(0, len(images), IDENTIFY_CHUNK):
+        files = [("file", (p.name, p.read_bytes())) for p in images[i:i + IDENTIFY_CHUNK]]
+        part = client.post("/v1/identify", files=files, data=form)
+        if not doc:
+            doc = part
+            form["model_id"] = part["model_id"]  # the same model for every chunk
+        else:
+            doc["results"] += part["results"]
+    if as_json:
+        return print_json(doc)
+    t = Table("file", "face", "box", "identity", "confidence", "candidates",
+              title=f"model {doc['model_id']}, threshold {_f(doc['threshold'])}")
+    for path, res in zip(images, doc["results"]):
+        name = str(path)  # the path as given: two photos may share a file name
+        if not res["faces"]:
+            t.add_row(name, "-", "-", "[yellow]no face[/]", "-", res.get("note") or "")
+        for n, face in enumerate(res["faces"], 1):
+            who = face["identity"] if face["identity"] is not None else "[yellow]unknown[/]"
+            cands = ", ".join(f"{c['identity']} {c['confidence']:.3f}" for c in face["candidates"])
+            box = "whole image" if face["box"] is None else "x{} y{} {}x{}".format(*face["box"])
+            t.add_row(name, str(n), box, who, f"{face['confidence']:.3f}", cands)
+    _out().print(t)
+
+
+models_app = typer.Typer(help="Trained models.", no_args_is_help=True)
+
+
+@models_app.command("list")
+@handled
+def models_list(limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+                url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False):
+    """List trained models, newest first."""
+    doc = Client(url, api_key).get("/v1/models", params={"limit": limit})
+    if as_json:
+        return print_json(doc)
+    t = Table("id", "arch", "identities", "input", "val acc", "threshold", "clip", "created",
+              "job", title=f"{doc['total']} models")
+    for m in doc["items"]:
+        t.add_row(m["id"], m["architecture"], str(len(m["labels"])),
+                  "x".join(map(str, m["input_size"][:2])),
+                  _pct((m.get("metrics") or {}).get("val_acc")), _f(m["threshold"], 3),
+                  clip_text(m.get("clip")), _when(m["created_at"]), (m.get("job_id") or "-")[:8])
+    _out().print(t)
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the client commands to the ``facegrad`` app."""
+    cli.add_typer(dataset_app, name="dataset", rich_help_panel=PANEL)
+    cli.command("train", rich_help_panel=PANEL)(train)
+    cli.add_typer(jobs_app, name="jobs", rich_help_panel=PANEL)
+    cli.command("identify", rich_help_panel=PANEL)(identify)
+    cli.add_typer(models_app, name="models", rich_help_panel=PANEL)

@@ -1,0 +1,185 @@
+"""The client commands of the ``facegrad`` CLI, run as real subprocesses against the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from facegrad.client_cli import parse_clip
+from tests.harness import ROOT
+
+SUBSET = 5  # identities: enough for a model, small enough to train in seconds
+
+
+def facegrad(service, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT), COLUMNS="200")
+    env.pop("FACEGRAD_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "facegrad.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def subset_dir(orl, tmp_path_factory):
+    """5 ORL identities as a folder of identity folders (copied to a temp dir, never the repo),
+    plus a stray file at the top level that the upload must leave out."""
+    train, _ = orl
+    root = tmp_path_factory.mktemp("cli") / "faces5"
+    for label in sorted(train)[:SUBSET]:
+        (root / label).mkdir(parents=True)
+        for p in train[label]:
+            shutil.copy(p, root / label / p.name)
+    (root / "README.txt").write_text("not an identity")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(service, subset_dir):
+    """Upload with the CLI, then train with --clip norm:5 --wait."""
+    ds = json.loads(ok(facegrad(service, "dataset", "upload", str(subset_dir), "--name",
+                                "cli-faces", "--json")))
+    r = facegrad(service, "train", "--dataset", ds["id"], "--clip", "norm:5", "--epochs", "3",
+                 "--image-size", "32", "--batch-size", "8", "--lr", "0.003", "--seed", "1",
+                 "--wait", "--poll", "0.5")
+    return ds, r
+
+
+def test_clip_specs():
+    assert parse_clip("norm:5") == {"mode": "norm", "max_norm": 5}
+    assert parse_clip("norm:5:per_tensor") == {"mode": "norm", "max_norm": 5,
+                                               "scope": "per_tensor"}
+    assert parse_clip("value:1") == {"mode": "value", "clip_value": 1}
+    assert parse_clip("threshold:0.9") == {"mode": "threshold", "alpha": 0.9}
+    assert parse_clip("agc:0.01") == {"mode": "agc", "clip_factor": 0.01}
+    assert parse_clip("autoclip:10") == {"mode": "autoclip", "percentile": 10}
+    assert parse_clip("none") == {"mode": "none"}
+    assert parse_clip("norm:2:norm_type=inf:fail") == {"mode": "norm", "max_norm": 2,
+                                                      "norm_type": "inf", "on_nonfinite": "fail"}
+    import typer
+
+    for bad in ("bogus:1", "none:3", "value:1:2", "agc:scope=global"):
+        with pytest.raises(typer.BadParameter):
+            parse_clip(bad)
+
+
+def test_upload_and_list(service, trained):
+    ds, _ = trained
+    assert ds["num_identities"] == SUBSET and ds["num_images"] == SUBSET * 7
+    assert ds["rejected"] == {}  # the stray top-level file was left out by the client
+    out = ok(facegrad(service, "dataset", "list"))
+    assert ds["id"] in out and "cli-faces" in out
+    listed = json.loads(ok(facegrad(service, "dataset", "list", "--json")))
+    assert ds["id"] in [d["id"] for d in listed["items"]]
+
+
+def test_train_wait_show_identify_models(service, trained, orl):
+    ds, r = trained
+    out = ok(r)
+    assert "succeeded" in out and "norm" in out
+    assert "100%" in r.stderr  # the progress bar reached its end
+    jobs = json.loads(ok(facegrad(service, "jobs", "list", "--json")))
+    job = next(j for j in jobs["items"] if j["dataset_id"] == ds["id"])
+    assert job["status"] == "succeeded" and job["config"]["clip"]["max_norm"] == 5.0
+    assert job["config"]["image_size"] == 32 and job["config"]["epochs"] == 3
+
+    shown = ok(facegrad(service, "jobs", "show", job["id"]))
+    assert job["id"] in shown and "succeeded" in shown and job["model_id"] in shown
+    assert "norm post mean" in shown  # the per-epoch clipping table
+    as_json = json.loads(ok(facegrad(service, "jobs", "show", job["id"], "--json")))
+    assert as_json["id"] == job["id"] and as_json["clipping"]["steps"] > 0
+    hist = json.loads(ok(facegrad(service, "jobs", "metrics", job["id"], "--json")))
+    assert [h["epoch"] for h in hist["history"]] == [1, 2, 3]
+
+    _, test = orl
+    label = sorted(test)[0]
+    img = test[label][0]
+    table = ok(facegrad(service, "identify", str(img), "--model", job["model_id"],
+                        "--top-k", "3"))
+    assert str(img) in table and "confidence" in table
+    doc = json.loads(ok(facegrad(service, "identify", str(img), str(test[label][1]), "--model",
+                                 job["model_id"], "--top-k", "2", "--json")))
+    assert doc["model_id"] == job["model_id"] and len(doc["results"]) == 2
+    face = doc["results"][0]["faces"][0]
+    assert len(face["candidates"]) == 2
+    assert face["identity"] is None or face["identity"] in sorted(test)[:SUBSET]
+    unknown = ok(facegrad(service, "identify", str(img), "--model", job["model_id"],
+                          "--threshold", "1"))
+    assert "unknown" in unknown
+
+    models = ok(facegrad(service, "models", "list"))
+    assert job["model_id"] in models
+    listed = json.loads(ok(facegrad(service, "models", "list", "--json")))
+    assert job["model_id"] in [m["id"] for m in listed["items"]]
+
+
+def test_errors(service, trained):
+    missing = "00000000-0000-4000-8000-000000000000"
+    r = facegrad(service, "train", "--dataset", missing, "--epochs", "1")
+    assert r.returncode == 1
+    assert f"no dataset with id {missing}" in r.stderr and "404" in r.stderr
+    assert r.stdout == ""
+
+    ds, _ = trained
+    r = facegrad(service, "train", "--dataset", ds["id"], "--epochs", "0")
+    assert r.returncode == 1 and "epochs" in r.stderr and "422" in r.stderr
+
+    r = facegrad(service, "train", "--dataset", ds["id"], "--clip", "bogus:1")
+    assert r.returncode == 2 and "unknown clip mode" in r.stderr
+
+    r = facegrad(service, "jobs", "show", missing)
+    assert r.returncode == 1 and "no job with id" in r.stderr
+
+    r = facegrad(service, "jobs", "list", "--url", "http://127.0.0.1:9")  # nothing listens
+    assert r.returncode == 1 and "cannot reach" in r.stderr
+
+
+def test_wait_reports_a_failed_job(service, trained):
+    """--wait exits 1 with the job's error when the job fails (CUDA asked of a CPU worker)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the worker has CUDA here: a cuda job would not fail")
+    ds, _ = trained
+    r = facegrad(service, "train", "--dataset", ds["id"], "--epochs", "1", "--image-size", "32",
+                 "--device", "cuda", "--wait", "--poll", "0.3")
+    assert r.returncode == 1, r
+    assert "failed" in r.stderr and "no CUDA GPU" in r.stderr
+
+
+def test_wait_reports_a_cancelled_job(service, trained):
+    """jobs cancel stops a running job; the client waiting on it exits 1 saying so."""
+    ds, _ = trained
+    env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT))
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "facegrad.cli", "train", "--dataset", ds["id"], "--epochs", "500",
+         "--image-size", "32", "--batch-size", "4", "--wait", "--poll", "0.3", "--json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        job = None
+        while time.time() < deadline and job is None:
+            time.sleep(0.5)
+            jobs = json.loads(ok(facegrad(service, "jobs", "list", "--status", "running",
+                                          "--json")))
+            job = next((j for j in jobs["items"] if j["dataset_id"] == ds["id"]
+                        and j["config"]["epochs"] == 500), None)
+        assert job is not None, "the job never started"
+        out = ok(facegrad(service, "jobs", "cancel", job["id"]))
+        assert job["id"] in out
+        stdout, stderr = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 1, (stdout, stderr)
+    assert f"job {job['id']} was cancelled" in stderr
+    assert json.loads(stdout)["status"] == "cancelled"  # --json still prints the final job
