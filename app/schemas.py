@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from facegrad.config import TrainConfig
 
+
+def _utc(v: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored in UTC): mark them UTC, so that every timestamp
+    the API returns carries its offset (RFC 3339 'date-time', as the OpenAPI document says)."""
+    return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -19,7 +27,7 @@ class Error(BaseModel):
 class DatasetOut(BaseModel):
     id: str
     name: str
-    created_at: datetime
+    created_at: UTCDateTime
     num_identities: int
     num_images: int
     identities: dict[str, int] = Field(description="label → number of images")
@@ -74,9 +82,9 @@ class JobOut(BaseModel):
     id: str
     dataset_id: str
     status: JobStatus
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
     config: dict
     progress: Progress
     metrics: dict
@@ -117,7 +125,7 @@ class ModelOut(BaseModel):
     id: str
     job_id: str | None
     dataset_id: str | None
-    created_at: datetime
+    created_at: UTCDateTime
     architecture: str
     input_size: list[int] = Field(description="[height, width, channels] the model sees")
     labels: list[str]

@@ -46,11 +46,23 @@ def loadavg() -> str:
         return "n/a"
 
 
+def code_state() -> str:
+    """The commit measured, and how many tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, text=True,
+                               capture_output=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}" + (f" + {len(dirty)} modified files" if dirty else "")
+
+
 def header(title: str, device: torch.device | None = None) -> None:
     """The first lines every benchmark prints: what ran where, and how busy the machine was."""
     print(f"== {title} ==")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  python {platform.python_version()}  "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}  code: {code_state()}")
     dev = f"  device: {device}" if device is not None else ""
     if device is not None and device.type == "cuda":
         dev += f" ({torch.cuda.get_device_name(device)})"

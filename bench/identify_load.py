@@ -131,14 +131,16 @@ async def drive(port: int, requests: list[bytes], clients: int, max_requests: in
 
 # --- the service ------------------------------------------------------------------------------
 
-def start_service(workdir: Path, embedded: bool, threads: int):
-    from tests.harness import RedisServer, Service
+def start_service(workdir: Path, embedded: bool, threads: int, extra_path: str | None = None):
+    from tests.harness import ROOT, RedisServer, Service
 
     redis = None
     if not embedded:
         redis = RedisServer(workdir / "redis")
         redis.start()
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    if extra_path:
+        env["PYTHONPATH"] = f"{extra_path}:{ROOT}"
     svc = Service(workdir / "svc", None if embedded else redis.url, **env)
     svc.start_api()
     worker = svc.start_worker()
@@ -187,6 +189,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600, help="most requests per load level")
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
                     help="concurrent clients per load level (the bars need 1 and 32)")
+    ap.add_argument("--service-path", metavar="DIR",
+                    help="prepended to the service's PYTHONPATH: to try server packages (e.g. "
+                    "httptools, uvloop installed with pip --target DIR) without adding them to "
+                    ".venv")
     ap.add_argument("--keep", action="store_true", help="keep the temporary service folder")
     ap.add_argument("--reuse", metavar="DIR",
                     help="a service folder kept by --keep: use its model instead of training")
@@ -203,14 +209,16 @@ def main() -> None:
     from facegrad.inference import LoadedModel
 
     workdir = Path(args.reuse or tempfile.mkdtemp(prefix="facegrad-bench-identify-"))
-    redis, svc, worker = start_service(workdir, args.embedded, threads)
+    redis, svc, worker = start_service(workdir, args.embedded, threads, args.service_path)
     try:
         model_id, folder, took = train_model(svc, args.epochs)
         svc.kill(worker)  # an idle Celery worker still polls; the API is what is measured
         how = (f"reused from {workdir}" if took != took else
                f"{args.epochs} epochs, trained through the API in {took:.0f} s")
         print(f"service: {'embedded broker' if args.embedded else 'redis'}, API threads "
-              f"OMP_NUM_THREADS={threads}; model {model_id} ({how})")
+              f"OMP_NUM_THREADS={threads}; model {model_id} ({how})"
+              + (f"; service PYTHONPATH starts with {args.service_path}"
+                 if args.service_path else ""))
         _, test = orl_split()
         paths = [p for ps in test.values() for p in ps]
         reqs = []

@@ -146,8 +146,16 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float = Field(
-        0.01, gt=0, lt=1,
-        description="False-positive identification rate the threshold is set to."
+        0.05, gt=0, lt=1,
+        description="False-positive identification rate the open-set threshold is set to: the "
+        "share of people absent from the gallery who would still be given an identity."
+    )
+    calibration_identities: float = Field(
+        0.2, ge=0, le=0.5,
+        description="Share of the identities (with 10 or more in the dataset, and at least 2) "
+        "held out of training and used as strangers to calibrate the open-set and verification "
+        "thresholds; they are then enrolled into the gallery from their images, so they are "
+        "still identified. 0: calibrate on the trained identities (optimistic).",
     )
 
     @model_validator(mode="after")

@@ -1,8 +1,10 @@
-"""Identification with a trained model: embeddings matched against a gallery of prototypes.
+"""Identification with a trained model: embeddings matched against a gallery of enrolled images.
 
 A model folder holds ``model.safetensors/.json`` (weights, fixed once trained) and
-``gallery.safetensors/.json`` (per-identity embedding sums and counts), which enrollment rewrites
-atomically. A loaded model is cached by the caller and reloads its gallery when it changes.
+``gallery.safetensors/.json`` (the normalised embedding of every enrolled image and who it
+belongs to), which enrollment rewrites atomically. A face scores each identity by its best
+similarity to one of that identity's images (see :mod:`facegrad.gallery`). A loaded model is
+cached by the caller and reloads its gallery when it changes.
 """
 
 from __future__ import annotations
@@ -16,54 +18,79 @@ import torch
 import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
-from facegrad.gallery import embed
+from facegrad.gallery import embed, identity_scores
 from facegrad.models import build_model
 
 
 @dataclass
 class Gallery:
     labels: list[str]
-    sums: torch.Tensor  # (C, D) sums of normalised embeddings
-    counts: torch.Tensor  # (C,)
+    emb: torch.Tensor  # (N, D) normalised embeddings of the enrolled images
+    owner: torch.Tensor  # (N,) index into labels of each image's identity
+    counts: torch.Tensor  # (C,) images enrolled per identity
     version: int = 0
 
     @property
+    def sums(self) -> torch.Tensor:
+        return torch.zeros(len(self.labels), self.emb.shape[1]).index_add_(0, self.owner,
+                                                                           self.emb)
+
+    @property
     def prototypes(self) -> torch.Tensor:
+        """(C, D) normalised mean embedding per identity."""
         return F.normalize(self.sums, dim=1)
 
+    def scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """(M, C) per probe and identity: the best cosine similarity to one of its images."""
+        return identity_scores(emb, self.emb, self.owner, len(self.labels))
+
     def save(self, folder: Path) -> None:
-        ckpt.save(folder / "gallery", {"sums": self.sums, "counts": self.counts},
-                  {"kind": "gallery", "labels": self.labels, "version": self.version})
+        ckpt.save(folder / "gallery", {"emb": self.emb, "owner": self.owner,
+                                       "counts": self.counts},
+                  {"kind": "gallery", "labels": self.labels, "version": self.version,
+                   "scoring": "nearest_image"})
 
     @classmethod
     def load(cls, folder: Path) -> Gallery:
         tensors, meta = ckpt.load(folder / "gallery.json")
-        return cls(meta["labels"], tensors["sums"].float(), tensors["counts"], meta["version"])
+        return cls.from_tensors(meta["labels"], tensors, "", meta["version"])
+
+    @classmethod
+    def from_tensors(cls, labels: list[str], tensors: dict, prefix: str,
+                     version: int = 0) -> Gallery:
+        counts = tensors[prefix + "counts"].long()
+        if prefix + "emb" in tensors:
+            return cls(list(labels), tensors[prefix + "emb"].float(),
+                       tensors[prefix + "owner"].long(), counts, version)
+        # a gallery saved before per-image embeddings: one mean embedding per identity
+        sums = tensors[prefix + "sums"].float()
+        rows = torch.nonzero(counts > 0).view(-1)
+        return cls(list(labels), F.normalize(sums[rows], dim=1), rows, counts, version)
 
     def enroll(self, identity: str, emb: torch.Tensor) -> None:
         """Add embeddings (N, D) to ``identity``, creating it if new."""
-        if identity in self.labels:
-            i = self.labels.index(identity)
-            self.sums[i] += emb.sum(0)
-            self.counts[i] += emb.shape[0]
-        else:
+        if identity not in self.labels:
             self.labels.append(identity)
-            self.sums = torch.cat([self.sums, emb.sum(0, keepdim=True)])
-            self.counts = torch.cat([self.counts, torch.tensor([emb.shape[0]])])
+            self.counts = torch.cat([self.counts, torch.zeros(1, dtype=torch.long)])
+        i = self.labels.index(identity)
+        self.emb = torch.cat([self.emb, emb.float()])
+        self.owner = torch.cat([self.owner, torch.full((emb.shape[0],), i, dtype=torch.long)])
+        self.counts[i] += emb.shape[0]
         self.version += 1
 
     def remove(self, identity: str) -> None:
         i = self.labels.index(identity)
-        keep = [j for j in range(len(self.labels)) if j != i]
+        keep = self.owner != i
         self.labels.pop(i)
-        self.sums, self.counts = self.sums[keep], self.counts[keep]
+        self.emb, self.owner = self.emb[keep], self.owner[keep]
+        self.owner = self.owner - (self.owner > i).long()
+        self.counts = torch.cat([self.counts[:i], self.counts[i + 1:]])
         self.version += 1
 
 
 def gallery_from_training(model_meta_path: Path) -> Gallery:
     tensors, meta = ckpt.load(model_meta_path)
-    return Gallery(list(meta["labels"]), tensors["gallery.sums"].float(),
-                   tensors["gallery.counts"].long())
+    return Gallery.from_tensors(meta["labels"], tensors, "gallery.")
 
 
 class LoadedModel:
@@ -74,6 +101,7 @@ class LoadedModel:
         self.folder, self.meta, self.device = folder, meta, torch.device(device)
         self.image_size = meta["preprocessing"]["image_size"]
         self.threshold = float(meta["open_set"]["threshold"])
+        self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
@@ -92,7 +120,8 @@ class LoadedModel:
     def embed(self, crops: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
         with self._lock, torch.inference_mode():
-            return embed(self.net, crops, self.image_size, self.device)
+            return embed(self.net, crops, self.image_size, self.device,
+                         flip_tta=self.flip_tta)
 
     def match(self, emb: torch.Tensor, top_k: int = 5, threshold: float | None = None):
         """Per embedding: (identity or None, confidence, [(identity, confidence)...])."""
@@ -100,12 +129,13 @@ class LoadedModel:
         thr = self.threshold if threshold is None else threshold
         if not g.labels:
             return [(None, 0.0, []) for _ in range(emb.shape[0])]
-        sims = (emb @ g.prototypes.t()).clamp(-1, 1)
+        sims = g.scores(emb)  # identities without images score -2
         k = min(top_k, sims.shape[1])
         vals, idx = sims.topk(k, dim=1)
         out = []
         for v, i in zip(vals.tolist(), idx.tolist()):
-            cands = [(g.labels[j], round(max(0.0, s), 4)) for s, j in zip(v, i)]
+            cands = [(g.labels[j], round(min(1.0, max(0.0, s)), 4)) for s, j in zip(v, i)
+                     if s > -1.5]
             best = cands[0] if cands else (None, 0.0)
-            out.append((best[0] if v[0] >= thr else None, best[1], cands))
+            out.append((best[0] if cands and v[0] >= thr else None, best[1], cands))
         return out

@@ -22,9 +22,11 @@ from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
-from facegrad.gallery import calibrate, embed, prototypes
+from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_identities
 from facegrad.models import build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
+
+FLIP_TTA = True  # embeddings of new models are those of the image plus its mirror image
 
 
 class TrainingError(RuntimeError):
@@ -206,6 +208,12 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     num_classes = len(data.names)
     if num_classes < 2:
         raise TrainingError("training needs at least 2 identities")
+    # --- identities held out of training: the strangers that calibrate the open-set threshold --
+    full = data
+    held = holdout_identities(full.labels, cfg.calibration_identities, cfg.seed)
+    if len(held):
+        data = without_identities(full, held)
+        num_classes = len(data.names)
 
     # --- data: seeded stratified split, resident on the device as uint8 ---------------------
     torch.manual_seed(cfg.seed)
@@ -286,37 +294,77 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(epoch + 1)
 
-    # --- the model: weights, prototypes, calibrated open-set threshold ---------------------------
-    emb_train = embed(model, images[train_idx], cfg.image_size, device)
-    y_train = torch.from_numpy(data.labels[train_idx].astype(np.int64))
-    protos = prototypes(emb_train, y_train, num_classes)
-    if len(val_idx):
-        emb_val = embed(model, images[val_idx], cfg.image_size, device)
-        open_set = calibrate(emb_val, torch.from_numpy(data.labels[val_idx].astype(np.int64)),
-                             protos, cfg.target_fpir)
+    # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
+    model_path, open_set, extra = save_model(cfg, model, device, full, data, held, train_idx,
+                                             val_idx, too_few, history, run_dir)
+    return TrainResult(model_path, history, telemetry.total_summary(), open_set, resumed_from,
+                       extra)
+
+
+def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
+    """``data`` less the images of the identities in ``held``, labels renumbered 0..K-1."""
+    keep_ids = [i for i in range(len(data.names)) if i not in set(held.tolist())]
+    new_label = np.full(len(data.names), -1, dtype=np.int64)
+    new_label[keep_ids] = np.arange(len(keep_ids))
+    mask = new_label[data.labels] >= 0
+    return FaceArrays(np.asarray(data.images)[mask], new_label[data.labels[mask]],
+                      [data.names[i] for i in keep_ids])
+
+
+def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
+               full: FaceArrays, data: FaceArrays, held: np.ndarray, train_idx: np.ndarray,
+               val_idx: np.ndarray, too_few: list[int], history: list[dict],
+               run_dir: Path) -> tuple[Path, dict, dict]:
+    """The model artifact: weights, the gallery, the calibrated thresholds.
+
+    ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it), ``full``
+    the whole dataset; the identities in ``held`` (labels of ``full``) were held out of training.
+    The gallery, in ``full``'s identity order, holds the training images of the trained
+    identities and every image of the held-out ones. Returns (path, open_set, info).
+    """
+    images = np.asarray(data.images)
+    to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
+    emb_train = embed(model, images[train_idx], cfg.image_size, device, flip_tta=FLIP_TTA)
+    own_train = torch.from_numpy(to_full[data.labels[train_idx]])
+    emb_val = embed(model, images[val_idx], cfg.image_size, device, flip_tta=FLIP_TTA)
+    y_val = torch.from_numpy(to_full[data.labels[val_idx]])
+    n_ids = len(full.names)
+    if len(held):
+        held_idx = np.flatnonzero(np.isin(full.labels, held))
+        emb_held = embed(model, np.asarray(full.images)[held_idx], cfg.image_size, device,
+                         flip_tta=FLIP_TTA)
+        gallery = torch.cat([emb_train, emb_held])
+        owner = torch.cat([own_train, torch.from_numpy(full.labels[held_idx].astype(np.int64))])
+        open_set = calibrate_open_set(gallery, owner, n_ids, held.tolist(), emb_val, y_val,
+                                      cfg.target_fpir)
+        open_set["held_out"] = [full.names[i] for i in held.tolist()]
     else:
-        open_set = calibrate(emb_train, y_train, protos, cfg.target_fpir)
-        open_set["note"] = "no validation split: calibrated on training images (optimistic)"
-    counts = np.bincount(data.labels[train_idx], minlength=num_classes)
+        gallery, owner = emb_train, own_train
+        probes, labels = (emb_val, y_val) if len(val_idx) else (emb_train, own_train)
+        open_set = calibrate(probes, labels, gallery, owner, n_ids, cfg.target_fpir)
+        if not len(val_idx):
+            open_set["note"] = "no validation split: calibrated on training images (optimistic)"
+    counts = torch.bincount(owner, minlength=n_ids)
     model_meta = {
         "kind": "model",
         "architecture": cfg.architecture,
-        "labels": data.names,
-        "num_classes": num_classes,
+        "labels": full.names,  # the gallery's identities
+        "classifier_labels": data.names,  # the identities the classifier was trained on
+        "num_classes": len(data.names),
         "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                           "image_size": cfg.image_size, "channels": 3,
-                          "normalisation": "per_image_standardise"},
+                          "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA},
         "config": cfg.model_dump(),
         "history": history,
         "open_set": open_set,
-        "gallery": {"source": "training",
-                    "counts": {n: int(c) for n, c in zip(data.names, counts)}},
+        "gallery": {"source": "training", "scoring": "nearest_image",
+                    "counts": {n: int(c) for n, c in zip(full.names, counts)}},
         "too_few_to_split": [data.names[i] for i in too_few],
     }
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors["gallery.prototypes"] = protos
-    tensors["gallery.sums"] = torch.zeros_like(protos).index_add_(0, y_train, emb_train)
-    tensors["gallery.counts"] = torch.from_numpy(counts.astype(np.int64))
+    tensors["gallery.emb"] = gallery
+    tensors["gallery.owner"] = owner
+    tensors["gallery.counts"] = counts
+    tensors["gallery.sums"] = torch.zeros(n_ids, gallery.shape[1]).index_add_(0, owner, gallery)
     model_path = ckpt.save(run_dir / "model", tensors, model_meta)
-    return TrainResult(model_path, history, telemetry.total_summary(), open_set, resumed_from,
-                       {"too_few_to_split": model_meta["too_few_to_split"]})
+    return model_path, open_set, {"too_few_to_split": model_meta["too_few_to_split"]}

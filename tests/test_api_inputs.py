@@ -653,6 +653,13 @@ def test_service_healthy_and_a_good_upload_works_after_bad_input(client, service
     r = client.post("/v1/datasets", files={"file": ("ok.npz", npz(
         images=images, labels=np.array(["a", "b", "c"] * 2)))})
     assert r.status_code == 201, r.text
-    assert client.delete(f"/v1/datasets/{r.json()['id']}").status_code == 204
+    ds = r.json()
+    # timestamps carry their UTC offset, read back from the database too (a naive one broke
+    # the documented date-time format: found by tests/test_fuzz.py)
+    listed = [d for d in client.get("/v1/datasets").json()["items"] if d["id"] == ds["id"]]
+    assert ds["created_at"].endswith("Z")
+    assert listed[0]["created_at"] == ds["created_at"]
+    assert client.get(f"/v1/datasets/{ds['id']}").json()["created_at"] == ds["created_at"]
+    assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 204
     assert leftovers(service) == []
     assert "unhandled error" not in service.tail("api.log", 2_000_000)

@@ -84,7 +84,8 @@ def test_upload_and_list(service, trained):
 
 def test_train_wait_show_identify_models(service, trained, orl):
     ds, r = trained
-    out = ok(r)
+    assert r.returncode == 0, (r.stdout, r.stderr, service.tail("worker1.log"))
+    out = r.stdout
     assert "succeeded" in out and "norm" in out
     assert "100%" in r.stderr  # the progress bar reached its end
     jobs = json.loads(ok(facegrad(service, "jobs", "list", "--json")))

@@ -139,8 +139,13 @@ def test_console(browser, service, client, orl, tmp_path):
     job_id = page.url.split("#job/")[1]
 
     # --- the job page: live charts from /v1/jobs/{id}/metrics --------------------------------
-    page.wait_for_function(CHART_HAS_DATA, arg="chart-loss", timeout=180_000)
-    page.wait_for_selector("#job-status.succeeded", timeout=180_000)
+    try:
+        page.wait_for_function(CHART_HAS_DATA, arg="chart-loss", timeout=180_000)
+        page.wait_for_selector("#job-status.succeeded", timeout=180_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "console-job-timeout.png"), full_page=True)
+        raise AssertionError(f"job page: {client.get(f'/v1/jobs/{job_id}').json()}; "
+                             f"browser errors: {errors}") from None
     for chart in ("chart-loss", "chart-acc", "chart-norm", "chart-clip"):
         page.wait_for_function(CHART_HAS_DATA, arg=chart)
     history = client.get(f"/v1/jobs/{job_id}/metrics").json()["history"]

@@ -41,7 +41,7 @@ def tiny(client, service, orl):
                                                                 "clip_value": 1.0}})
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", (job, service.tail("worker1.log"))
     return {"before": before, "job": job, "test": {k: test[k] for k in labels}}
 
 
