@@ -138,7 +138,10 @@ def main() -> None:
                              f">= {BAR}: {verdict(ok)}"])
     print()
     print(table(["arch", "variant", "images/s", "ms/step", "x bare", "bar"], rows))
-    print(f"\nbar (service >= {BAR}x bare images/s, every row): {verdict(ok_all)}")
+    print("\nimages/s and ms/step: medians of each variant's own rounds; x bare: median over "
+          "rounds of the bare/service time ratio within a round (the judged figure; the two "
+          "can disagree by the run-to-run noise)")
+    print(f"bar (service >= {BAR}x bare images/s, every row): {verdict(ok_all)}")
     footer()
 
 

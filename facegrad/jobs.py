@@ -21,7 +21,7 @@ from facegrad import storage, worker_metrics
 from facegrad.checkpoint import CheckpointError
 from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays
-from facegrad.db import Job, JobEpoch, Model, session_scope, utcnow
+from facegrad.db import Dataset, Job, JobEpoch, Model, session_scope, utcnow
 from facegrad.logging_setup import job_id_var
 from facegrad.settings import Settings
 from facegrad.training import Cancelled, Hooks, TrainingError, train
@@ -205,13 +205,14 @@ def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, 
     metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
     metrics |= {"open_set": result.open_set}
     with session_scope(settings.db_url) as s:
+        dataset = s.get(Dataset, dataset_id)
         with s.begin_nested():
             model = Model(job_id=job_id, dataset_id=dataset_id, architecture=cfg.architecture,
                           path=str(result.model_path.resolve()), labels=meta["labels"],
                           metrics=metrics, config=cfg.model_dump(),
                           preprocessing=meta["preprocessing"], open_set=result.open_set,
                           threshold=result.open_set["threshold"],
-                          detect=meta.get("detect", "none"))
+                          detect=dataset.detect if dataset else "none")
             s.add(model)
             s.flush()
         job = s.get(Job, job_id)

@@ -70,8 +70,9 @@ def upload_dataset(
     name: str | None = Form(None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
                             description="default: the file name without its extension"),
     detect: Literal["auto", "none"] = Form(
-        "none", description="'auto' finds the face in each image and crops it (whole image "
-        "when it already is a face crop); applied the same way at identify time."),
+        "auto", description="'auto' (default) finds the face in each image and crops it (the "
+        "whole image when it already is a face crop); 'none' uses the whole image. Models "
+        "trained on the dataset apply the same choice at identify time."),
     db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
 ) -> DatasetOut:
     limits = limits_from(settings)
