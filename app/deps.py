@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from facegrad.db import _sessionmaker
+from facegrad.db import session_scope
 from facegrad.settings import Settings
 
 
@@ -16,12 +16,6 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    s = _sessionmaker(request.app.state.settings.db_url)()
-    try:
+    """A session per request: committed after the handler, rolled back if it raised."""
+    with session_scope(request.app.state.settings.db_url) as s:
         yield s
-        s.commit()
-    except BaseException:
-        s.rollback()
-        raise
-    finally:
-        s.close()
