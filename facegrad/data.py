@@ -78,12 +78,20 @@ class DeviceBatches:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int,
-                 device: torch.device, pin: bool = False):
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        if pin and device.type == "cuda":
-            x = x.pin_memory()
-        self.x = resize_uint8(x.to(device, non_blocking=True), image_size)
-        self.y = torch.from_numpy(labels.astype(np.int64)).to(device)
+                 device: torch.device, pin: bool = False, index: np.ndarray | None = None,
+                 chunk: int = 512):
+        """``index`` picks rows of ``images``/``labels`` (e.g. of a memory-mapped dataset)
+        without copying them all first: rows are read, moved and resized ``chunk`` at a time,
+        so the host holds one chunk, not a copy of the split (bench/worker_memory.py)."""
+        rows = np.arange(len(images)) if index is None else np.asarray(index)
+        parts = []
+        for start in range(0, max(1, len(rows)), chunk):  # one empty pass for an empty split
+            x = torch.from_numpy(np.ascontiguousarray(images[rows[start:start + chunk]]))
+            if pin and device.type == "cuda":
+                x = x.pin_memory()
+            parts.append(resize_uint8(x.to(device, non_blocking=True), image_size))
+        self.x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.y = torch.from_numpy(np.asarray(labels)[rows].astype(np.int64)).to(device)
         self.device = device
 
     def __len__(self) -> int:

@@ -220,9 +220,9 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     np.random.seed(cfg.seed)
     train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
     images = np.asarray(data.images)
-    train_set = DeviceBatches(images[train_idx], data.labels[train_idx], cfg.image_size, device,
-                              pin=True)
-    val_set = DeviceBatches(images[val_idx], data.labels[val_idx], cfg.image_size, device)
+    train_set = DeviceBatches(images, data.labels, cfg.image_size, device, pin=True,
+                              index=train_idx)
+    val_set = DeviceBatches(images, data.labels, cfg.image_size, device, index=val_idx)
     drop_last = len(train_set) > cfg.batch_size
     steps_per_epoch = train_set.num_batches(cfg.batch_size, drop_last)
     total_steps = steps_per_epoch * cfg.epochs
