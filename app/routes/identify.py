@@ -41,6 +41,17 @@ def pick_model(db: Session, model_id: str | None) -> Model:
     return m
 
 
+def prepare(request: Request, db: Session, settings: Settings, model_id: str | None,
+            files: list[UploadFile], detect: str | None, max_faces: int):
+    """The blocking part of a call, in one worker-thread hop: pick and load the model, then
+    decode each file and find its faces → (model row, loaded model, [(name, faces, note)])."""
+    m = pick_model(db, model_id)
+    lm = request.app.state.models.get(m.id, m.path, m.gallery_version)
+    per_file = [(f.filename or "", *faces_of_upload(f, settings, detect or m.detect, max_faces))
+                for f in files]
+    return m, lm, per_file
+
+
 @router.post("/identify", response_model=IdentifyOut, responses=ERRORS,
              summary="Who is in these images? One result per file, in order")
 async def identify(
@@ -58,13 +69,8 @@ async def identify(
     if len(file) > settings.max_identify_files:
         raise HTTPException(413, f"{len(file)} files sent; at most "
                             f"{settings.max_identify_files} per call (FACEGRAD_MAX_IDENTIFY_FILES)")
-    m = pick_model(db, model_id)
-    lm = await run_in_threadpool(request.app.state.models.get, m.id, m.path, m.gallery_version)
-    per_file = []
-    for f in file:
-        faces, note = await run_in_threadpool(faces_of_upload, f, settings, detect or m.detect,
-                                             max_faces)
-        per_file.append((f.filename or "", faces, note))
+    m, lm, per_file = await run_in_threadpool(prepare, request, db, settings, model_id, file,
+                                              detect, max_faces)
     crops = [crop for _, faces, _ in per_file for _, crop in faces]
     emb = await request.app.state.batcher.embed(lm, np.stack(crops)) if crops else None
     matches = lm.match(emb, top_k, threshold) if crops else []
@@ -93,13 +99,12 @@ async def verify(
 ) -> VerifyOut:
     if len(file) != 2:
         raise HTTPException(422, f"send exactly two files in the 'file' field ({len(file)} sent)")
-    m = pick_model(db, model_id)
-    lm = await run_in_threadpool(request.app.state.models.get, m.id, m.path, m.gallery_version)
+    m, lm, per_file = await run_in_threadpool(prepare, request, db, settings, model_id, file,
+                                              detect, 1)
     crops = []
-    for f in file:
-        faces, _ = await run_in_threadpool(faces_of_upload, f, settings, detect or m.detect, 1)
+    for name, faces, _ in per_file:
         if not faces:
-            raise HTTPException(422, f"no face found in {f.filename!r}")
+            raise HTTPException(422, f"no face found in {name!r}")
         crops.append(faces[0][1])
     emb = await request.app.state.batcher.embed(lm, np.stack(crops))
     sim = float(emb[0] @ emb[1])
