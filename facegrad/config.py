@@ -145,10 +145,12 @@ class TrainConfig(_Strict):
     augment: bool = Field(True, description="Random crop/flip/brightness on the training device.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
-    target_fpir: float = Field(
-        0.05, gt=0, lt=1,
-        description="False-positive identification rate the open-set threshold is set to: the "
-        "share of people absent from the gallery who would still be given an identity."
+    target_fpir: float | None = Field(
+        None, gt=0, lt=1,
+        description="Unset (default): the open-set threshold balances known faces identified "
+        "against strangers rejected, both measured on data held out of training. A number: the "
+        "threshold is set so that this share of people absent from the gallery would still be "
+        "given an identity (a stricter gallery rejects more known faces too)."
     )
     calibration_identities: float = Field(
         0.2, ge=0, le=0.5,

@@ -107,28 +107,56 @@ def _threshold_at(stranger: torch.Tensor, target_fpir: float) -> float:
     return min(1.0, max(emp, normal))
 
 
-def _verify_threshold(emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
-    """(threshold, balanced accuracy, pairs) best separating same/different-person pairs."""
+def _balanced_threshold(hit_scores: torch.Tensor, stranger: torch.Tensor) -> float:
+    """The equal-error threshold between known faces' and strangers' best scores.
+
+    ``hit_scores`` are the best scores of correctly ranked known probes. With a few dozen scores
+    on each side an empirical optimum sits at the edge of one sample, so both sides are fitted
+    with a normal distribution and the threshold is where the share of known faces rejected
+    equals the share of strangers accepted: (t - mu_s) / sd_s = (mu_k - t) / sd_k.
+    """
+    k, st = hit_scores.double(), stranger.double()
+    if k.numel() < 2 or st.numel() < 2 or float(k.mean()) <= float(st.mean()):
+        return float(torch.quantile(st, 0.95)) if st.numel() else 0.5
+    mk, sk = float(k.mean()), max(float(k.std()), 1e-3)
+    ms, ss = float(st.mean()), max(float(st.std()), 1e-3)
+    return (ms * sk + mk * ss) / (sk + ss)
+
+
+def _verify_threshold(emb: torch.Tensor, labels: torch.Tensor,
+                      max_images: int = 3000) -> tuple[float, float, int]:
+    """(threshold, balanced accuracy, pairs) best separating same/different-person pairs.
+
+    All pairs of at most ``max_images`` images (a seeded sample beyond that); the threshold is
+    the middle of the best-separating gap.
+    """
+    if emb.shape[0] > max_images:
+        keep = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))
+        emb, labels = emb[keep[:max_images]], labels[keep[:max_images]]
     n = emb.shape[0]
     iu = torch.triu_indices(n, n, 1)
-    sims = (emb @ emb.t())[iu[0], iu[1]]
+    sims = (emb @ emb.t())[iu[0], iu[1]].double()
     same = labels[iu[0]] == labels[iu[1]]
-    if not same.any() or same.all():
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    if not n_same or not n_diff:
         return 0.5, float("nan"), 0
-    cand = torch.sort(sims).values
-    cand = torch.cat([cand[:1] - 1e-4, (cand[1:] + cand[:-1]) / 2, cand[-1:] + 1e-4])
-    tpr = (sims[same].view(1, -1) >= cand.view(-1, 1)).float().mean(1)
-    tnr = (sims[~same].view(1, -1) < cand.view(-1, 1)).float().mean(1)
-    bal = 0.5 * (tpr + tnr)
-    best = bal.max()
-    ok = torch.nonzero(bal >= best - 1e-9).view(-1)
-    thr = 0.5 * float(cand[ok[0]] + cand[ok[-1]])  # middle of the best interval
-    return thr, float(best), int(len(sims))
+    order = torch.argsort(sims)
+    s, sm = sims[order], same[order]
+    # cutting before sorted pair k accepts pairs k.. : k = 0..P
+    zero = torch.zeros(1, dtype=torch.float64)
+    same_below = torch.cat([zero, torch.cumsum(sm.double(), 0)])
+    diff_below = torch.cat([zero, torch.cumsum((~sm).double(), 0)])
+    bal = 0.5 * ((n_same - same_below) / n_same + diff_below / n_diff)
+    edges = torch.cat([s[:1] - 1e-3, (s[1:] + s[:-1]) / 2, s[-1:] + 1e-3])
+    distinct = torch.cat([torch.tensor([True]), s[1:] > s[:-1], torch.tensor([True])])
+    bal = torch.where(distinct, bal, torch.tensor(-1.0, dtype=torch.float64))
+    k = int(torch.argmax(bal))
+    return float(edges[k]), float(bal[k]), int(len(sims))
 
 
 def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identities: int,
                        held_out: list[int], probes: torch.Tensor, probe_labels: torch.Tensor,
-                       target_fpir: float) -> dict:
+                       target_fpir: float | None) -> dict:
     """Thresholds from held-out identities (see the module doc).
 
     ``gallery``/``owner``: every gallery image (training images of the trained identities and
@@ -137,25 +165,41 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
     """
     held = torch.tensor(sorted(held_out), dtype=torch.long)
     is_held = torch.isin(owner, held)
+    rows = torch.nonzero(is_held).view(-1)
     stranger, enrolled_ok, enrolled_score = [], [], []
-    for h in held.tolist():
-        mine = owner == h
-        rest = ~mine
-        s = identity_scores(gallery[mine], gallery[rest], owner[rest], num_identities)
-        stranger.append(s.max(1).values)
-        for i in torch.nonzero(mine).view(-1).tolist():  # a newly enrolled person's probe
-            keep = torch.ones(len(owner), dtype=torch.bool)
-            keep[i] = False
-            sc = identity_scores(gallery[i:i + 1], gallery[keep], owner[keep], num_identities)
-            v, a = sc.max(1)
-            enrolled_ok.append(bool(a.item() == h))
-            enrolled_score.append(float(v))
+    idx_all = owner.long().view(1, -1)
+    for chunk in rows.split(512):
+        sims = gallery[chunk] @ gallery.t()  # (B, N)
+        own = owner[chunk].view(-1, 1)
+        init = torch.full((len(chunk), num_identities), -2.0)
+        idx = idx_all.expand(len(chunk), -1)
+        # as a stranger: the gallery without any of the person's images
+        as_stranger = torch.where(idx == own, torch.tensor(-2.0), sims)
+        stranger.append(init.scatter_reduce(1, idx, as_stranger, "amax").max(1).values)
+        # as a newly enrolled person: the gallery without this one image
+        self_col = torch.zeros_like(sims, dtype=torch.bool)
+        self_col[torch.arange(len(chunk)), chunk] = True
+        as_probe = torch.where(self_col, torch.tensor(-2.0), sims)
+        v, a = init.scatter_reduce(1, idx, as_probe, "amax").max(1)
+        enrolled_ok.append(a == own.view(-1))
+        enrolled_score.append(v)
     stranger_t = torch.cat(stranger)
-    threshold = _threshold_at(stranger_t, target_fpir)
-    enrolled_hit = [ok and s >= threshold for ok, s in zip(enrolled_ok, enrolled_score)]
+    ok_t, score_t = torch.cat(enrolled_ok), torch.cat(enrolled_score)
+    if target_fpir is not None:
+        threshold = _threshold_at(stranger_t, target_fpir)
+    else:  # known faces: held-out people's images scored as newly enrolled, plus validation
+        # images of trained people (on their own these few sit too high: the model knows them)
+        hits = [score_t[ok_t]]
+        if probes.shape[0]:
+            v, a = identity_scores(probes, gallery, owner, num_identities).max(1)
+            hits.append(v[a == probe_labels])
+        threshold = _balanced_threshold(torch.cat(hits), stranger_t)
+    enrolled_ok = ok_t.tolist()
+    enrolled_hit = (ok_t & (score_t >= threshold)).tolist()
     rec = {
         "threshold": round(threshold, 6),
         "target_fpir": target_fpir,
+        "policy": "balanced" if target_fpir is None else "target_fpir",
         "method": "held_out_identities",
         "held_out_identities": len(held),
         "calibrated_on": int(stranger_t.numel()),
@@ -178,7 +222,7 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
 
 
 def calibrate(emb: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
-              owner: torch.Tensor, num_identities: int, target_fpir: float) -> dict:
+              owner: torch.Tensor, num_identities: int, target_fpir: float | None) -> dict:
     """Fallback without held-out identities: scores against the *other* trained identities.
 
     Far too optimistic for true strangers (training pushed exactly those identities apart); the
@@ -191,7 +235,8 @@ def calibrate(emb: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
     genuine = sims.gather(1, labels.long().view(-1, 1)).squeeze(1)
     correct = sims.argmax(1) == labels
     stranger = sims.scatter(1, labels.long().view(-1, 1), -2.0).max(1).values
-    threshold = _threshold_at(stranger, target_fpir)
+    # the stranger scores here are optimistic, so only an explicit or a strict FPIR fits them
+    threshold = _threshold_at(stranger, target_fpir or 0.01)
     vthr, vacc, pairs = _verify_threshold(torch.cat([gallery, emb]), torch.cat([owner, labels]))
     return {
         "threshold": round(threshold, 6),
