@@ -55,7 +55,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
     """
     rng = np.random.default_rng(seed)
     train, val, too_few = [], [], []
-    for c in np.unique(labels):
+    for c in np.unique(labels[labels >= 0]):  # rows labelled -1 are left out (held out)
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
         n_val = 0

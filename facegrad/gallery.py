@@ -35,16 +35,20 @@ MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much
 @torch.no_grad()
 def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
           device: torch.device | str = "cpu", batch_size: int = 256,
-          flip_tta: bool = False) -> torch.Tensor:
+          flip_tta: bool = False, index: np.ndarray | None = None) -> torch.Tensor:
     """uint8 (N, S, S, 3) stored crops → (N, D) normalised embeddings on the CPU.
 
     With ``flip_tta`` an embedding is that of the image plus that of its mirror image.
+    ``index`` picks rows (of a memory-mapped dataset, say), read one batch at a time.
     """
     model.eval()
-    x = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    rows = np.arange(len(images)) if index is None else np.asarray(index)
     out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = standardise(resize_uint8(x[i:i + batch_size].to(device), image_size))
+    for i in range(0, len(rows), batch_size):
+        chunk = images[rows[i:i + batch_size]]
+        if isinstance(chunk, np.ndarray):
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        xb = standardise(resize_uint8(chunk.to(device), image_size))
         emb, _ = forward_logits(model, xb)
         if flip_tta:
             emb = emb + forward_logits(model, xb.flip(3))[0]

@@ -302,13 +302,14 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
 
 
 def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
-    """``data`` less the images of the identities in ``held``, labels renumbered 0..K-1."""
+    """``data`` less the identities in ``held``: labels renumbered 0..K-1, held images -1.
+
+    The images are the same (memory-mapped) array, not a copy: the split skips label -1.
+    """
     keep_ids = [i for i in range(len(data.names)) if i not in set(held.tolist())]
     new_label = np.full(len(data.names), -1, dtype=np.int64)
     new_label[keep_ids] = np.arange(len(keep_ids))
-    mask = new_label[data.labels] >= 0
-    return FaceArrays(np.asarray(data.images)[mask], new_label[data.labels[mask]],
-                      [data.names[i] for i in keep_ids])
+    return FaceArrays(data.images, new_label[data.labels], [data.names[i] for i in keep_ids])
 
 
 def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
@@ -324,15 +325,15 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     """
     images = np.asarray(data.images)
     to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
-    emb_train = embed(model, images[train_idx], cfg.image_size, device, flip_tta=FLIP_TTA)
+    emb_train = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA, index=train_idx)
     own_train = torch.from_numpy(to_full[data.labels[train_idx]])
-    emb_val = embed(model, images[val_idx], cfg.image_size, device, flip_tta=FLIP_TTA)
+    emb_val = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA, index=val_idx)
     y_val = torch.from_numpy(to_full[data.labels[val_idx]])
     n_ids = len(full.names)
     if len(held):
         held_idx = np.flatnonzero(np.isin(full.labels, held))
-        emb_held = embed(model, np.asarray(full.images)[held_idx], cfg.image_size, device,
-                         flip_tta=FLIP_TTA)
+        emb_held = embed(model, np.asarray(full.images), cfg.image_size, device,
+                         flip_tta=FLIP_TTA, index=held_idx)
         gallery = torch.cat([emb_train, emb_held])
         owner = torch.cat([own_train, torch.from_numpy(full.labels[held_idx].astype(np.int64))])
         open_set = calibrate_open_set(gallery, owner, n_ids, held.tolist(), emb_val, y_val,
