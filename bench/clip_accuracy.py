@@ -6,7 +6,7 @@ ORL with 3 images per identity held out (tests/harness.py orl_split: random.Rand
 shuffle per identity, the first 3 for test): 280 training images, 120 held-out. Models are
 trained in this process by ``facegrad.training.train`` (as a worker does, with its validation
 split and checkpoints) and scored through ``facegrad.inference.LoadedModel``: embed the
-held-out crops, match against the training-image prototypes, threshold -1 (closed set).
+held-out crops, match against the training-image gallery, threshold -1 (closed set).
 
 (a) the default config (facenet_s, AdamW 3e-3, cosine, 30 epochs, norm clipping 5 global);
     bars: accuracy >= 97 %, training < 5 min.

@@ -13,9 +13,11 @@ apart. When a dataset has enough identities, a share of them is therefore held o
 (``TrainConfig.calibration_identities``) and :func:`calibrate_open_set` uses them twice: each
 held-out person in turn is a stranger to a gallery of everyone else (trained and held-out), and
 each of their images is a probe of a newly enrolled person against the rest of their images.
-The threshold is set at the target false-positive identification rate (FPIR) of those strangers;
-the verification threshold is the best split of same-person and different-person pairs of
-held-out people. The held-out people are then enrolled into the gallery like any other.
+By default the threshold is the equal-error point between those strangers' scores and the known
+faces' scores; with ``target_fpir`` it is set at that false-positive identification rate (FPIR)
+of the strangers. The verification threshold is the best split of same-person and
+different-person pairs of held-out people. The held-out people are then enrolled into the
+gallery like any other.
 """
 
 from __future__ import annotations
@@ -56,12 +58,6 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
     if not out:
         return torch.zeros(0, getattr(model, "embed_dim", 128))
     return F.normalize(torch.cat(out), dim=1)
-
-
-def prototypes(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, D) normalised mean embedding per class (zero rows for classes without images)."""
-    sums = torch.zeros(num_classes, emb.shape[1]).index_add_(0, labels.long(), emb)
-    return F.normalize(sums, dim=1)
 
 
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,

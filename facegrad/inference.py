@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
 from facegrad.gallery import embed, identity_scores
@@ -29,16 +28,6 @@ class Gallery:
     owner: torch.Tensor  # (N,) index into labels of each image's identity
     counts: torch.Tensor  # (C,) images enrolled per identity
     version: int = 0
-
-    @property
-    def sums(self) -> torch.Tensor:
-        return torch.zeros(len(self.labels), self.emb.shape[1]).index_add_(0, self.owner,
-                                                                           self.emb)
-
-    @property
-    def prototypes(self) -> torch.Tensor:
-        """(C, D) normalised mean embedding per identity."""
-        return F.normalize(self.sums, dim=1)
 
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(M, C) per probe and identity: the best cosine similarity to one of its images."""
@@ -58,14 +47,8 @@ class Gallery:
     @classmethod
     def from_tensors(cls, labels: list[str], tensors: dict, prefix: str,
                      version: int = 0) -> Gallery:
-        counts = tensors[prefix + "counts"].long()
-        if prefix + "emb" in tensors:
-            return cls(list(labels), tensors[prefix + "emb"].float(),
-                       tensors[prefix + "owner"].long(), counts, version)
-        # a gallery saved before per-image embeddings: one mean embedding per identity
-        sums = tensors[prefix + "sums"].float()
-        rows = torch.nonzero(counts > 0).view(-1)
-        return cls(list(labels), F.normalize(sums[rows], dim=1), rows, counts, version)
+        return cls(list(labels), tensors[prefix + "emb"].float(),
+                   tensors[prefix + "owner"].long(), tensors[prefix + "counts"].long(), version)
 
     def enroll(self, identity: str, emb: torch.Tensor) -> None:
         """Add embeddings (N, D) to ``identity``, creating it if new."""

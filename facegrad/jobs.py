@@ -198,23 +198,20 @@ def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
 
 
 def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, result) -> str:
-    from facegrad import checkpoint as ckpt
-
-    _, meta = ckpt.load(result.model_path)
+    meta = result.model_meta
     last = result.history[-1] if result.history else {}
     metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
     metrics |= {"open_set": result.open_set}
     with session_scope(settings.db_url) as s:
         dataset = s.get(Dataset, dataset_id)
-        with s.begin_nested():
-            model = Model(job_id=job_id, dataset_id=dataset_id, architecture=cfg.architecture,
-                          path=str(result.model_path.resolve()), labels=meta["labels"],
-                          metrics=metrics, config=cfg.model_dump(),
-                          preprocessing=meta["preprocessing"], open_set=result.open_set,
-                          threshold=result.open_set["threshold"],
-                          detect=dataset.detect if dataset else "none")
-            s.add(model)
-            s.flush()
+        model = Model(job_id=job_id, dataset_id=dataset_id, architecture=cfg.architecture,
+                      path=str(result.model_path.resolve()), labels=meta["labels"],
+                      metrics=metrics, config=cfg.model_dump(),
+                      preprocessing=meta["preprocessing"], open_set=result.open_set,
+                      threshold=result.open_set["threshold"],
+                      detect=dataset.detect if dataset else "none")
+        s.add(model)
+        s.flush()
         job = s.get(Job, job_id)
         job.status, job.model_id, job.finished_at = "succeeded", model.id, utcnow()
         job.metrics, job.lease_owner = metrics, None

@@ -55,6 +55,7 @@ class TrainResult:
     open_set: dict
     resumed_from_epoch: int | None = None
     info: dict = field(default_factory=dict)
+    model_meta: dict = field(default_factory=dict)  # what model.json holds, as written
 
 
 def pick_device(name: str) -> torch.device:
@@ -295,10 +296,10 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
             save_checkpoint(epoch + 1)
 
     # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
-    model_path, open_set, extra = save_model(cfg, model, device, full, data, held, train_idx,
-                                             val_idx, too_few, history, run_dir)
-    return TrainResult(model_path, history, telemetry.total_summary(), open_set, resumed_from,
-                       extra)
+    model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
+                                  too_few, history, run_dir)
+    return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
+                       resumed_from, {"too_few_to_split": meta["too_few_to_split"]}, meta)
 
 
 def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
@@ -321,7 +322,7 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it), ``full``
     the whole dataset; the identities in ``held`` (labels of ``full``) were held out of training.
     The gallery, in ``full``'s identity order, holds the training images of the trained
-    identities and every image of the held-out ones. Returns (path, open_set, info).
+    identities and every image of the held-out ones. Returns (path, what model.json holds).
     """
     images = np.asarray(data.images)
     to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
@@ -366,6 +367,5 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     tensors["gallery.emb"] = gallery
     tensors["gallery.owner"] = owner
     tensors["gallery.counts"] = counts
-    tensors["gallery.sums"] = torch.zeros(n_ids, gallery.shape[1]).index_add_(0, owner, gallery)
     model_path = ckpt.save(run_dir / "model", tensors, model_meta)
-    return model_path, open_set, {"too_few_to_split": model_meta["too_few_to_split"]}
+    return model_path, model_meta
