@@ -16,9 +16,6 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.deps import get_settings_dep
-from facegrad.settings import Settings
-
 ROLES = ("admin", "identify")
 HEADER = "X-API-Key"
 PROTECTED_PREFIX = "/v1"
@@ -95,8 +92,7 @@ class APIKeyGate:
 def require(*allowed: str):
     """Dependency: the caller's key must have one of ``allowed`` roles (admin has all)."""
 
-    def check(request: Request, key: str | None = Depends(_header),
-              settings: Settings = Depends(get_settings_dep)) -> str | None:
+    def check(request: Request, key: str | None = Depends(_header)) -> str | None:
         keys = request.app.state.api_keys
         if not keys:
             return None
