@@ -386,7 +386,7 @@ def train(
         help="Clipping rule: norm:5 | norm:5:per_tensor | value:1 | threshold:0.9 | agc:0.01 | "
         "autoclip:10 | none; more fields as key=value (norm:5:norm_type=inf). "
         "Default: the server's (norm:5).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (server default 30).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (server default 60).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
     optimizer: Annotated[Optim | None, typer.Option(help="sgd, adam or adamw.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,

@@ -128,7 +128,7 @@ class TrainConfig(_Strict):
         description="'facenet_s' (default: small residual net with batch norm and a normalised "
         "embedding) or 'seed_cnn' (the origin document's Conv32-Conv64-Dense128 CNN).",
     )
-    epochs: int = Field(30, ge=1, le=1000)
+    epochs: int = Field(60, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(3e-3, gt=0, le=10)
     lr_schedule: Literal["cosine", "constant"] = Field(
@@ -153,7 +153,7 @@ class TrainConfig(_Strict):
         "given an identity (a stricter gallery rejects more known faces too)."
     )
     calibration_identities: float = Field(
-        0.2, ge=0, le=0.5,
+        0.1, ge=0, le=0.5,
         description="Share of the identities (with 10 or more in the dataset, and at least 2) "
         "held out of training and used as strangers to calibrate the open-set and verification "
         "thresholds; they are then enrolled into the gallery from their images, so they are "

@@ -1,18 +1,20 @@
 """Embeddings, identity scores and the calibrated open-set thresholds.
 
-A face's embedding is the normalised sum of the model's embeddings of the crop and of its mirror
-image (flip test-time augmentation, recorded in the model's preprocessing as ``flip_tta``).
+A face's embedding is its normalised descriptor (:func:`facegrad.models.describe`: for new
+models the backbone's 2x2-pooled feature map), computed on the crop and its mirror image (flip
+test-time augmentation, recorded in the model's preprocessing as ``flip_tta``).
 Identification scores a face against every identity of the gallery by its highest cosine
 similarity to one of that identity's images (nearest neighbour: a probe in a pose or lighting
 that one enrolled image shares scores as it should, where the mean of all of them would blur
-it); below the threshold the face is "unknown".
+it), adjusted for how tightly that identity's images cluster (:func:`identity_scores`); below
+the threshold the face is "unknown".
 
 Calibration is honest only against people the model never saw: a model scores the other trained
 identities of a face far lower than it scores a stranger, because training pushed exactly those
 apart. When a dataset has enough identities, a share of them is therefore held out of training
 (``TrainConfig.calibration_identities``) and :func:`calibrate_open_set` uses them twice: each
 held-out person in turn is a stranger to a gallery of everyone else (trained and held-out), and
-each of their images is a probe of a newly enrolled person against the rest of their images.
+is enrolled from half of their images and probed with the other half, both ways round.
 By default the threshold is the equal-error point between those strangers' scores and the known
 faces' scores; with ``target_fpir`` it is set at that false-positive identification rate (FPIR)
 of the strangers. The verification threshold is the best split of same-person and
@@ -28,19 +30,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facegrad.models import forward_logits
+from facegrad.models import LBP_SHARE, describe
 from facegrad.preprocess import resize_uint8, standardise
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
+TIGHTNESS_WEIGHT = 0.5  # share of an identity's cluster tightness taken off its scores
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
           device: torch.device | str = "cpu", batch_size: int = 256,
-          flip_tta: bool = False, index: np.ndarray | None = None) -> torch.Tensor:
-    """uint8 (N, S, S, 3) stored crops → (N, D) normalised embeddings on the CPU.
+          flip_tta: bool = False, index: np.ndarray | None = None,
+          descriptor: str = "backbone", lbp_share: float = LBP_SHARE) -> torch.Tensor:
+    """uint8 (N, S, S, 3) stored crops → (N, D) normalised face descriptors on the CPU.
 
-    With ``flip_tta`` an embedding is that of the image plus that of its mirror image.
+    ``descriptor``, ``flip_tta`` and ``lbp_share``: see :func:`facegrad.models.describe`.
     ``index`` picks rows (of a memory-mapped dataset, say), read one batch at a time.
     """
     model.eval()
@@ -51,26 +55,77 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         xb = standardise(resize_uint8(chunk.to(device), image_size))
-        emb, _ = forward_logits(model, xb)
-        if flip_tta:
-            emb = emb + forward_logits(model, xb.flip(3))[0]
-        out.append(emb.float().cpu())
+        out.append(describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu())
     if not out:
-        return torch.zeros(0, getattr(model, "embed_dim", 128))
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, image_size, image_size, device=device)
+            return torch.zeros(0, describe(model, probe, descriptor, False, lbp_share).shape[1])
     return F.normalize(torch.cat(out), dim=1)
 
 
+def cluster_tightness(gallery: torch.Tensor, owner: torch.Tensor, num_identities: int,
+                      default: float) -> torch.Tensor:
+    """(C,) per identity: the mean, over its images, of the similarity to its nearest other image.
+
+    ``default`` for identities with fewer than two images.
+    """
+    out = torch.full((num_identities,), float(default))
+    if not gallery.shape[0]:
+        return out
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=num_identities).tolist()
+    for ident, rows in enumerate(torch.split(order, counts)):
+        if len(rows) >= 2:
+            out[ident] = _tightness(gallery[rows])
+    return out
+
+
+def _tightness(emb: torch.Tensor) -> float:
+    sims = emb @ emb.t()
+    sims.fill_diagonal_(-2.0)
+    return float(sims.max(1).values.mean())
+
+
+def adjust(raw: torch.Tensor, tightness: torch.Tensor, reference: float) -> torch.Tensor:
+    """Identity scores after the cluster-tightness adjustment (see :func:`identity_scores`)."""
+    return raw - TIGHTNESS_WEIGHT * (tightness.view(1, -1) - reference)
+
+
+def tightness_with_reference(gallery: torch.Tensor, owner: torch.Tensor,
+                             num_identities: int) -> tuple[torch.Tensor, float]:
+    """(per-identity tightness, reference): the reference is the mean over identities with two
+    or more images, and stands in for those with fewer."""
+    tight = cluster_tightness(gallery, owner, num_identities, float("nan"))
+    known = ~torch.isnan(tight)
+    reference = float(tight[known].mean()) if bool(known.any()) else 0.0
+    return torch.where(known, tight, torch.tensor(reference)), reference
+
+
+def score_adjustment(reference: float) -> dict:
+    """The model's record of how identity scores are adjusted (see :func:`identity_scores`)."""
+    return {"method": "cluster_tightness", "weight": TIGHTNESS_WEIGHT,
+            "reference": round(reference, 6)}
+
+
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,
-                    num_identities: int) -> torch.Tensor:
+                    num_identities: int, tightness: torch.Tensor | None = None,
+                    reference: float = 0.0) -> torch.Tensor:
     """(M, C): per probe and identity, the highest cosine similarity to one of its images.
 
-    Identities without images score -2 (below any cosine).
+    With ``tightness`` (:func:`cluster_tightness`), each identity's score is lowered by
+    ``TIGHTNESS_WEIGHT`` times how much tighter its images cluster than ``reference``, and raised
+    as much where they cluster looser. The people a model was trained on cluster tightly (training
+    pulled their images together) and a stranger who resembles one of them scores high against
+    all of that person's images; a person enrolled later clusters as loosely as their own probes
+    will score. One threshold then fits both. Identities without images score -2.
     """
     sims = emb @ gallery.t()
     out = torch.full((emb.shape[0], num_identities), -2.0)
     if gallery.shape[0]:
         idx = owner.long().view(1, -1).expand(emb.shape[0], -1)
         out = out.scatter_reduce(1, idx, sims, reduce="amax", include_self=True)
+        if tightness is not None:
+            out = torch.where(out > -1.5, adjust(out, tightness, reference), out)
     return out
 
 
@@ -165,7 +220,21 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
     """
     held = torch.tensor(sorted(held_out), dtype=torch.long)
     is_held = torch.isin(owner, held)
+    tight, reference = tightness_with_reference(gallery, owner, num_identities)
     rows = torch.nonzero(is_held).view(-1)
+    # as newly enrolled, each held-out person is enrolled from one half of their images and
+    # probed with the other (both ways round), as a user enrols a few photos and then asks
+    # about others: leaving out one image at a time scored them as if they had been enrolled
+    # from nearly every view of themselves, and set the threshold too high for real enrollees
+    half = torch.full((len(gallery),), -1)
+    tight_other_half = torch.empty(len(gallery))
+    for ident in held.tolist():
+        mine = torch.nonzero(owner == ident).view(-1)
+        halves = (mine[:len(mine) // 2], mine[len(mine) // 2:])
+        for h, (probe_rows, enrolled_rows) in enumerate((halves, halves[::-1])):
+            half[probe_rows] = h
+            tight_other_half[probe_rows] = (_tightness(gallery[enrolled_rows])
+                                            if len(enrolled_rows) >= 2 else reference)
     stranger, enrolled_ok, enrolled_score = [], [], []
     idx_all = owner.long().view(1, -1)
     for chunk in rows.split(512):
@@ -174,24 +243,32 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
         init = torch.full((len(chunk), num_identities), -2.0)
         idx = idx_all.expand(len(chunk), -1)
         # as a stranger: the gallery without any of the person's images
-        as_stranger = torch.where(idx == own, torch.tensor(-2.0), sims)
-        stranger.append(init.scatter_reduce(1, idx, as_stranger, "amax").max(1).values)
-        # as a newly enrolled person: the gallery without this one image
-        self_col = torch.zeros_like(sims, dtype=torch.bool)
-        self_col[torch.arange(len(chunk)), chunk] = True
-        as_probe = torch.where(self_col, torch.tensor(-2.0), sims)
-        v, a = init.scatter_reduce(1, idx, as_probe, "amax").max(1)
+        as_stranger = init.scatter_reduce(1, idx, sims, "amax")
+        as_stranger = adjust(as_stranger, tight, reference).scatter(1, own, -2.0)
+        stranger.append(as_stranger.max(1).values)
+        # as a newly enrolled person: the gallery without the probe's half of their images
+        same_half = (idx == own) & (half.view(1, -1) == half[chunk].view(-1, 1))
+        as_probe = torch.where(same_half, torch.tensor(-2.0), sims)
+        as_probe = init.scatter_reduce(1, idx, as_probe, "amax")
+        t = tight.view(1, -1).repeat(len(chunk), 1).scatter(
+            1, own, tight_other_half[chunk].view(-1, 1))
+        v, a = torch.where(as_probe > -1.5, as_probe - TIGHTNESS_WEIGHT * (t - reference),
+                           as_probe).max(1)
         enrolled_ok.append(a == own.view(-1))
         enrolled_score.append(v)
     stranger_t = torch.cat(stranger)
     ok_t, score_t = torch.cat(enrolled_ok), torch.cat(enrolled_score)
+
+    def known_scores(emb: torch.Tensor) -> torch.Tensor:
+        return identity_scores(emb, gallery, owner, num_identities, tight, reference)
+
     if target_fpir is not None:
         threshold = _threshold_at(stranger_t, target_fpir)
     else:  # known faces: held-out people's images scored as newly enrolled, plus validation
         # images of trained people (on their own these few sit too high: the model knows them)
         hits = [score_t[ok_t]]
         if probes.shape[0]:
-            v, a = identity_scores(probes, gallery, owner, num_identities).max(1)
+            v, a = known_scores(probes).max(1)
             hits.append(v[a == probe_labels])
         threshold = _balanced_threshold(torch.cat(hits), stranger_t)
     enrolled_ok = ok_t.tolist()
@@ -206,9 +283,10 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
         "fpir": float((stranger_t >= threshold).float().mean()),
         "enrolled_rank1": float(np.mean(enrolled_ok)),
         "enrolled_tpir": float(np.mean(enrolled_hit)),
+        "score_adjustment": score_adjustment(reference),
     }
     if probes.shape[0]:
-        v, a = identity_scores(probes, gallery, owner, num_identities).max(1)
+        v, a = known_scores(probes).max(1)
         correct = a == probe_labels
         rec["rank1"] = float(correct.float().mean())
         rec["tpir"] = float((correct & (v >= threshold)).float().mean())
@@ -231,7 +309,8 @@ def calibrate(emb: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
     if emb.shape[0] == 0 or num_identities < 2:
         return {"threshold": 0.5, "target_fpir": target_fpir, "calibrated_on": 0,
                 "method": "none", "verify_threshold": 0.5}
-    sims = identity_scores(emb, gallery, owner, num_identities)
+    tight, reference = tightness_with_reference(gallery, owner, num_identities)
+    sims = identity_scores(emb, gallery, owner, num_identities, tight, reference)
     genuine = sims.gather(1, labels.long().view(-1, 1)).squeeze(1)
     correct = sims.argmax(1) == labels
     stranger = sims.scatter(1, labels.long().view(-1, 1), -2.0).max(1).values
@@ -249,6 +328,7 @@ def calibrate(emb: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
         "tpir": float((correct & (genuine >= threshold)).float().mean()),
         "rank1": float(correct.float().mean()),
         "calibrated_on": int(emb.shape[0]),
+        "score_adjustment": score_adjustment(reference),
         "verify_threshold": round(vthr, 6),
         "verify_balanced_accuracy": vacc,
         "verify_pairs": pairs,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from facegrad import checkpoint as ckpt
-from facegrad.gallery import embed, identity_scores
+from facegrad.gallery import cluster_tightness, embed, identity_scores
 from facegrad.models import build_model
 
 
@@ -28,10 +28,25 @@ class Gallery:
     owner: torch.Tensor  # (N,) index into labels of each image's identity
     counts: torch.Tensor  # (C,) images enrolled per identity
     version: int = 0
+    adjustment: dict | None = None  # the model's open_set.score_adjustment, None for none
+    _tightness: tuple[int, torch.Tensor] | None = None  # (version, per-identity tightness)
+
+    def tightness(self) -> torch.Tensor | None:
+        """Per-identity cluster tightness for the score adjustment, cached per gallery version."""
+        if not self.adjustment:
+            return None
+        cached = self._tightness
+        if cached is None or cached[0] != self.version:
+            t = cluster_tightness(self.emb, self.owner, len(self.labels),
+                                  self.adjustment["reference"])
+            cached = self._tightness = (self.version, t)
+        return cached[1]
 
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
-        """(M, C) per probe and identity: the best cosine similarity to one of its images."""
-        return identity_scores(emb, self.emb, self.owner, len(self.labels))
+        """(M, C) per probe and identity: the best cosine similarity to one of its images,
+        adjusted for the identity's cluster tightness where the model calibrated with it."""
+        ref = self.adjustment["reference"] if self.adjustment else 0.0
+        return identity_scores(emb, self.emb, self.owner, len(self.labels), self.tightness(), ref)
 
     def save(self, folder: Path) -> None:
         ckpt.save(folder / "gallery", {"emb": self.emb, "owner": self.owner,
@@ -85,6 +100,10 @@ class LoadedModel:
         self.image_size = meta["preprocessing"]["image_size"]
         self.threshold = float(meta["open_set"]["threshold"])
         self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
+        # models from before descriptors compare their training embedding
+        self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
+        self.lbp_share = float(meta["preprocessing"].get("lbp_share", 0.0))
+        self.adjustment = meta["open_set"].get("score_adjustment")
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
@@ -94,8 +113,11 @@ class LoadedModel:
 
     def _load_gallery(self) -> Gallery:
         if (self.folder / "gallery.json").exists():
-            return Gallery.load(self.folder)
-        return gallery_from_training(self.folder / "model.json")
+            g = Gallery.load(self.folder)
+        else:
+            g = gallery_from_training(self.folder / "model.json")
+        g.adjustment = self.adjustment
+        return g
 
     def refresh_gallery(self) -> None:
         self.gallery = self._load_gallery()
@@ -104,7 +126,8 @@ class LoadedModel:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
         with self._lock, torch.inference_mode():
             return embed(self.net, crops, self.image_size, self.device,
-                         flip_tta=self.flip_tta)
+                         flip_tta=self.flip_tta, descriptor=self.descriptor,
+                         lbp_share=self.lbp_share)
 
     def match(self, emb: torch.Tensor, top_k: int = 5, threshold: float | None = None):
         """Per embedding: (identity or None, confidence, [(identity, confidence)...])."""

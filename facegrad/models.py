@@ -3,7 +3,19 @@
 - ``seed_cnn``: the origin document's CNN, Conv(32,3x3)-ReLU-MaxPool-Conv(64,3x3)-ReLU-MaxPool-
   Flatten-Dense(128)-Dense(classes); its 128-d hidden layer is the embedding.
 - ``facenet_s``: the default, a small residual net with batch norm, a normalised 128-d embedding and
-  a cosine-margin (CosFace) classifier, so embeddings compare well for open-set identification.
+  a cosine-margin (CosFace) classifier.
+
+Identification compares face *descriptors* (:func:`describe`), not the training embedding.
+For ``facenet_s`` the learned part is the last residual stage's feature map averaged over a 2x2
+grid (1024 values: what the face looks like, and where). The 128-d embedding after it is
+trained to separate exactly the training identities and squeezes anyone else into their
+subspace; the feature map before it describes faces the model never saw far better. New models
+(``"backbone+lbp"``) put the face's LBP texture histograms (:mod:`facegrad.lbp`) beside it, with
+``LBP_SHARE`` of the weight: they owe nothing to the training identities and ignore lighting.
+On ORL, trained on 30 people and asked about the 10 others, the worst of the issue's four
+open-set ratios at the best single threshold rose from 0.76-0.84 (embedding) to 0.89-0.96
+(backbone descriptor, 30 epochs; 0.98-1.02 with 60), and at the model's own calibrated
+threshold from 0.80-0.93 (backbone) to 0.84-1.02 (with LBP) over seeds.
 """
 
 from __future__ import annotations
@@ -12,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facegrad.lbp import lbp_histograms
+
 EMBED_DIM = 128
+DESCRIPTOR_GRID = 2  # facenet_s descriptor: the last stage's map averaged over a 2x2 grid
+LBP_SHARE = 0.35  # "backbone+lbp" descriptor (default): the LBP histograms' share of a cosine
 
 
 class SeedCNN(nn.Module):
@@ -40,6 +56,10 @@ class SeedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.hidden(self.features(x)))  # the embedding is the Dense(128) layer
         return F.normalize(h, dim=1), self.classifier(h)
+
+    def descriptor_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 128, 1, 1): the Dense(128) layer, the origin model's embedding."""
+        return F.relu(self.hidden(self.features(x)))[:, :, None, None]
 
 
 class BasicBlock(nn.Module):
@@ -96,6 +116,10 @@ class FaceNetS(nn.Module):
                                    nn.BatchNorm1d(EMBED_DIM))
         self.classifier = CosineClassifier(EMBED_DIM, num_classes)
 
+    def descriptor_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 256, 2, 2): the last stage's feature map averaged over a 2x2 grid."""
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), DESCRIPTOR_GRID)
+
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
         h = self.blocks(self.stem(x))
         h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
@@ -109,6 +133,34 @@ def build_model(architecture: str, num_classes: int, image_size: int = 64) -> nn
     if architecture == "facenet_s":
         return FaceNetS(num_classes, image_size)
     raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def describe(model: nn.Module, x: torch.Tensor, descriptor: str = "backbone",
+             flip_tta: bool = False, lbp_share: float = LBP_SHARE) -> torch.Tensor:
+    """(N, D) face descriptors, not normalised.
+
+    ``descriptor="backbone"``: the model's ``descriptor_map`` flattened; with ``flip_tta`` the
+    map of the mirror image, mirrored back so that left stays left, is added first.
+    ``"backbone+lbp"``: that (normalised) beside the face's LBP histograms
+    (:mod:`facegrad.lbp`), which carry ``lbp_share`` of every cosine similarity.
+    ``"embedding"``: the training embedding (models trained before descriptors existed), with
+    ``flip_tta`` the sum of the image's and its mirror image's.
+    """
+    if descriptor == "embedding":
+        emb = forward_logits(model, x)[0]
+        return emb + forward_logits(model, x.flip(3))[0] if flip_tta else emb
+    if descriptor not in ("backbone", "backbone+lbp"):
+        raise ValueError(f"unknown descriptor {descriptor!r}")
+    h = model.descriptor_map(x)
+    if flip_tta:
+        h = h + model.descriptor_map(x.flip(3)).flip(3)
+    h = torch.flatten(h, 1)
+    if descriptor == "backbone":
+        return h
+    # both parts unit length, weighted so that a cosine is lbp_share of the LBP cosine plus
+    # the rest of the backbone's
+    return torch.cat([F.normalize(h.float(), dim=1) * (1 - lbp_share) ** 0.5,
+                      lbp_histograms(x) * lbp_share ** 0.5], 1)
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None):

@@ -23,10 +23,11 @@ from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
 from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_identities
-from facegrad.models import build_model, forward_logits
+from facegrad.models import LBP_SHARE, build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 
 FLIP_TTA = True  # embeddings of new models are those of the image plus its mirror image
+DESCRIPTOR = "backbone+lbp"  # what identification compares: see facegrad.models.describe
 
 
 class TrainingError(RuntimeError):
@@ -322,19 +323,23 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it), ``full``
     the whole dataset; the identities in ``held`` (labels of ``full``) were held out of training.
     The gallery, in ``full``'s identity order, holds the training images of the trained
-    identities and every image of the held-out ones. Returns (path, what model.json holds).
+    identities and every image of the held-out ones, and after calibration the validation images
+    too. Returns (path, what model.json holds).
     """
+    def describe_rows(images: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        return embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA,
+                     descriptor=DESCRIPTOR, lbp_share=LBP_SHARE, index=index)
+
     images = np.asarray(data.images)
     to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
-    emb_train = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA, index=train_idx)
+    emb_train = describe_rows(images, train_idx)
     own_train = torch.from_numpy(to_full[data.labels[train_idx]])
-    emb_val = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA, index=val_idx)
+    emb_val = describe_rows(images, val_idx)
     y_val = torch.from_numpy(to_full[data.labels[val_idx]])
     n_ids = len(full.names)
     if len(held):
         held_idx = np.flatnonzero(np.isin(full.labels, held))
-        emb_held = embed(model, np.asarray(full.images), cfg.image_size, device,
-                         flip_tta=FLIP_TTA, index=held_idx)
+        emb_held = describe_rows(np.asarray(full.images), held_idx)
         gallery = torch.cat([emb_train, emb_held])
         owner = torch.cat([own_train, torch.from_numpy(full.labels[held_idx].astype(np.int64))])
         open_set = calibrate_open_set(gallery, owner, n_ids, held.tolist(), emb_val, y_val,
@@ -346,6 +351,8 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
         open_set = calibrate(probes, labels, gallery, owner, n_ids, cfg.target_fpir)
         if not len(val_idx):
             open_set["note"] = "no validation split: calibrated on training images (optimistic)"
+    # calibrated; the validation images now join the gallery (more views of each person)
+    gallery, owner = torch.cat([gallery, emb_val]), torch.cat([owner, y_val])
     counts = torch.bincount(owner, minlength=n_ids)
     model_meta = {
         "kind": "model",
@@ -355,7 +362,8 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
         "num_classes": len(data.names),
         "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                           "image_size": cfg.image_size, "channels": 3,
-                          "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA},
+                          "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA,
+                          "descriptor": DESCRIPTOR, "lbp_share": LBP_SHARE},
         "config": cfg.model_dump(),
         "history": history,
         "open_set": open_set,

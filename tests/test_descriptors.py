@@ -1,0 +1,102 @@
+"""Face descriptors and identity scoring: LBP histograms, the backbone descriptor, and the
+cluster-tightness adjustment of identity scores (facegrad/lbp.py, models.describe, gallery)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facegrad.gallery import (
+    TIGHTNESS_WEIGHT,
+    calibrate_open_set,
+    cluster_tightness,
+    identity_scores,
+)
+from facegrad.lbp import BINS, GRID, lbp_codes, lbp_histograms
+from facegrad.models import build_model, describe
+from facegrad.preprocess import standardise
+
+
+def _faces(orl, n: int = 6) -> torch.Tensor:
+    """(n, 3, 64, 64) float images of n different ORL people (real faces)."""
+    from PIL import Image
+
+    train, _ = orl
+    names = sorted(train)[:n]
+    ims = [np.asarray(Image.open(train[k][0]).convert("RGB").resize((64, 64))) for k in names]
+    return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float()
+
+
+def test_lbp_codes_of_known_patterns():
+    flat = torch.full((1, 3, 3), 5.0)
+    spot = flat.clone()
+    spot[0, 1, 1] = 9.0  # brighter than every neighbour: code 0, a uniform pattern
+    dip = flat.clone()
+    dip[0, 1, 1] = 1.0  # darker than every neighbour: code 255, uniform too
+    assert int(lbp_codes(spot)) == 0
+    assert int(lbp_codes(dip)) == int(lbp_codes(flat))  # ties count as "at least as bright"
+    noisy = torch.tensor([[[9.0, 0.0, 9.0], [0.0, 5.0, 0.0], [9.0, 0.0, 9.0]]])
+    assert int(lbp_codes(noisy)) == BINS - 1  # 8 transitions: the non-uniform bin
+
+
+def test_lbp_ignores_monotonic_lighting_but_not_identity(orl):
+    x = _faces(orl)
+    d = lbp_histograms(x)
+    assert d.shape == (6, GRID * GRID * BINS)
+    assert torch.allclose(d.norm(dim=1), torch.ones(6), atol=1e-5)
+    harsh = 255 * (x / 255) ** 2.2 * 0.5 + 40  # darker, steeper contrast, brighter floor
+    assert torch.allclose(lbp_histograms(harsh), d, atol=0.05)
+    sims = d @ d.t()
+    same = lbp_histograms(harsh) @ d.t()
+    assert (same.diag() > sims.fill_diagonal_(-1).max(1).values).all()
+
+
+def test_backbone_descriptor_mirrors_with_the_face():
+    torch.manual_seed(0)
+    net = build_model("facenet_s", 5).eval()
+    x = standardise(torch.rand(2, 3, 64, 64) * 255)
+    with torch.no_grad():
+        d = describe(net, x, "backbone", flip_tta=True).view(2, -1, 2, 2)
+        dm = describe(net, x.flip(3), "backbone", flip_tta=True).view(2, -1, 2, 2)
+        assert torch.allclose(dm, d.flip(3), atol=1e-4)  # left stays left
+        both = describe(net, x, "backbone+lbp", lbp_share=0.35)
+    n_backbone = d[0].numel()
+    assert torch.allclose(both[:, :n_backbone].norm(dim=1) ** 2, torch.full((2,), 0.65), atol=1e-4)
+    assert torch.allclose(both[:, n_backbone:].norm(dim=1) ** 2, torch.full((2,), 0.35), atol=1e-4)
+
+
+def _cluster(centre: torch.Tensor, spread: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(centre + spread * torch.randn(n, centre.numel(), generator=gen), dim=1)
+
+
+def test_tightness_adjustment_favours_loose_identities():
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(2, 32, generator=gen), dim=1)
+    tight = _cluster(centres[0], 0.02, 5, gen)
+    loose = _cluster(centres[1], 0.2, 5, gen)
+    gallery = torch.cat([tight, loose])
+    owner = torch.tensor([0] * 5 + [1] * 5)
+    t = cluster_tightness(gallery, owner, 3, default=0.5)
+    assert t[0] > t[1] and t[2] == 0.5  # identity 2 has no images
+    probe = F.normalize(torch.randn(1, 32, generator=gen), dim=1)
+    raw = identity_scores(probe, gallery, owner, 3)
+    adj = identity_scores(probe, gallery, owner, 3, t, reference=0.5)
+    expect = raw[0, :2] - TIGHTNESS_WEIGHT * (t[:2] - 0.5)
+    assert torch.allclose(adj[0, :2], expect)
+    assert adj[0, 2] == -2.0  # still no images, still below any score
+
+
+def test_calibration_records_adjustment_and_separates_people():
+    """Well-separated synthetic people: the threshold lies between strangers and genuine."""
+    gen = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(12, 64, generator=gen), dim=1)
+    emb = torch.cat([_cluster(c, 0.05, 8, gen) for c in centres])
+    owner = torch.arange(12).repeat_interleave(8)
+    probes = torch.cat([_cluster(c, 0.05, 1, gen) for c in centres[:9]])
+    rec = calibrate_open_set(emb, owner, 12, [9, 10, 11], probes, torch.arange(9), None)
+    adj = rec["score_adjustment"]
+    assert adj["method"] == "cluster_tightness" and adj["weight"] == TIGHTNESS_WEIGHT
+    assert 0.8 < adj["reference"] <= 1.0
+    assert rec["fpir"] == 0.0 and rec["enrolled_tpir"] == 1.0 and rec["tpir"] == 1.0
+    assert rec["held_out_identities"] == 3
