@@ -15,11 +15,11 @@ apart. When a dataset has enough identities, a share of them is therefore held o
 (``TrainConfig.calibration_identities``) and :func:`calibrate_open_set` uses them twice: each
 held-out person in turn is a stranger to a gallery of everyone else (trained and held-out), and
 is enrolled from half of their images and probed with the other half, both ways round.
-By default the threshold is the equal-error point between those strangers' scores and the known
-faces' scores; with ``target_fpir`` it is set at that false-positive identification rate (FPIR)
-of the strangers. The verification threshold is the best split of same-person and
-different-person pairs of held-out people. The held-out people are then enrolled into the
-gallery like any other.
+By default the threshold balances those strangers' scores against the known faces' scores, a
+stranger accepted weighing ``STRANGER_COST`` known faces rejected; with ``target_fpir`` it is set
+at that false-positive identification rate (FPIR) of the strangers. The verification threshold
+is the best split of same-person and different-person pairs of held-out people. The held-out
+people are then enrolled into the gallery like any other.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from facegrad.preprocess import resize_uint8, standardise
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
 TIGHTNESS_WEIGHT = 0.5  # share of an identity's cluster tightness taken off its scores
+# a stranger given someone's name costs this many known faces answered "unknown": the complaint
+# users of face APIs make most is strangers matched to enrolled people
+STRANGER_COST = 2.0
 
 
 @torch.no_grad()
@@ -162,20 +165,32 @@ def _threshold_at(stranger: torch.Tensor, target_fpir: float) -> float:
     return min(1.0, max(emp, normal))
 
 
-def _balanced_threshold(hit_scores: torch.Tensor, stranger: torch.Tensor) -> float:
-    """The equal-error threshold between known faces' and strangers' best scores.
+def _balanced_threshold(hit_scores: torch.Tensor, stranger: torch.Tensor,
+                        stranger_cost: float | None = None) -> float:
+    """The threshold balancing known faces rejected against strangers accepted.
 
     ``hit_scores`` are the best scores of correctly ranked known probes. With a few dozen scores
     on each side an empirical optimum sits at the edge of one sample, so both sides are fitted
-    with a normal distribution and the threshold is where the share of known faces rejected
-    equals the share of strangers accepted: (t - mu_s) / sd_s = (mu_k - t) / sd_k.
+    with a normal distribution, and the threshold is where the share of known faces rejected
+    equals ``stranger_cost`` (default ``STRANGER_COST``) times the share of strangers accepted.
     """
+    cost = STRANGER_COST if stranger_cost is None else stranger_cost
     k, st = hit_scores.double(), stranger.double()
     if k.numel() < 2 or st.numel() < 2 or float(k.mean()) <= float(st.mean()):
         return float(torch.quantile(st, 0.95)) if st.numel() else 0.5
     mk, sk = float(k.mean()), max(float(k.std()), 1e-3)
     ms, ss = float(st.mean()), max(float(st.std()), 1e-3)
-    return (ms * sk + mk * ss) / (sk + ss)
+
+    def excess(t: float) -> float:  # cost x strangers accepted - known rejected; falls with t
+        accepted = 0.5 * math.erfc((t - ms) / (ss * math.sqrt(2)))
+        rejected = 0.5 * math.erfc((mk - t) / (sk * math.sqrt(2)))
+        return cost * accepted - rejected
+
+    lo, hi = ms, mk
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _verify_threshold(emb: torch.Tensor, labels: torch.Tensor,
