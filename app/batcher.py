@@ -31,18 +31,34 @@ class Batcher:
         if self._task:
             self._task.cancel()
 
-    async def embed(self, model: LoadedModel, crops: np.ndarray) -> torch.Tensor:
+    async def embed(self, model: LoadedModel,
+                    crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(embeddings, identity scores, the gallery's identities): see
+        :meth:`LoadedModel.embed_and_score`; the scoring runs in the batch's worker thread
+        too, one matrix product for the batch, and off the event loop."""
         if self._queue is None:  # not started (e.g. used outside the app's lifespan)
-            return await asyncio.to_thread(model.embed, crops)
+            return await asyncio.to_thread(model.embed_and_score, crops)
         fut = asyncio.get_running_loop().create_future()
         await self._queue.put((model, crops, fut))
         return await fut
+
+    def _drain(self, batch: list, size: int) -> int:
+        """Move what is already queued into ``batch`` (up to ``max_batch`` faces), no waiting."""
+        while size < self.max_batch and not self._queue.empty():
+            item = self._queue.get_nowait()
+            batch.append(item)
+            size += len(item[1])
+        return size
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
-            batch, size = [first], len(first[1])
+            # everything queued while the previous batch ran joins at once: waiting for each
+            # item in turn let the event loop's other work (parsing the next requests) eat the
+            # wait, and under load batches stayed at 1-2 faces
+            batch = [first]
+            size = self._drain(batch, len(first[1]))
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
                 timeout = deadline - loop.time()
@@ -53,7 +69,7 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
                 batch.append(item)
-                size += len(item[1])
+                size = self._drain(batch, size + len(item[1]))
             by_model: dict[int, list] = {}
             for item in batch:
                 by_model.setdefault(id(item[0]), []).append(item)
@@ -68,7 +84,7 @@ class Batcher:
             BATCH_FACES.observe(len(crops))
             BATCH_REQUESTS.observe(len(items))
             t0 = time.perf_counter()
-            emb = await asyncio.to_thread(model.embed, crops)
+            emb, sims, labels = await asyncio.to_thread(model.embed_and_score, crops)
             BATCH_SECONDS.observe(time.perf_counter() - t0)
         except Exception as e:
             for *_, fut in items:
@@ -78,5 +94,5 @@ class Batcher:
         i = 0
         for _, crops, fut in items:
             if not fut.done():
-                fut.set_result(emb[i:i + len(crops)])
+                fut.set_result((emb[i:i + len(crops)], sims[i:i + len(crops)], labels))
             i += len(crops)

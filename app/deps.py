@@ -11,7 +11,8 @@ from facegrad.db import session_scope
 from facegrad.settings import Settings
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per call
     return request.app.state.settings
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,7 +16,7 @@ from fastapi.responses import JSONResponse
 from app import metrics
 from app.auth import APIKeyGate, parse_keys
 from app.batcher import Batcher
-from app.model_cache import ModelCache
+from app.model_cache import ModelCache, RecentRows
 from app.routes import console, datasets, health, identify, jobs, models
 from app.uploads import BodyLimit
 from facegrad.db import get_engine
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
             reconciler.start()
         yield
         await app.state.batcher.stop()
+        app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
         if reconciler:
             reconciler.stop()
 
@@ -61,7 +64,10 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
     app.state.settings = settings
     app.state.api_keys = api_keys
     app.state.models = ModelCache()
+    app.state.model_rows = RecentRows()
     app.state.batcher = Batcher(settings.identify_batch_wait_ms)
+    app.state.decode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
+                                               thread_name_prefix="decode")
     app.state.gallery_lock = threading.Lock()
 
     for r in (health.router, datasets.router, jobs.router, models.router, identify.router):

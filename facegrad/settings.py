@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'facegrad.db').resolve()}"
+        return _sqlite_url(self.data_dir / "facegrad.db")
 
     @property
     def celery_broker_url(self) -> str:
@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return not self.broker_url
+
+
+@lru_cache(maxsize=64)
+def _sqlite_url(path: Path) -> str:
+    # resolved once per path: a realpath() per identify call was a sixth of its decode thread
+    return f"sqlite:///{path.resolve()}"
 
 
 @lru_cache

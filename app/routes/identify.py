@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import identify_or_admin
-from app.deps import get_db, get_settings_dep
+from app.deps import get_settings_dep
 from app.faces import faces_of_upload
 from app.schemas import Error, IdentifyOut, IdentifyResult, VerifyOut
-from facegrad.db import Model
+from facegrad.db import Model, session_scope
 from facegrad.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(identify_or_admin)])
@@ -41,15 +42,36 @@ def pick_model(db: Session, model_id: str | None) -> Model:
     return m
 
 
-def prepare(request: Request, db: Session, settings: Settings, model_id: str | None,
+def prepare(request: Request, settings: Settings, model_id: str | None,
             files: list[UploadFile], detect: str | None, max_faces: int):
     """The blocking part of a call, in one worker-thread hop: pick and load the model, then
-    decode each file and find its faces → (model row, loaded model, [(name, faces, note)])."""
-    m = pick_model(db, model_id)
+    decode each file and find its faces → (model row, loaded model, [(name, faces, note)]).
+
+    The database session lives only here: a request-scoped one (``get_db``, a generator
+    dependency) cost two more thread-pool hops per call, to open and to close it.
+    """
+    def lookup() -> Model:
+        with session_scope(settings.db_url) as db:
+            return pick_model(db, model_id)
+
+    key = model_id.strip().lower() if model_id else None
+    m = request.app.state.model_rows.get(key, lookup)
     lm = request.app.state.models.get(m.id, m.path, m.gallery_version)
     per_file = [(f.filename or "", *faces_of_upload(f, settings, detect or m.detect, max_faces))
                 for f in files]
     return m, lm, per_file
+
+
+async def _prepare(request: Request, *args):
+    """:func:`prepare` on the app's small decode pool (``app.state.decode_pool``).
+
+    Decoding and the model lookup are CPU work under Python's global lock: with one thread per
+    core, 32 concurrent calls queue there instead of 32 threads fighting over the lock (and
+    over the CPU the forward pass needs).
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.decode_pool,
+                                      functools.partial(prepare, request, *args))
 
 
 @router.post("/identify", response_model=IdentifyOut, responses=ERRORS,
@@ -65,16 +87,17 @@ async def identify(
                                    "default: the model's calibrated"),
     detect: Literal["auto", "none"] | None = Form(None, description="default: the model's"),
     max_faces: int = Form(10, ge=1, le=100),
-    db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
+    settings: Settings = Depends(get_settings_dep),
 ) -> IdentifyOut:
     if len(file) > settings.max_identify_files:
         raise HTTPException(413, f"{len(file)} files sent; at most "
                             f"{settings.max_identify_files} per call (FACEGRAD_MAX_IDENTIFY_FILES)")
-    m, lm, per_file = await run_in_threadpool(prepare, request, db, settings, model_id, file,
-                                              detect, max_faces)
+    m, lm, per_file = await _prepare(request, settings, model_id, file, detect, max_faces)
     crops = [crop for _, faces, _ in per_file for _, crop in faces]
-    emb = await request.app.state.batcher.embed(lm, np.stack(crops)) if crops else None
-    matches = lm.match(emb, top_k, threshold) if crops else []
+    matches = []
+    if crops:
+        _, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops))
+        matches = lm.match_scores(sims, labels, top_k, threshold)
     results, i = [], 0
     for name, faces, note in per_file:
         out = []
@@ -96,18 +119,17 @@ async def verify(
     model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$"),
     threshold: float | None = Form(None, ge=-1, le=1),
     detect: Literal["auto", "none"] | None = Form(None),
-    db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
+    settings: Settings = Depends(get_settings_dep),
 ) -> VerifyOut:
     if len(file) != 2:
         raise HTTPException(422, f"send exactly two files in the 'file' field ({len(file)} sent)")
-    m, lm, per_file = await run_in_threadpool(prepare, request, db, settings, model_id, file,
-                                              detect, 1)
+    m, lm, per_file = await _prepare(request, settings, model_id, file, detect, 1)
     crops = []
     for name, faces, _ in per_file:
         if not faces:
             raise HTTPException(422, f"no face found in {name!r}")
         crops.append(faces[0][1])
-    emb = await request.app.state.batcher.embed(lm, np.stack(crops))
+    emb, _, _ = await request.app.state.batcher.embed(lm, np.stack(crops))
     sim = float(emb[0] @ emb[1])
     thr = float(m.open_set.get("verify_threshold", lm.threshold)) if threshold is None \
         else threshold

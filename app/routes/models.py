@@ -107,6 +107,7 @@ def enroll(request: Request, model_id: str = uuid_path("model"),
         g.save(Path(m.path).parent)
         m.gallery_version = g.version
         db.commit()
+        request.app.state.model_rows.clear()
     return IdentityList(model_id=m.id, identities=dict(zip(g.labels, map(int, g.counts))))
 
 
@@ -124,4 +125,5 @@ def remove_identity(request: Request, identity: str, model_id: str = uuid_path("
         g.save(Path(m.path).parent)
         m.gallery_version = g.version
         db.commit()
+        request.app.state.model_rows.clear()
     return IdentityList(model_id=m.id, identities=dict(zip(g.labels, map(int, g.counts))))
