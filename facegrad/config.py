@@ -153,7 +153,7 @@ class TrainConfig(_Strict):
         "given an identity (a stricter gallery rejects more known faces too)."
     )
     calibration_identities: float = Field(
-        0.1, ge=0, le=0.5,
+        0.2, ge=0, le=0.5,
         description="Share of the identities (with 10 or more in the dataset, and at least 2) "
         "held out of training and used as strangers to calibrate the open-set and verification "
         "thresholds; they are then enrolled into the gallery from their images, so they are "

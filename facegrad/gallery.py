@@ -89,9 +89,11 @@ def _tightness(emb: torch.Tensor) -> float:
     return float(sims.max(1).values.mean())
 
 
-def adjust(raw: torch.Tensor, tightness: torch.Tensor, reference: float) -> torch.Tensor:
+def adjust(raw: torch.Tensor, tightness: torch.Tensor, reference: float,
+           weight: float | None = None) -> torch.Tensor:
     """Identity scores after the cluster-tightness adjustment (see :func:`identity_scores`)."""
-    return raw - TIGHTNESS_WEIGHT * (tightness.view(1, -1) - reference)
+    w = TIGHTNESS_WEIGHT if weight is None else weight
+    return raw - w * (tightness.view(1, -1) - reference)
 
 
 def tightness_with_reference(gallery: torch.Tensor, owner: torch.Tensor,
@@ -112,15 +114,16 @@ def score_adjustment(reference: float) -> dict:
 
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,
                     num_identities: int, tightness: torch.Tensor | None = None,
-                    reference: float = 0.0) -> torch.Tensor:
+                    reference: float = 0.0, weight: float | None = None) -> torch.Tensor:
     """(M, C): per probe and identity, the highest cosine similarity to one of its images.
 
     With ``tightness`` (:func:`cluster_tightness`), each identity's score is lowered by
-    ``TIGHTNESS_WEIGHT`` times how much tighter its images cluster than ``reference``, and raised
-    as much where they cluster looser. The people a model was trained on cluster tightly (training
-    pulled their images together) and a stranger who resembles one of them scores high against
-    all of that person's images; a person enrolled later clusters as loosely as their own probes
-    will score. One threshold then fits both. Identities without images score -2.
+    ``weight`` (default ``TIGHTNESS_WEIGHT``) times how much tighter its images cluster than
+    ``reference``, and raised as much where they cluster looser. The people a model was trained
+    on cluster tightly (training pulled their images together) and a stranger who resembles one
+    of them scores high against all of that person's images; a person enrolled later clusters
+    as loosely as their own probes will score. One threshold then fits both. Identities without
+    images score -2.
     """
     sims = emb @ gallery.t()
     out = torch.full((emb.shape[0], num_identities), -2.0)
@@ -128,7 +131,7 @@ def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tenso
         idx = owner.long().view(1, -1).expand(emb.shape[0], -1)
         out = out.scatter_reduce(1, idx, sims, reduce="amax", include_self=True)
         if tightness is not None:
-            out = torch.where(out > -1.5, adjust(out, tightness, reference), out)
+            out = torch.where(out > -1.5, adjust(out, tightness, reference, weight), out)
     return out
 
 

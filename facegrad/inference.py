@@ -49,8 +49,9 @@ class Gallery:
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(M, C) per probe and identity: the best cosine similarity to one of its images,
         adjusted for the identity's cluster tightness where the model calibrated with it."""
-        ref = self.adjustment["reference"] if self.adjustment else 0.0
-        return identity_scores(emb, self.emb, self.owner, len(self.labels), self.tightness(), ref)
+        adj = self.adjustment or {}
+        return identity_scores(emb, self.emb, self.owner, len(self.labels), self.tightness(),
+                               adj.get("reference", 0.0), adj.get("weight"))
 
     def save(self, folder: Path) -> None:
         ckpt.save(folder / "gallery", {"emb": self.emb, "owner": self.owner,

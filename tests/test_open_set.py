@@ -72,7 +72,7 @@ def _rate(results: list[dict], truth: list[str | None]) -> float:
 def test_model_records_calibration(open_set):
     m = open_set["model"]
     os_ = m["open_set"]
-    assert os_["method"] == "held_out_identities" and os_["held_out_identities"] == 3
+    assert os_["method"] == "held_out_identities" and os_["held_out_identities"] == 6
     assert 0 < m["threshold"] <= 1 and m["threshold"] == os_["threshold"]
     assert -1 <= os_["verify_threshold"] <= 1
     # the held-out people were enrolled from their images: the gallery knows all 30
