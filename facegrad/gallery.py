@@ -28,7 +28,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from facegrad.models import LBP_SHARE, describe
 from facegrad.preprocess import resize_uint8, standardise
@@ -52,18 +51,21 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
     """
     model.eval()
     rows = np.arange(len(images)) if index is None else np.asarray(index)
-    out = []
+    out = None  # filled in place: a large gallery is not copied by a final cat or normalize
     for i in range(0, len(rows), batch_size):
         chunk = images[rows[i:i + batch_size]]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         xb = standardise(resize_uint8(chunk.to(device), image_size))
-        out.append(describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu())
-    if not out:
+        d = describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu()
+        if out is None:
+            out = torch.empty(len(rows), d.shape[1])
+        out[i:i + len(d)] = d
+    if out is None:
         with torch.no_grad():
             probe = torch.zeros(1, 3, image_size, image_size, device=device)
             return torch.zeros(0, describe(model, probe, descriptor, False, lbp_share).shape[1])
-    return F.normalize(torch.cat(out), dim=1)
+    return out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def cluster_tightness(gallery: torch.Tensor, owner: torch.Tensor, num_identities: int,

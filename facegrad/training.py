@@ -7,6 +7,7 @@ Celery or the database.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -297,6 +298,12 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
             save_checkpoint(epoch + 1)
 
     # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
+    # the device-resident training copies go first: the gallery of a large dataset (4800
+    # floats per image) would otherwise sit on top of them at the run's memory peak
+    del train_set, val_set
+    if cfg.epochs > start_epoch:
+        del batches
+    gc.collect()
     model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
                                   too_few, history, run_dir)
     return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
@@ -326,33 +333,33 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     identities and every image of the held-out ones, and after calibration the validation images
     too. Returns (path, what model.json holds).
     """
-    def describe_rows(images: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        return embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA,
-                     descriptor=DESCRIPTOR, lbp_share=LBP_SHARE, index=index)
-
-    images = np.asarray(data.images)
+    # ``data`` shares ``full``'s image array (without_identities does not copy it), so one pass
+    # describes the training, held-out and validation rows into one tensor: the gallery and the
+    # calibration probes are views of it, and a large gallery is never copied
+    images = np.asarray(full.images)
     to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
-    emb_train = describe_rows(images, train_idx)
-    own_train = torch.from_numpy(to_full[data.labels[train_idx]])
-    emb_val = describe_rows(images, val_idx)
-    y_val = torch.from_numpy(to_full[data.labels[val_idx]])
+    held_idx = np.flatnonzero(np.isin(full.labels, held)) if len(held) else train_idx[:0]
+    rows = np.concatenate([train_idx, held_idx, val_idx])
+    described = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA,
+                      descriptor=DESCRIPTOR, lbp_share=LBP_SHARE, index=rows)
+    owner = torch.from_numpy(np.concatenate([to_full[data.labels[train_idx]],
+                                             full.labels[held_idx].astype(np.int64),
+                                             to_full[data.labels[val_idx]]]))
+    n_gallery = len(train_idx) + len(held_idx)  # validation images join after calibration
+    gallery, own_gallery = described[:n_gallery], owner[:n_gallery]
+    emb_val, y_val = described[n_gallery:], owner[n_gallery:]
     n_ids = len(full.names)
     if len(held):
-        held_idx = np.flatnonzero(np.isin(full.labels, held))
-        emb_held = describe_rows(np.asarray(full.images), held_idx)
-        gallery = torch.cat([emb_train, emb_held])
-        owner = torch.cat([own_train, torch.from_numpy(full.labels[held_idx].astype(np.int64))])
-        open_set = calibrate_open_set(gallery, owner, n_ids, held.tolist(), emb_val, y_val,
+        open_set = calibrate_open_set(gallery, own_gallery, n_ids, held.tolist(), emb_val, y_val,
                                       cfg.target_fpir)
         open_set["held_out"] = [full.names[i] for i in held.tolist()]
     else:
-        gallery, owner = emb_train, own_train
-        probes, labels = (emb_val, y_val) if len(val_idx) else (emb_train, own_train)
-        open_set = calibrate(probes, labels, gallery, owner, n_ids, cfg.target_fpir)
+        probes, labels = (emb_val, y_val) if len(val_idx) else (gallery, own_gallery)
+        open_set = calibrate(probes, labels, gallery, own_gallery, n_ids, cfg.target_fpir)
         if not len(val_idx):
             open_set["note"] = "no validation split: calibrated on training images (optimistic)"
     # calibrated; the validation images now join the gallery (more views of each person)
-    gallery, owner = torch.cat([gallery, emb_val]), torch.cat([owner, y_val])
+    gallery = described
     counts = torch.bincount(owner, minlength=n_ids)
     model_meta = {
         "kind": "model",
