@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -47,6 +48,10 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
 
             reconciler = Reconciler(settings)
             reconciler.start()
+        # the start-up objects (modules, schemas, routes) never die: frozen out of the garbage
+        # collector's sight, its full collections no longer walk them in the middle of requests
+        gc.collect()
+        gc.freeze()
         yield
         await app.state.batcher.stop()
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
