@@ -8,7 +8,7 @@ trained in this process by ``facegrad.training.train`` (as a worker does, with i
 split and checkpoints) and scored through ``facegrad.inference.LoadedModel``: embed the
 held-out crops, match against the training-image gallery, threshold -1 (closed set).
 
-(a) the default config (facenet_s, AdamW 3e-3, cosine, 30 epochs, norm clipping 5 global);
+(a) the default config (facenet_s, AdamW 3e-3, cosine, 60 epochs, norm clipping 5 global);
     bars: accuracy >= 97 %, training < 5 min.
 (b) seed_cnn, clip norm 5 per_tensor, SGD lr 0.01 momentum 0.9 (the origin document's setup,
     otherwise defaults: 30 epochs); bars: accuracy >= 90 %, training < 5 min.
