@@ -3,7 +3,8 @@
     .venv/bin/python bench/clip_overhead.py [--device cuda] [--threads N] [--rounds 9]
 
 For facenet_s and seed_cnn (batch 32, 64x64, ORL faces, AdamW), one model per clip mode, each
-stepped with ``facegrad.training.train_step`` on the same batches. Within a round every mode runs
+stepped with ``facegrad.training.train_step`` on the same batches, every timed run starting from
+the same weights and optimizer state. Within a round every mode runs
 ``--steps`` steps (rotating order); ``x none`` is the median over rounds of the mode's time over
 mode none's time in the same round. ``clip-only`` is a second, less noisy estimate of the same
 ratio: ``1 + (clipper call - none's clipper call) / none's step``, from timing the clipper and
@@ -15,6 +16,7 @@ Bars: norm (both scopes) and value <= 1.05x; threshold, agc, autoclip <= 1.15x; 
 
 from __future__ import annotations
 
+import copy
 import time
 
 from _common import (
@@ -73,8 +75,16 @@ def main() -> None:
             parts[name] = make_step_parts(cfg, len(data.names), device)
             parts[name].model.train()
 
-        def stepper(p):
+        # every mode starts each timed run from the same weights and optimizer state: each mode
+        # training its own copy let the copies drift apart over the rounds, and their step
+        # times by up to 20 % on an AVX2 CPU, many times the clipper's own cost
+        start_model = copy.deepcopy(parts["none"].model.state_dict())
+        start_opt = copy.deepcopy(parts["none"].opt.state_dict())
+
+        def stepper(p, start_model=start_model, start_opt=start_opt):
             def run():
+                p.model.load_state_dict(start_model)
+                p.opt.load_state_dict(copy.deepcopy(start_opt))
                 sync(device)
                 t0 = time.perf_counter()
                 for xb, yb in batches:
