@@ -93,9 +93,11 @@ def _tightness(emb: torch.Tensor) -> float:
 
 def adjust(raw: torch.Tensor, tightness: torch.Tensor, reference: float,
            weight: float | None = None) -> torch.Tensor:
-    """Identity scores after the cluster-tightness adjustment (see :func:`identity_scores`)."""
+    """Identity scores (M, C) after the cluster-tightness adjustment (see
+    :func:`identity_scores`); ``tightness`` broadcasts against them, (C,) or (M, C). Identities
+    without images keep their -2."""
     w = TIGHTNESS_WEIGHT if weight is None else weight
-    return raw - w * (tightness.view(1, -1) - reference)
+    return torch.where(raw > -1.5, raw - w * (tightness - reference), raw)
 
 
 def tightness_with_reference(gallery: torch.Tensor, owner: torch.Tensor,
@@ -133,7 +135,7 @@ def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tenso
         idx = owner.long().view(1, -1).expand(emb.shape[0], -1)
         out = out.scatter_reduce(1, idx, sims, reduce="amax", include_self=True)
         if tightness is not None:
-            out = torch.where(out > -1.5, adjust(out, tightness, reference, weight), out)
+            out = adjust(out, tightness, reference, weight)
     return out
 
 
@@ -272,8 +274,7 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
         as_probe = init.scatter_reduce(1, idx, as_probe, "amax")
         t = tight.view(1, -1).repeat(len(chunk), 1).scatter(
             1, own, tight_other_half[chunk].view(-1, 1))
-        v, a = torch.where(as_probe > -1.5, as_probe - TIGHTNESS_WEIGHT * (t - reference),
-                           as_probe).max(1)
+        v, a = adjust(as_probe, t, reference).max(1)
         enrolled_ok.append(a == own.view(-1))
         enrolled_score.append(v)
     stranger_t = torch.cat(stranger)

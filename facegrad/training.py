@@ -324,7 +324,7 @@ def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
 def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
                full: FaceArrays, data: FaceArrays, held: np.ndarray, train_idx: np.ndarray,
                val_idx: np.ndarray, too_few: list[int], history: list[dict],
-               run_dir: Path) -> tuple[Path, dict, dict]:
+               run_dir: Path) -> tuple[Path, dict]:
     """The model artifact: weights, the gallery, the calibrated thresholds.
 
     ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it), ``full``
