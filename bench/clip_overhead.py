@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/clip_overhead.py [--device cuda] [--threads N] [--rounds 9]
 
-For facenet_s and seed_cnn (batch 32, 64x64, ORL faces, AdamW), one model per clip mode, each
-stepped with ``facegrad.training.train_step`` on the same batches, every timed run starting from
-the same weights and optimizer state. Within a round every mode runs
+For facenet_s and seed_cnn (batch 32, 64x64, ORL faces, AdamW), one model and optimizer shared by
+every clip mode (only the clipper and its telemetry differ), stepped with
+``facegrad.training.train_step`` on the same batches, every timed run starting from the same
+weights and optimizer state. Within a round every mode runs
 ``--steps`` steps (rotating order); ``x none`` is the median over rounds of the mode's time over
 mode none's time in the same round. ``clip-only`` is a second, less noisy estimate of the same
 ratio: ``1 + (clipper call - none's clipper call) / none's step``, from timing the clipper and
@@ -16,7 +17,7 @@ Bars: norm (both scopes) and value <= 1.05x; threshold, agc, autoclip <= 1.15x; 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 
 from _common import (
@@ -54,6 +55,8 @@ def main() -> None:
     device = setup(args)
     header("clip_overhead: training step time per clip mode vs none", device)
 
+    from facegrad.clipping import build_clipper
+    from facegrad.clipping.telemetry import ClipTelemetry
     from facegrad.config import TrainConfig
     from facegrad.data import DeviceBatches
     from facegrad.training import make_step_parts, train_step
@@ -67,24 +70,30 @@ def main() -> None:
 
     rows, ok_all = [], True
     for arch in args.arch:
-        parts = {}
-        for name, (clip, _) in MODES.items():
-            cfg = TrainConfig(architecture=arch, clip=clip, batch_size=BATCH,
-                              device=device.type, lr_schedule="constant")
-            torch.manual_seed(0)
-            parts[name] = make_step_parts(cfg, len(data.names), device)
-            parts[name].model.train()
+        # one model and optimizer for every mode, so that only the clipper (and its telemetry)
+        # differs: with a model per mode, each copy's own memory placement and drifting weights
+        # moved the step time by up to 20 % on an AVX2 CPU, many times the clipper's own cost;
+        # every timed run starts from the same weights and optimizer state
+        torch.manual_seed(0)
+        base_cfg = TrainConfig(architecture=arch, batch_size=BATCH, device=device.type,
+                               lr_schedule="constant")
+        shared = make_step_parts(base_cfg, len(data.names), device)
+        shared.model.train()
+        parts = {name: dataclasses.replace(shared, clipper=build_clipper(
+                     TrainConfig(clip=clip).clip, shared.model), telemetry=ClipTelemetry())
+                 for name, (clip, _) in MODES.items()}
+        # one untimed step first, so that the optimizer's state exists; each timed run then
+        # copies the snapshot back in place (no allocation inside the runs)
+        train_step(shared, batches[0][0], batches[0][1], 3e-3)
+        live = [*shared.model.state_dict().values()]
+        live += [v for st in shared.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        snapshot = [t.detach().clone() for t in live]
 
-        # every mode starts each timed run from the same weights and optimizer state: each mode
-        # training its own copy let the copies drift apart over the rounds, and their step
-        # times by up to 20 % on an AVX2 CPU, many times the clipper's own cost
-        start_model = copy.deepcopy(parts["none"].model.state_dict())
-        start_opt = copy.deepcopy(parts["none"].opt.state_dict())
-
-        def stepper(p, start_model=start_model, start_opt=start_opt):
+        def stepper(p, live=live, snapshot=snapshot):
             def run():
-                p.model.load_state_dict(start_model)
-                p.opt.load_state_dict(copy.deepcopy(start_opt))
+                with torch.no_grad():
+                    for t, s in zip(live, snapshot):
+                        t.copy_(s)
                 sync(device)
                 t0 = time.perf_counter()
                 for xb, yb in batches:
