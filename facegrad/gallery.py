@@ -31,6 +31,7 @@ import torch
 
 from facegrad.models import LBP_SHARE, describe
 from facegrad.preprocess import resize_uint8, standardise
+from facegrad.within_class import WithinClassNorm
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
 TIGHTNESS_WEIGHT = 0.5  # share of an identity's cluster tightness taken off its scores
@@ -43,11 +44,14 @@ STRANGER_COST = 2.0
 def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
           device: torch.device | str = "cpu", batch_size: int = 256,
           flip_tta: bool = False, index: np.ndarray | None = None,
-          descriptor: str = "backbone", lbp_share: float = LBP_SHARE) -> torch.Tensor:
+          descriptor: str = "backbone", lbp_share: float = LBP_SHARE,
+          within_class: WithinClassNorm | None = None) -> torch.Tensor:
     """uint8 (N, S, S, 3) stored crops → (N, D) normalised face descriptors on the CPU.
 
-    ``descriptor``, ``flip_tta`` and ``lbp_share``: see :func:`facegrad.models.describe`.
-    ``index`` picks rows (of a memory-mapped dataset, say), read one batch at a time.
+    ``descriptor``, ``flip_tta`` and ``lbp_share``: see :func:`facegrad.models.describe`;
+    ``within_class``: the model's within-class normalisation (:mod:`facegrad.within_class`),
+    applied last. ``index`` picks rows (of a memory-mapped dataset, say), read one batch at a
+    time.
     """
     model.eval()
     rows = np.arange(len(images)) if index is None else np.asarray(index)
@@ -58,6 +62,8 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         xb = standardise(resize_uint8(chunk.to(device), image_size))
         d = describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu()
+        if within_class is not None:
+            d = within_class.apply_(d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12)))
         if out is None:
             out = torch.empty(len(rows), d.shape[1])
         out[i:i + len(d)] = d

@@ -21,6 +21,7 @@ import torch
 from facegrad import checkpoint as ckpt
 from facegrad.gallery import cluster_tightness, embed, identity_scores
 from facegrad.models import build_model
+from facegrad.within_class import WithinClassNorm
 
 log = logging.getLogger("facegrad.inference")
 
@@ -155,6 +156,9 @@ class LoadedModel:
         self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
         self.lbp_share = float(meta["preprocessing"].get("lbp_share", 0.0))
         self.adjustment = meta["open_set"].get("score_adjustment")
+        # models from before within-class normalisation have none
+        self.within_class = WithinClassNorm.from_tensors(
+            tensors, meta["preprocessing"].get("within_class") or {})
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
@@ -181,7 +185,7 @@ class LoadedModel:
         with self._lock, torch.inference_mode():
             return embed(self._describer, crops, self.image_size, self.device,
                          flip_tta=self.flip_tta, descriptor=self.descriptor,
-                         lbp_share=self.lbp_share)
+                         lbp_share=self.lbp_share, within_class=self.within_class)
 
     def embed_and_score(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(embeddings, identity scores against the gallery, the gallery's identities then)."""

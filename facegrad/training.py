@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
+from facegrad import within_class
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import TrainConfig
@@ -342,6 +343,12 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     rows = np.concatenate([train_idx, held_idx, val_idx])
     described = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA,
                       descriptor=DESCRIPTOR, lbp_share=LBP_SHARE, index=rows)
+    # within-person variation, measured on the trained identities' training images only (the
+    # held-out people stay strangers to it), is shrunk in every descriptor from here on
+    within = within_class.fit(described[:len(train_idx)], data.labels[train_idx],
+                              seed=cfg.seed)
+    if within is not None:
+        within.apply_(described)
     owner = torch.from_numpy(np.concatenate([to_full[data.labels[train_idx]],
                                              full.labels[held_idx].astype(np.int64),
                                              to_full[data.labels[val_idx]]]))
@@ -370,7 +377,8 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
         "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                           "image_size": cfg.image_size, "channels": 3,
                           "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA,
-                          "descriptor": DESCRIPTOR, "lbp_share": LBP_SHARE},
+                          "descriptor": DESCRIPTOR, "lbp_share": LBP_SHARE,
+                          "within_class": within.record() if within is not None else None},
         "config": cfg.model_dump(),
         "history": history,
         "open_set": open_set,
@@ -382,5 +390,7 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     tensors["gallery.emb"] = gallery
     tensors["gallery.owner"] = owner
     tensors["gallery.counts"] = counts
+    if within is not None:
+        tensors |= within.tensors()
     model_path = ckpt.save(run_dir / "model", tensors, model_meta)
     return model_path, model_meta

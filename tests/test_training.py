@@ -96,6 +96,12 @@ def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
     assert len(out) == 20 and len(out[0][2]) == 3
     acc = np.mean([o[0] == small_faces.names[y] for o, y in zip(out, small_faces.labels[:20])])
     assert acc > 0.5
+    # identification describes a face exactly as training described the gallery: every image
+    # of this 6-person set is in the gallery, so each finds its own descriptor there
+    wc = meta["preprocessing"]["within_class"]
+    assert wc["method"] == "wccn" and wc["identities"] == 6 and lm.within_class is not None
+    best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
+    assert float(best.min()) > 0.999
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):
