@@ -2,7 +2,8 @@
 
 A face's embedding is its normalised descriptor (:func:`facegrad.models.describe`: for new
 models the backbone's 2x2-pooled feature map), computed on the crop and its mirror image (flip
-test-time augmentation, recorded in the model's preprocessing as ``flip_tta``).
+test-time augmentation, recorded in the model's preprocessing as ``flip_tta``), for new models
+after within-class normalisation (:mod:`facegrad.within_class`).
 Identification scores a face against every identity of the gallery by its highest cosine
 similarity to one of that identity's images (nearest neighbour: a probe in a pose or lighting
 that one enrolled image shares scores as it should, where the mean of all of them would blur
