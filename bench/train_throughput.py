@@ -1,19 +1,21 @@
 """Training throughput: the service's training step vs a bare PyTorch loop (clip mode none).
 
-    .venv/bin/python bench/train_throughput.py [--device cuda] [--threads N] [--rounds 7]
+    .venv/bin/python bench/train_throughput.py [--device cuda] [--threads N] [--rounds 15]
 
 Rows per architecture (seed_cnn, facenet_s), batch 32, 64x64, the 400 ORL faces:
 
-- bare: the same model and AdamW, a plain forward / cross-entropy / backward / step over
-  float batches already standardised in memory (no clipping, telemetry or LR schedule).
+- bare: a plain forward / cross-entropy / backward / step of the same model and AdamW
+  optimizer over float batches already standardised in memory (no clipping, telemetry or LR
+  schedule).
 - service step: ``facegrad.training.train_step`` (what ``train`` runs per batch: LR set,
   autocast, unscale, clipper, telemetry, finiteness check, optimizer step) on the same batches.
 - service loop: ``facegrad.training.train_epoch`` over ``DeviceBatches.epoch`` with
   augmentation off: the inner loop of ``train`` including batch assembly and running metrics
   (augmentation is bench/data_pipeline.py's subject).
 
-Bare and service rows alternate within each round (rotating order); the ratio is the median over
-rounds of service images/s over bare images/s in the same round. Bar: ratio >= 0.95.
+All three step one shared model and optimizer, restored to the same state before every timed
+run. Bare and service rows alternate within each round (rotating order); the ratio is the
+median over rounds of service images/s over bare images/s in the same round. Bar: ratio >= 0.95.
 """
 
 from __future__ import annotations
@@ -39,14 +41,11 @@ BAR = 0.95
 BATCH = 32
 
 
-def bare_parts(arch: str, num_classes: int, device: torch.device, amp_dtype):
-    from facegrad.models import FaceNetS, build_model
+def bare_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+              amp_dtype):
+    """A plain training step on ``model`` and ``opt``: forward, cross-entropy, backward, step."""
+    from facegrad.models import FaceNetS
 
-    torch.manual_seed(0)
-    model = build_model(arch, num_classes, 64).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     margin = isinstance(model, FaceNetS)  # its training forward takes the target (CosFace)
 
@@ -59,13 +58,12 @@ def bare_parts(arch: str, num_classes: int, device: torch.device, amp_dtype):
         scaler.step(opt)
         scaler.update()
 
-    model.train()
     return step
 
 
 def main() -> None:
     ap = device_parser(__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     device = setup(args)
     header("train_throughput: service training step vs bare PyTorch loop", device)
@@ -88,14 +86,28 @@ def main() -> None:
     for arch in ("seed_cnn", "facenet_s"):
         cfg = TrainConfig(architecture=arch, clip={"mode": "none"}, batch_size=BATCH,
                           device=device.type, lr_schedule="constant")
+        # bare and service step the same model and optimizer (their own copies would sit in
+        # different memory and drift apart, which moved step times by more than the service's
+        # own cost on an AVX2 CPU); every timed run starts from the same state, copied back in
+        # place
         torch.manual_seed(0)
         parts = make_step_parts(cfg, len(data.names), device)
         parts.model.train()
-        bare = bare_parts(arch, len(data.names), device, parts.amp_dtype)
+        bare = bare_step(parts.model, parts.opt, device, parts.amp_dtype)
         hooks, progress = Hooks(), {"last_report": 0.0}
         loop_gen = torch.Generator().manual_seed(1)
+        bare(*batches[0])  # the optimizer's state exists from here on
+        live = [*parts.model.state_dict().values()]
+        live += [v for st in parts.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        snapshot = [t.detach().clone() for t in live]
 
-        def run_bare(bare=bare):
+        def restore(live=live, snapshot=snapshot):
+            with torch.no_grad():
+                for t, saved in zip(live, snapshot):
+                    t.copy_(saved)
+
+        def run_bare(bare=bare, restore=restore):
+            restore()
             sync(device)
             t0 = time.perf_counter()
             for xb, yb in batches:
@@ -103,7 +115,8 @@ def main() -> None:
             sync(device)
             return time.perf_counter() - t0
 
-        def run_step(parts=parts, cfg=cfg):
+        def run_step(parts=parts, cfg=cfg, restore=restore):
+            restore()
             sync(device)
             t0 = time.perf_counter()
             for xb, yb in batches:
@@ -112,7 +125,8 @@ def main() -> None:
             return time.perf_counter() - t0
 
         def run_loop(parts=parts, cfg=cfg, loop_gen=loop_gen, hooks=hooks,
-                     progress=progress):
+                     progress=progress, restore=restore):
+            restore()
             sync(device)
             t0 = time.perf_counter()
             it = batches_src.epoch(BATCH, loop_gen, augment=False, drop_last=True)

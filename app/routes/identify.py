@@ -24,14 +24,10 @@ ERRORS = {404: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
 
 
 def pick_model(db: Session, model_id: str | None) -> Model:
-    """The model asked for, else the newest; the session's pooled connection is released.
-
-    Identify and verify then await decoding and the batcher without holding a connection:
-    otherwise, with more calls in flight than the pool has connections, the next call's
-    query blocked the event loop on the pool (30 s timeout) and stalled every request.
-    """
+    """The model with this (normalised) id, else the newest; the read transaction is ended
+    before the row is returned, so the connection goes back to the pool at once."""
     if model_id:
-        m = db.get(Model, model_id.strip().lower())
+        m = db.get(Model, model_id)
         if m is None:
             raise HTTPException(404, f"no model with id {model_id}")
     else:
@@ -50,11 +46,12 @@ def prepare(request: Request, settings: Settings, model_id: str | None,
     The database session lives only here: a request-scoped one (``get_db``, a generator
     dependency) cost two more thread-pool hops per call, to open and to close it.
     """
+    key = model_id.strip().lower() if model_id else None
+
     def lookup() -> Model:
         with session_scope(settings.db_url) as db:
-            return pick_model(db, model_id)
+            return pick_model(db, key)
 
-    key = model_id.strip().lower() if model_id else None
     m = request.app.state.model_rows.get(key, lookup)
     lm = request.app.state.models.get(m.id, m.path, m.gallery_version)
     per_file = [(f.filename or "", *faces_of_upload(f, settings, detect or m.detect, max_faces))
