@@ -12,10 +12,10 @@ would cost 92 MB for the default 4800-d descriptor), so the map is
 ``x - U diag(shrink) U^T x`` with ``shrink = 1 - sqrt(lam / (lam + eigenvalue))``.
 
 Fitted on the training images of the trained identities only: the identities held out for
-calibration stay strangers to it, so the calibrated thresholds remain honest. On ORL, trained
-on 30 people of which 6 held out, it raised the worst of issue 5's four open-set ratios at the
-best single threshold from 0.933 to 0.994 (one draw), and at the calibrated threshold from
-0.889 to 1.023 (another); see docs/benchmarks.md.
+calibration stay strangers to it, so the calibrated thresholds remain honest. On ORL (30
+people, 6 of them held out; four training draws) it raised the worst of issue 5's four
+open-set ratios at the calibrated threshold from 0.889-0.994 to 0.982-1.023, mostly by
+rejecting strangers who resemble a trained person; see docs/benchmarks.md ("Session 3").
 """
 
 from __future__ import annotations
