@@ -56,15 +56,16 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
     """
     model.eval()
     rows = np.arange(len(images)) if index is None else np.asarray(index)
-    out = None  # filled in place: a large gallery is not copied by a final cat or normalize
+    out = None  # filled a batch at a time: a large gallery is not copied by a final cat
     for i in range(0, len(rows), batch_size):
         chunk = images[rows[i:i + batch_size]]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         xb = standardise(resize_uint8(chunk.to(device), image_size))
         d = describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu()
+        d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12))
         if within_class is not None:
-            d = within_class.apply_(d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+            within_class.apply_(d)
         if out is None:
             out = torch.empty(len(rows), d.shape[1])
         out[i:i + len(d)] = d
@@ -72,7 +73,7 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
         with torch.no_grad():
             probe = torch.zeros(1, 3, image_size, image_size, device=device)
             return torch.zeros(0, describe(model, probe, descriptor, False, lbp_share).shape[1])
-    return out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return out
 
 
 def cluster_tightness(gallery: torch.Tensor, owner: torch.Tensor, num_identities: int,

@@ -73,9 +73,9 @@ def fit(emb: torch.Tensor, labels: np.ndarray | torch.Tensor, strength: float = 
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     ids, counts = torch.unique(labels, return_counts=True)
     multi = ids[counts >= 2]
-    rows = torch.nonzero(torch.isin(labels, multi)).view(-1)
     if len(multi) < 2:
         return None
+    rows = torch.nonzero(torch.isin(labels, multi)).view(-1)
     if len(rows) > max_rows:
         pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
         rows = torch.sort(rows[pick[:max_rows]]).values
@@ -96,5 +96,5 @@ def fit(emb: torch.Tensor, labels: np.ndarray | torch.Tensor, strength: float = 
     basis = (xc.t() @ evecs.float()) / torch.sqrt(evals * len(xc)).float()  # (D, r), orthonormal
     lam = strength * float(x.var(0).mean())
     shrink = 1 - torch.sqrt(lam / (lam + evals))
-    return WithinClassNorm(basis.float(), shrink.float(), strength, int(len(rows)),
+    return WithinClassNorm(basis, shrink.float(), strength, int(len(rows)),
                            int(len(multi)))
