@@ -145,13 +145,17 @@ class ModelList(BaseModel):
 
 class Candidate(BaseModel):
     identity: str
-    confidence: float
+    confidence: float = Field(description="the identity's score: cosine similarity to its "
+                              "closest enrolled image, adjusted for how tightly its images "
+                              "cluster; 0-1")
 
 
 class Face(BaseModel):
     box: list[int] | None = Field(description="[x, y, w, h] in the original image, or null")
-    identity: str | None = Field(description="null = unknown (best score under threshold)")
-    confidence: float
+    identity: str | None = Field(description="null = unknown (decision score under threshold)")
+    confidence: float = Field(description="the decision score: the best candidate's score, "
+                              "lowered where the runner-up fits nearly as well; compared with "
+                              "the threshold; 0-1")
     candidates: list[Candidate]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from facegrad import checkpoint as ckpt
-from facegrad.gallery import cluster_tightness, embed, identity_scores
+from facegrad.gallery import cluster_tightness, decide, embed, identity_scores
 from facegrad.models import build_model
 from facegrad.within_class import WithinClassNorm
 
@@ -200,16 +200,28 @@ class LoadedModel:
 
     def match_scores(self, sims: torch.Tensor, labels: list[str], top_k: int = 5,
                      threshold: float | None = None):
-        """:meth:`match` from identity scores (M, C) already computed against ``labels``."""
+        """:meth:`match` from identity scores (M, C) already computed against ``labels``.
+
+        A candidate's confidence is its identity score; the face's is the decision score
+        (:func:`facegrad.gallery.decide`: the best identity's score, lowered where the
+        runner-up fits nearly as well), which the threshold applies to. Both are clamped to
+        0-1.
+        """
         thr = self.threshold if threshold is None else threshold
         if not labels:
             return [(None, 0.0, []) for _ in range(sims.shape[0])]
         k = min(top_k, sims.shape[1])  # identities without images score -2
         vals, idx = sims.topk(k, dim=1)
+        _, decision = decide(sims, self.adjustment)
         out = []
-        for v, i in zip(vals.tolist(), idx.tolist()):
-            cands = [(labels[j], round(min(1.0, max(0.0, s)), 4)) for s, j in zip(v, i)
-                     if s > -1.5]
-            best = cands[0] if cands else (None, 0.0)
-            out.append((best[0] if cands and v[0] >= thr else None, best[1], cands))
+        for v, i, d in zip(vals.tolist(), idx.tolist(), decision.tolist()):
+            cands = [(labels[j], _clamp(s)) for s, j in zip(v, i) if s > -1.5]
+            if not cands:
+                out.append((None, 0.0, []))
+                continue
+            out.append((cands[0][0] if d >= thr else None, _clamp(d), cands))
         return out
+
+
+def _clamp(score: float) -> float:
+    return round(min(1.0, max(0.0, score)), 4)

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from facegrad.gallery import (
+    RUNNER_UP_WEIGHT,
     TIGHTNESS_WEIGHT,
     calibrate_open_set,
     cluster_tightness,
+    decide,
     identity_scores,
 )
 from facegrad.lbp import BINS, GRID, lbp_codes, lbp_histograms
@@ -100,3 +102,20 @@ def test_calibration_records_adjustment_and_separates_people():
     assert 0.8 < adj["reference"] <= 1.0
     assert rec["fpir"] == 0.0 and rec["enrolled_tpir"] == 1.0 and rec["tpir"] == 1.0
     assert rec["held_out_identities"] == 3
+    # the runner-up's usual level among known faces: another person, so far below a match
+    assert adj["runner_up_weight"] == RUNNER_UP_WEIGHT
+    assert -1 < adj["runner_up_reference"] < rec["threshold"]
+
+
+def test_decide_lowers_faces_another_identity_fits_nearly_as_well():
+    adj = {"runner_up_weight": 0.5, "runner_up_reference": 0.4}
+    scores = torch.tensor([[0.9, 0.4, 0.1],     # runner-up at its usual level: the best score
+                           [0.9, 0.8, 0.1],     # another identity fits nearly as well
+                           [0.9, 0.2, 0.1],     # runner-up far below usual: a little raised
+                           [-2.0, 0.7, -2.0]])  # one identity with images: nothing to weigh
+    best, d = decide(scores, adj)
+    assert best.tolist() == [0, 0, 0, 1]
+    assert torch.allclose(d, torch.tensor([0.9, 0.9 - 0.5 * 0.4, 0.9 + 0.5 * 0.2, 0.7]))
+    # models calibrated before the runner-up counted decide on the best score
+    assert torch.allclose(decide(scores, {"reference": 0.9})[1], torch.tensor([0.9] * 3 + [0.7]))
+    assert torch.allclose(decide(scores[:, :1], adj)[1], scores[:, 0])  # a single column

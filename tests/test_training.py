@@ -12,6 +12,7 @@ from PIL import Image
 from facegrad import checkpoint as ckpt
 from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays, stratified_split
+from facegrad.gallery import RUNNER_UP_WEIGHT, decide
 from facegrad.inference import LoadedModel
 from facegrad.preprocess import prepare_face
 from facegrad.training import Cancelled, Hooks, TrainingError, train
@@ -102,6 +103,17 @@ def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
     assert wc["method"] == "wccn" and wc["identities"] == 6 and lm.within_class is not None
     best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
     assert float(best.min()) > 0.999
+    # the face's confidence is the decision score (the runner-up counted), the candidates'
+    # their identity scores; the threshold applies to the former
+    adj = meta["open_set"]["score_adjustment"]
+    assert adj["runner_up_weight"] == RUNNER_UP_WEIGHT and -1 <= adj["runner_up_reference"] <= 1
+    emb = lm.embed(small_faces.images[:20])
+    scores = lm.gallery.scores(emb)
+    _, decision = decide(scores, adj)
+    for (identity, conf, cands), d, row in zip(lm.match(emb, top_k=2), decision, scores):
+        assert conf == pytest.approx(min(1.0, max(0.0, float(d))), abs=1e-4)
+        assert cands[0][1] == pytest.approx(min(1.0, max(0.0, float(row.max()))), abs=1e-4)
+        assert (identity is not None) == (float(d) >= lm.threshold)
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):

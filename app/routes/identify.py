@@ -79,9 +79,11 @@ async def identify(
     model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$",
                                 description="default: the newest model"),
     top_k: int = Form(5, ge=1, le=100),
-    threshold: float | None = Form(None, ge=-1, le=1, description="identity score (adjusted "
-                                   "cosine similarity) below which a face is 'unknown'; "
-                                   "default: the model's calibrated"),
+    threshold: float | None = Form(None, ge=-1, le=1, description="decision score (the "
+                                   "best identity's adjusted cosine similarity, lowered where "
+                                   "the runner-up fits nearly as well: the face's confidence) "
+                                   "below which a face is 'unknown'; default: the model's "
+                                   "calibrated"),
     detect: Literal["auto", "none"] | None = Form(None, description="default: the model's"),
     max_faces: int = Form(10, ge=1, le=100),
     settings: Settings = Depends(get_settings_dep),
