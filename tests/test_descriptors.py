@@ -4,12 +4,14 @@ cluster-tightness adjustment of identity scores (facegrad/lbp.py, models.describ
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from facegrad.gallery import (
     RUNNER_UP_WEIGHT,
     TIGHTNESS_WEIGHT,
+    _known_floor,
     calibrate_open_set,
     cluster_tightness,
     decide,
@@ -100,8 +102,12 @@ def test_calibration_records_adjustment_and_separates_people():
     adj = rec["score_adjustment"]
     assert adj["method"] == "cluster_tightness" and adj["weight"] == TIGHTNESS_WEIGHT
     assert 0.8 < adj["reference"] <= 1.0
-    assert rec["fpir"] == 0.0 and rec["enrolled_tpir"] == 1.0 and rec["tpir"] == 1.0
+    assert rec["fpir"] == 0.0 and rec["enrolled_rank1"] == 1.0 and rec["rank1"] == 1.0
     assert rec["held_out_identities"] == 3
+    # strangers this far from everyone pull the balance point down towards them: the threshold
+    # stays at the score 95% of the known faces reach
+    assert rec["threshold"] == pytest.approx(rec["known_floor"], abs=1e-6)
+    assert rec["enrolled_tpir"] >= 0.85 and rec["tpir"] >= 0.85
     # the runner-up's usual level among known faces: another person, so far below a match
     assert adj["runner_up_weight"] == RUNNER_UP_WEIGHT
     assert -1 < adj["runner_up_reference"] < rec["threshold"]
@@ -119,3 +125,27 @@ def test_decide_lowers_faces_another_identity_fits_nearly_as_well():
     # models calibrated before the runner-up counted decide on the best score
     assert torch.allclose(decide(scores, {"reference": 0.9})[1], torch.tensor([0.9] * 3 + [0.7]))
     assert torch.allclose(decide(scores[:, :1], adj)[1], scores[:, 0])  # a single column
+
+
+def test_known_floor_is_the_known_faces_lower_tail():
+    gen = torch.Generator().manual_seed(3)
+    scores = 0.9 + 0.02 * torch.randn(20000, generator=gen)
+    assert _known_floor(scores) == pytest.approx(0.9 - 1.645 * 0.02, abs=1e-3)
+    assert _known_floor(scores, 0.5) == pytest.approx(0.9, abs=1e-3)
+    assert _known_floor(scores[:1]) is None
+
+
+def test_balanced_threshold_above_the_floor_when_strangers_come_close():
+    """People who resemble each other: the balance point lies above the known faces' lower tail
+    and is kept; with target_fpir there is no floor."""
+    gen = torch.Generator().manual_seed(4)
+    base = F.normalize(torch.randn(64, generator=gen), dim=0)
+    centres = F.normalize(base + 0.04 * torch.randn(12, 64, generator=gen), dim=1)
+    emb = torch.cat([_cluster(c, 0.05, 8, gen) for c in centres])
+    owner = torch.arange(12).repeat_interleave(8)
+    probes = torch.cat([_cluster(c, 0.05, 1, gen) for c in centres[:9]])
+    rec = calibrate_open_set(emb, owner, 12, [9, 10, 11], probes, torch.arange(9), None)
+    assert rec["known_floor"] is not None and rec["threshold"] > rec["known_floor"]
+    assert 0 < rec["fpir"] < 0.5  # the strangers overlap the known faces
+    rec = calibrate_open_set(emb, owner, 12, [9, 10, 11], probes, torch.arange(9), 0.05)
+    assert rec["known_floor"] is None and rec["policy"] == "target_fpir"
