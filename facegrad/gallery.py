@@ -167,13 +167,17 @@ def decide(scores: torch.Tensor, adjustment: dict | None) -> tuple[torch.Tensor,
     calibrated before the runner-up counted (no ``runner_up_weight``) decide on the best score.
     """
     best, top, second = top_two(scores)
-    adj = adjustment or {}
-    weight = adj.get("runner_up_weight")
+    return best, decision_score(top, second, adjustment)
+
+
+def decision_score(top: torch.Tensor, second: torch.Tensor, adjustment: dict | None
+                   ) -> torch.Tensor:
+    """:func:`decide`'s score from the best and runner-up scores (NaN: no runner-up)."""
+    weight = (adjustment or {}).get("runner_up_weight")
     if not weight:
-        return best, top
-    reference = float(adj["runner_up_reference"])
-    excess = torch.nan_to_num(second - reference, nan=0.0)
-    return best, torch.where(top > -1.5, top - weight * excess, top)
+        return top
+    excess = torch.nan_to_num(second - float(adjustment["runner_up_reference"]), nan=0.0)
+    return torch.where(top > -1.5, top - weight * excess, top)
 
 
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,
@@ -356,13 +360,10 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
     known_second = known_second[~torch.isnan(known_second)]
     adjustment = score_adjustment(
         reference, float(known_second.mean()) if known_second.numel() else 0.0)
-
-    def decision(top: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        stacked = torch.stack([top, torch.nan_to_num(second, nan=-2.0)], 1)
-        return decide(stacked, adjustment)[1]
-
-    stranger_t = decision(torch.cat([x[1] for x in stranger]), torch.cat([x[2] for x in stranger]))
-    score_t, val_score = decision(top_t, second_t), decision(val_top, val_second)
+    stranger_t = decision_score(torch.cat([x[1] for x in stranger]),
+                                torch.cat([x[2] for x in stranger]), adjustment)
+    score_t = decision_score(top_t, second_t, adjustment)
+    val_score = decision_score(val_top, val_second, adjustment)
     floor = None
     if target_fpir is not None:
         threshold = _threshold_at(stranger_t, target_fpir)
