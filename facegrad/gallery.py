@@ -146,6 +146,14 @@ def score_adjustment(reference: float, runner_up_reference: float | None = None)
     return rec
 
 
+def _runner_up_adjustment(reference: float, known_second: torch.Tensor) -> dict:
+    """:func:`score_adjustment` whose runner-up reference is the mean runner-up score of the
+    calibration's correctly ranked known faces (NaN where they had none; 0 without any)."""
+    known_second = known_second[~torch.isnan(known_second)]
+    return score_adjustment(reference,
+                            float(known_second.mean()) if known_second.numel() else 0.0)
+
+
 def top_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(best identity, its score, the runner-up's score) per row of identity scores (M, C); the
     runner-up is NaN where fewer than two identities have images (they score -2)."""
@@ -356,10 +364,7 @@ def calibrate_open_set(gallery: torch.Tensor, owner: torch.Tensor, num_identitie
     val_best, val_top, val_second = top_two(
         identity_scores(probes, gallery, owner, num_identities, tight, reference))
     val_ok = val_best == probe_labels
-    known_second = torch.cat([second_t[ok_t], val_second[val_ok]])
-    known_second = known_second[~torch.isnan(known_second)]
-    adjustment = score_adjustment(
-        reference, float(known_second.mean()) if known_second.numel() else 0.0)
+    adjustment = _runner_up_adjustment(reference, torch.cat([second_t[ok_t], val_second[val_ok]]))
     stranger_t = decision_score(torch.cat([x[1] for x in stranger]),
                                 torch.cat([x[2] for x in stranger]), adjustment)
     score_t = decision_score(top_t, second_t, adjustment)
@@ -411,12 +416,10 @@ def calibrate(emb: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
                 "method": "none", "verify_threshold": 0.5}
     tight, reference = tightness_with_reference(gallery, owner, num_identities)
     sims = identity_scores(emb, gallery, owner, num_identities, tight, reference)
-    best, _, second = top_two(sims)
+    best, top, second = top_two(sims)
     correct = best == labels
-    known_second = second[correct & ~torch.isnan(second)]
-    adjustment = score_adjustment(
-        reference, float(known_second.mean()) if known_second.numel() else 0.0)
-    genuine = decide(sims, adjustment)[1]
+    adjustment = _runner_up_adjustment(reference, second[correct])
+    genuine = decision_score(top, second, adjustment)
     stranger = decide(sims.scatter(1, labels.long().view(-1, 1), -2.0), adjustment)[1]
     # the stranger scores here are optimistic, so only an explicit or a strict FPIR fits them
     threshold = _threshold_at(stranger, target_fpir or 0.01)
