@@ -159,7 +159,9 @@ class LoadedModel:
         # models from before within-class normalisation have none
         self.within_class = WithinClassNorm.from_tensors(
             tensors, meta["preprocessing"].get("within_class") or {})
-        self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
+        # models from before the mid-stage descriptor describe faces by the last stage alone
+        self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size,
+                               float(meta["preprocessing"].get("mid_stage_share", 0.0)))
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
         self.net.to(self.device).eval()

@@ -25,7 +25,7 @@ from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
 from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_identities
-from facegrad.models import LBP_SHARE, build_model, forward_logits
+from facegrad.models import LBP_SHARE, MID_STAGE_SHARE, build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 
 FLIP_TTA = True  # embeddings of new models are those of the image plus its mirror image
@@ -116,7 +116,8 @@ class StepParts:
 
 def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device) -> StepParts:
     """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run."""
-    model = build_model(cfg.architecture, num_classes, cfg.image_size).to(device)
+    model = build_model(cfg.architecture, num_classes, cfg.image_size,
+                        mid_share=MID_STAGE_SHARE).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -378,6 +379,7 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
                           "image_size": cfg.image_size, "channels": 3,
                           "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA,
                           "descriptor": DESCRIPTOR, "lbp_share": LBP_SHARE,
+                          "mid_stage_share": getattr(model, "mid_share", 0.0),
                           "within_class": within.record() if within is not None else None},
         "config": cfg.model_dump(),
         "history": history,

@@ -70,6 +70,38 @@ def test_backbone_descriptor_mirrors_with_the_face():
     assert torch.allclose(both[:, n_backbone:].norm(dim=1) ** 2, torch.full((2,), 0.35), atol=1e-4)
 
 
+def test_mid_stage_descriptor_weighs_both_stages():
+    """New models put the third stage beside the last (mid_share); mid_share 0 is the older
+    models' descriptor, the last stage alone, unchanged."""
+    torch.manual_seed(0)
+    old = build_model("facenet_s", 5).eval()
+    new = build_model("facenet_s", 5, mid_share=0.65).eval()
+    new.load_state_dict(old.state_dict())
+    x = standardise(torch.rand(3, 3, 64, 64) * 255)
+    with torch.no_grad():
+        last = F.adaptive_avg_pool2d(old.blocks(old.stem(x)), 2)
+        mid = F.adaptive_avg_pool2d(old.blocks[:3](old.stem(x)), 2)
+        assert torch.equal(old.descriptor_map(x), last)
+        d = new.descriptor_map(x)
+        assert d.shape == (3, 128 + 256, 2, 2)
+        parts = d[:, :128].flatten(1), d[:, 128:].flatten(1)
+        assert torch.allclose(parts[0].norm(dim=1) ** 2, torch.full((3,), 0.65), atol=1e-5)
+        assert torch.allclose(parts[1].norm(dim=1) ** 2, torch.full((3,), 0.35), atol=1e-5)
+        assert torch.allclose(F.normalize(parts[0], dim=1), F.normalize(mid.flatten(1), dim=1),
+                              atol=1e-5)
+        # a cosine of two descriptors is 0.65 of the mid stage's plus 0.35 of the last's
+        cos = lambda a: F.normalize(a.flatten(1), dim=1)  # noqa: E731
+        want = 0.65 * (cos(mid)[0] @ cos(mid)[1]) + 0.35 * (cos(last)[0] @ cos(last)[1])
+        assert torch.allclose(d[0].flatten() @ d[1].flatten(), want, atol=1e-5)
+        # the flip test-time augmentation still mirrors the face's descriptor with the face
+        a = describe(new, x, "backbone", flip_tta=True).view(3, -1, 2, 2)
+        b = describe(new, x.flip(3), "backbone", flip_tta=True).view(3, -1, 2, 2)
+        assert torch.allclose(b, a.flip(3), atol=1e-4)
+    assert build_model("seed_cnn", 5, mid_share=0.65).descriptor_map(x).shape == (3, 128, 1, 1)
+    with pytest.raises(ValueError):
+        build_model("facenet_s", 5, mid_share=1.5)
+
+
 def _cluster(centre: torch.Tensor, spread: float, n: int, gen: torch.Generator) -> torch.Tensor:
     return F.normalize(centre + spread * torch.randn(n, centre.numel(), generator=gen), dim=1)
 

@@ -14,6 +14,7 @@ from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays, stratified_split
 from facegrad.gallery import RUNNER_UP_WEIGHT, decide
 from facegrad.inference import LoadedModel
+from facegrad.models import MID_STAGE_SHARE
 from facegrad.preprocess import prepare_face
 from facegrad.training import Cancelled, Hooks, TrainingError, train
 from tests.harness import ORL
@@ -99,6 +100,7 @@ def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
     assert acc > 0.5
     # identification describes a face exactly as training described the gallery: every image
     # of this 6-person set is in the gallery, so each finds its own descriptor there
+    assert meta["preprocessing"]["mid_stage_share"] == 0.0  # seed_cnn: one descriptor layer
     wc = meta["preprocessing"]["within_class"]
     assert wc["method"] == "wccn" and wc["identities"] == 6 and lm.within_class is not None
     best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
@@ -114,6 +116,19 @@ def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
         assert conf == pytest.approx(min(1.0, max(0.0, float(d))), abs=1e-4)
         assert cands[0][1] == pytest.approx(min(1.0, max(0.0, float(row.max()))), abs=1e-4)
         assert (identity is not None) == (float(d) >= lm.threshold)
+
+
+def test_default_model_describes_with_the_mid_stage(small_faces, tmp_path):
+    """facenet_s models record the descriptor's mid-stage share; a loaded model describes faces
+    with it, exactly as training described the gallery."""
+    res = train(cfg(architecture="facenet_s", epochs=1, optimizer={"name": "adamw"},
+                    learning_rate=3e-3), small_faces, tmp_path / "m")
+    meta = json.loads(res.model_path.read_text())
+    assert meta["preprocessing"]["mid_stage_share"] == MID_STAGE_SHARE > 0
+    lm = LoadedModel(tmp_path / "m")
+    assert lm.net.mid_share == MID_STAGE_SHARE
+    best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
+    assert float(best.min()) > 0.999
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):
