@@ -147,9 +147,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(
         None, gt=0, lt=1,
-        description="Unset (default): the open-set threshold balances known faces identified "
-        "against strangers rejected, both measured on data held out of training, and is never "
-        "below the score 95% of those known faces reach. A number: the "
+        description="Unset (default): the open-set threshold lies between strangers and known "
+        "faces, both measured on data held out of training: the highest of their balance point "
+        "(a stranger accepted weighing two known faces rejected), 40% of the way from the "
+        "strangers' mean score to the known faces', and the score 99% of known faces reach. "
+        "A number: the "
         "threshold is set so that this share of people absent from the gallery would still be "
         "given an identity (a stricter gallery rejects more known faces too)."
     )

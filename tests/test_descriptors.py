@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from facegrad.gallery import (
+    BETWEEN_MEANS_SHARE,
     RUNNER_UP_WEIGHT,
     TIGHTNESS_WEIGHT,
+    _between_means,
     _known_floor,
     calibrate_open_set,
     cluster_tightness,
@@ -136,8 +138,9 @@ def test_calibration_records_adjustment_and_separates_people():
     assert 0.8 < adj["reference"] <= 1.0
     assert rec["fpir"] == 0.0 and rec["enrolled_rank1"] == 1.0 and rec["rank1"] == 1.0
     assert rec["held_out_identities"] == 3
-    # strangers this far from everyone pull the balance point down towards them: the threshold
-    # stays at the score 95% of the known faces reach
+    # strangers this far from everyone pull the balance point and the point between the means
+    # down towards them: the threshold stays at the score 99% of the known faces reach
+    assert rec["balance_point"] < rec["known_floor"] and rec["between_means"] < rec["known_floor"]
     assert rec["threshold"] == pytest.approx(rec["known_floor"], abs=1e-6)
     assert rec["enrolled_tpir"] >= 0.85 and rec["tpir"] >= 0.85
     # the runner-up's usual level among known faces: another person, so far below a match
@@ -162,14 +165,22 @@ def test_decide_lowers_faces_another_identity_fits_nearly_as_well():
 def test_known_floor_is_the_known_faces_lower_tail():
     gen = torch.Generator().manual_seed(3)
     scores = 0.9 + 0.02 * torch.randn(20000, generator=gen)
-    assert _known_floor(scores) == pytest.approx(0.9 - 1.645 * 0.02, abs=1e-3)
+    assert _known_floor(scores) == pytest.approx(0.9 - 2.326 * 0.02, abs=1e-3)  # 99 %
+    assert _known_floor(scores, 0.95) == pytest.approx(0.9 - 1.645 * 0.02, abs=1e-3)
     assert _known_floor(scores, 0.5) == pytest.approx(0.9, abs=1e-3)
     assert _known_floor(scores[:1]) is None
 
 
-def test_balanced_threshold_above_the_floor_when_strangers_come_close():
-    """People who resemble each other: the balance point lies above the known faces' lower tail
-    and is kept; with target_fpir there is no floor."""
+def test_between_means_lies_between_strangers_and_known_faces():
+    known, strangers = torch.tensor([0.9, 0.92, 0.94]), torch.tensor([0.78, 0.8, 0.82])
+    assert _between_means(known, strangers) == pytest.approx(0.8 + BETWEEN_MEANS_SHARE * 0.12)
+    assert _between_means(known, strangers, 0.5) == pytest.approx(0.86)
+    assert _between_means(known, strangers[:0]) is None
+
+
+def test_threshold_above_the_floor_when_strangers_come_close():
+    """People who resemble each other: the threshold is the higher of the balance point and the
+    point between the means, above the known faces' lower tail; with target_fpir none of them."""
     gen = torch.Generator().manual_seed(4)
     base = F.normalize(torch.randn(64, generator=gen), dim=0)
     centres = F.normalize(base + 0.04 * torch.randn(12, 64, generator=gen), dim=1)
@@ -178,6 +189,10 @@ def test_balanced_threshold_above_the_floor_when_strangers_come_close():
     probes = torch.cat([_cluster(c, 0.05, 1, gen) for c in centres[:9]])
     rec = calibrate_open_set(emb, owner, 12, [9, 10, 11], probes, torch.arange(9), None)
     assert rec["known_floor"] is not None and rec["threshold"] > rec["known_floor"]
+    points = (rec["balance_point"], rec["between_means"], rec["known_floor"])
+    assert rec["threshold"] == pytest.approx(max(points), abs=1e-6)
     assert 0 < rec["fpir"] < 0.5  # the strangers overlap the known faces
     rec = calibrate_open_set(emb, owner, 12, [9, 10, 11], probes, torch.arange(9), 0.05)
-    assert rec["known_floor"] is None and rec["policy"] == "target_fpir"
+    assert rec["policy"] == "target_fpir"
+    assert rec["known_floor"] is None and rec["between_means"] is None
+    assert rec["balance_point"] is None
