@@ -132,9 +132,16 @@ class ModelOut(BaseModel):
     metrics: dict
     config: dict
     clip: dict
-    preprocessing: dict
-    threshold: float
-    open_set: dict
+    preprocessing: dict = Field(
+        description="how faces are prepared and described: image_size, normalisation, flip_tta, "
+        "descriptor, lbp_share, mid_stage_share, within_class")
+    threshold: float = Field(
+        description="the calibrated default open-set threshold on the decision score "
+        "(open_set.threshold); a request's threshold overrides it")
+    open_set: dict = Field(
+        description="what calibration measured and chose: threshold, policy, the points the "
+        "default threshold is the highest of (balance_point, between_means, known_floor), fpir, "
+        "tpir, rank1, enrolled_tpir, score_adjustment, verify_threshold, held_out identities")
     detect: str
 
 
