@@ -154,7 +154,7 @@ class FaceNetS(nn.Module):
 def _unit_map(h: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) feature map → averaged over the descriptor grid, unit length per face."""
     p = F.adaptive_avg_pool2d(h, DESCRIPTOR_GRID)
-    return p / p.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return F.normalize(p.flatten(1), dim=1).view_as(p)
 
 
 def build_model(architecture: str, num_classes: int, image_size: int = 64,
