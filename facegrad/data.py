@@ -116,6 +116,18 @@ class DeviceBatches:
             yield standardise(xb), self.y.index_select(0, idx)
 
 
+# the random affine's range: scale log-uniform in AUG_SCALE (the face's size in the frame), shift
+# up to AUG_SHIFT of the side, rotation up to AUG_ANGLE degrees. People are photographed near
+# and far: on ORL the images one person enrols from and the ones they are later asked about
+# can show the face at clearly different sizes (s17's last five against their first five). Over
+# 32 seeded draws of 30 trained people and 10 strangers these ranges, against 0.9-1.1 / 0.08 /
+# 10, raised the worst of issue 5's four open-set ratios at the best threshold in hindsight from
+# 0.977 to 0.983 (18 -> 20 draws with every bar met) at no cost; see docs/benchmarks.md, session 6
+AUG_SCALE = (0.8, 1.25)
+AUG_SHIFT = 0.1
+AUG_ANGLE = 12.0
+
+
 def _rand(n: int, generator, device, lo: float, hi: float) -> torch.Tensor:
     return torch.rand(n, generator=generator).to(device) * (hi - lo) + lo
 
@@ -124,9 +136,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None) -> torch.T
     """uint8 (N, 3, H, W) → augmented float (N, 3, H, W) in [0, 255]."""
     n, dev = x.shape[0], x.device
     xf = x.float()
-    scale = _rand(n, generator, dev, 0.9, 1.1)
-    angle = _rand(n, generator, dev, -10, 10) * math.pi / 180
-    tx, ty = _rand(n, generator, dev, -0.08, 0.08), _rand(n, generator, dev, -0.08, 0.08)
+    scale = torch.exp(_rand(n, generator, dev, math.log(AUG_SCALE[0]), math.log(AUG_SCALE[1])))
+    angle = _rand(n, generator, dev, -AUG_ANGLE, AUG_ANGLE) * math.pi / 180
+    tx, ty = (_rand(n, generator, dev, -AUG_SHIFT, AUG_SHIFT) for _ in range(2))
     flip = (torch.rand(n, generator=generator) < 0.5).to(dev).float() * -2 + 1
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
