@@ -142,7 +142,9 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    augment: bool = Field(True, description="Random crop/flip/brightness on the training device.")
+    augment: bool = Field(
+        True, description="Random affine (scale 0.8-1.25, shift, rotation), flip, gamma/contrast "
+        "and greyscale, batched on the training device.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(

@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from facegrad import checkpoint as ckpt
 from facegrad.config import TrainConfig
-from facegrad.data import FaceArrays, stratified_split
+from facegrad.data import AUG_SCALE, FaceArrays, augment_batch, stratified_split
 from facegrad.gallery import RUNNER_UP_WEIGHT, decide
 from facegrad.inference import LoadedModel
 from facegrad.models import MID_STAGE_SHARE
@@ -50,6 +51,25 @@ def test_split_is_stratified_and_seeded():
     assert (tr == tr2).all() and (va == va2).all()
     assert np.bincount(labels[va], minlength=3).tolist() == [2, 2, 0]
     assert few == [2] and set(tr) | set(va) == set(range(22))
+
+
+def test_augmentation_scales_the_face_within_its_range():
+    """A bright disc in the middle of the frame comes out between AUG_SCALE's bounds in size,
+    across the whole range (not only the old 0.9-1.1), the same for the same seed."""
+    side, radius = 64, 10
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    disc = (((yy - side / 2 + 0.5) ** 2 + (xx - side / 2 + 0.5) ** 2) <= radius ** 2)
+    x = (disc.to(torch.uint8) * 255).expand(512, 3, side, side).contiguous()
+    out = augment_batch(x, torch.Generator().manual_seed(3))
+    again = augment_batch(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and torch.equal(out, again)
+    assert float(out.min()) >= 0 and float(out.max()) <= 255
+    flat = out.mean(1).flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    area = (flat > (lo + hi) / 2).sum(1).double() / float(disc.sum())
+    linear = area.sqrt()  # the disc's size relative to the original
+    assert float(linear.min()) >= AUG_SCALE[0] - 0.05 and float(linear.max()) <= AUG_SCALE[1] + 0.05
+    assert float(linear.min()) < 0.85 and float(linear.max()) > 1.18
 
 
 def test_same_seed_same_metrics(small_faces, tmp_path):
