@@ -181,8 +181,14 @@ class IdentifyOut(BaseModel):
 class VerifyOut(BaseModel):
     model_id: str
     same_person: bool
-    similarity: float
-    threshold: float
+    similarity: float = Field(description="cosine similarity of the two faces' descriptors")
+    threshold: float = Field(description="the similarity threshold (applied when basis is "
+                             "'similarity')")
+    basis: Literal["identity", "similarity"] = Field(
+        description="'identity': both faces were identified and the answer is whether they are "
+        "the same enrolled person; 'similarity': the similarity was compared with the threshold")
+    identities: list[str | None] = Field(
+        description="each face's identity at the model's identify threshold (null: unknown)")
 
 
 class IdentityList(BaseModel):

@@ -151,6 +151,7 @@ class LoadedModel:
         self.folder, self.meta, self.device = folder, meta, torch.device(device)
         self.image_size = meta["preprocessing"]["image_size"]
         self.threshold = float(meta["open_set"]["threshold"])
+        self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
         self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
         # models from before descriptors compare their training embedding
         self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
@@ -223,6 +224,29 @@ class LoadedModel:
                 continue
             out.append((cands[0][0] if d >= thr else None, _clamp(d), cands))
         return out
+
+
+    def verify_scores(self, emb: torch.Tensor, sims: torch.Tensor, labels: list[str],
+                      threshold: float | None = None, compare: str = "auto") -> dict:
+        """Do two faces show the same person? ``emb`` (2, D) and their identity scores ``sims``
+        (2, C) against ``labels``, as :meth:`LoadedModel.embed_and_score` gives them.
+
+        With ``compare`` "auto", when both faces are identified (each clears the model's
+        identify threshold) the answer follows the two identities: the gallery holds several
+        views of each enrolled person, and two photos of one person that resemble each other
+        less than two look-alikes do are still both closest to that person. Otherwise, and with
+        "similarity", the two faces' cosine similarity is compared with ``threshold`` (default:
+        the verification threshold the model calibrated on people held out of training).
+        """
+        similarity = float(emb[0] @ emb[1])
+        thr = self.verify_threshold if threshold is None else float(threshold)
+        identities = [m[0] for m in self.match_scores(sims, labels, 1)]
+        if compare == "auto" and None not in identities:
+            same, basis = identities[0] == identities[1], "identity"
+        else:
+            same, basis = similarity >= thr, "similarity"
+        return {"same_person": same, "similarity": round(similarity, 4), "threshold": thr,
+                "basis": basis, "identities": identities}
 
 
 def _clamp(score: float) -> float:

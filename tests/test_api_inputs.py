@@ -630,6 +630,9 @@ def test_verify_bad_inputs(client, orl_model):
     r = client.post("/v1/verify", files=[("file", ("a.png", good)), ("file", ("b.txt", b"hi"))],
                     data={"model_id": mid})
     refused(r, 415, "b.txt")
+    r = client.post("/v1/verify", files=[("file", ("a.png", good)), ("file", ("b.png", good))],
+                    data={"model_id": mid, "compare": "identities"})
+    assert ["body", "compare"] in error_locs(r)
     assert_healthy(client)
 
 

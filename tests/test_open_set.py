@@ -141,17 +141,37 @@ def test_verify_separates_pairs(client, open_set):
     while len(diff) < len(same):
         x, y = rng.sample(known, 2)
         diff.append((rng.choice(test[x]), rng.choice(test[y])))
-    right = 0
+    right = by_similarity = by_identity = 0
     for pairs, want in ((same, True), (diff, False)):
         for a, b in pairs:
             r = client.post("/v1/verify", data={"model_id": mid},
                             files=[("file", (a.name, a.read_bytes())),
                                    ("file", (b.name, b.read_bytes()))])
             assert r.status_code == 200, r.text
-            right += r.json()["same_person"] == want
-    acc = right / (len(same) + len(diff))
-    _report(f"verify, {len(same)} same + {len(diff)} different pairs", acc, VERIFY_MIN)
+            v = r.json()
+            # both identified: the identities decide; otherwise the similarity does
+            if None in v["identities"]:
+                assert v["basis"] == "similarity"
+                assert v["same_person"] == (v["similarity"] >= v["threshold"]), v
+            else:
+                assert v["basis"] == "identity"
+                assert v["same_person"] == (v["identities"][0] == v["identities"][1]), v
+                by_identity += 1
+            right += v["same_person"] == want
+            by_similarity += (v["similarity"] >= v["threshold"]) == want
+    n = len(same) + len(diff)
+    acc = right / n
+    _report(f"verify, {len(same)} same + {len(diff)} different pairs "
+            f"({by_identity} decided by identity)", acc, VERIFY_MIN)
+    _report("verify by similarity alone", by_similarity / n, VERIFY_MIN)
     assert acc >= 0.8, acc
+    # compare=similarity: the similarity decides even where both faces are identified
+    a, b = same[0]
+    r = client.post("/v1/verify", data={"model_id": mid, "compare": "similarity"},
+                    files=[("file", (a.name, a.read_bytes())), ("file", (b.name, b.read_bytes()))])
+    assert r.status_code == 200, r.text
+    v = r.json()
+    assert v["basis"] == "similarity" and v["same_person"] == (v["similarity"] >= v["threshold"])
     _bars(("verify", acc, VERIFY_MIN))
 
 

@@ -116,7 +116,14 @@ async def verify(
     request: Request,
     file: list[UploadFile] = File(description="exactly two images"),
     model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$"),
-    threshold: float | None = Form(None, ge=-1, le=1),
+    threshold: float | None = Form(None, ge=-1, le=1, description="cosine similarity at or "
+                                   "above which the two faces are the same person when they "
+                                   "are compared by similarity; default: the model's "
+                                   "calibrated verification threshold"),
+    compare: Literal["auto", "similarity"] = Form(
+        "auto", description="'auto': when both faces are identified as enrolled people (each "
+        "clears the model's identify threshold), the answer follows their identities; "
+        "otherwise the similarity decides. 'similarity': the similarity always decides."),
     detect: Literal["auto", "none"] | None = Form(None),
     settings: Settings = Depends(get_settings_dep),
 ) -> VerifyOut:
@@ -128,9 +135,5 @@ async def verify(
         if not faces:
             raise HTTPException(422, f"no face found in {name!r}")
         crops.append(faces[0][1])
-    emb, _, _ = await request.app.state.batcher.embed(lm, np.stack(crops))
-    sim = float(emb[0] @ emb[1])
-    thr = float(m.open_set.get("verify_threshold", lm.threshold)) if threshold is None \
-        else threshold
-    return VerifyOut(model_id=m.id, same_person=sim >= thr, similarity=round(sim, 4),
-                     threshold=thr)
+    emb, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops))
+    return VerifyOut(model_id=m.id, **lm.verify_scores(emb, sims, labels, threshold, compare))
