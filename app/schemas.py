@@ -134,7 +134,7 @@ class ModelOut(BaseModel):
     clip: dict
     preprocessing: dict = Field(
         description="how faces are prepared and described: image_size, normalisation, flip_tta, "
-        "descriptor, lbp_share, mid_stage_share, within_class")
+        "scale_tta, descriptor, lbp_share, mid_stage_share, within_class")
     threshold: float = Field(
         description="the calibrated default open-set threshold on the decision score "
         "(open_set.threshold); a request's threshold overrides it")

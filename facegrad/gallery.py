@@ -1,9 +1,11 @@
 """Embeddings, identity scores and the calibrated open-set thresholds.
 
 A face's embedding is its normalised descriptor (:func:`facegrad.models.describe`: for new
-models the backbone's 2x2-pooled feature map), computed on the crop and its mirror image (flip
-test-time augmentation, recorded in the model's preprocessing as ``flip_tta``), for new models
-after within-class normalisation (:mod:`facegrad.within_class`).
+models the backbone's 2x2-pooled feature maps beside LBP histograms), computed on the crop and
+its mirror image (flip test-time augmentation, recorded in the model's preprocessing as
+``flip_tta``), for new models also on the crop zoomed out (``scale_tta``: the normalised
+descriptors of each scale are added), and after within-class normalisation
+(:mod:`facegrad.within_class`).
 Identification scores a face against every identity of the gallery by its highest cosine
 similarity to one of that identity's images (nearest neighbour: a probe in a pose or lighting
 that one enrolled image shares scores as it should, where the mean of all of them would blur
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from facegrad.models import LBP_SHARE, describe
-from facegrad.preprocess import resize_uint8, standardise
+from facegrad.preprocess import resize_uint8, standardise, zoom
 from facegrad.within_class import WithinClassNorm
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
@@ -73,13 +75,15 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
           device: torch.device | str = "cpu", batch_size: int = 256,
           flip_tta: bool = False, index: np.ndarray | None = None,
           descriptor: str = "backbone", lbp_share: float = LBP_SHARE,
-          within_class: WithinClassNorm | None = None) -> torch.Tensor:
+          within_class: WithinClassNorm | None = None,
+          scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
     """uint8 (N, S, S, 3) stored crops → (N, D) normalised face descriptors on the CPU.
 
     ``descriptor``, ``flip_tta`` and ``lbp_share``: see :func:`facegrad.models.describe`;
-    ``within_class``: the model's within-class normalisation (:mod:`facegrad.within_class`),
-    applied last. ``index`` picks rows (of a memory-mapped dataset, say), read one batch at a
-    time.
+    ``scales``: the crop is described at each of these zooms (:func:`facegrad.preprocess.zoom`,
+    all in one batch) and the normalised descriptors are added; ``within_class``: the model's
+    within-class normalisation (:mod:`facegrad.within_class`), applied last. ``index`` picks
+    rows (of a memory-mapped dataset, say), read one batch at a time.
     """
     model.eval()
     rows = np.arange(len(images)) if index is None else np.asarray(index)
@@ -89,8 +93,13 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         xb = standardise(resize_uint8(chunk.to(device), image_size))
+        if len(scales) > 1:
+            xb = torch.cat([zoom(xb, s) for s in scales])
         d = describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu()
         d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if len(scales) > 1:
+            d = d.view(len(scales), -1, d.shape[1]).sum(0)
+            d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12))
         if within_class is not None:
             within_class.apply_(d)
         if out is None:

@@ -153,6 +153,8 @@ class LoadedModel:
         self.threshold = float(meta["open_set"]["threshold"])
         self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
         self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
+        # models from before scale test-time augmentation describe the crop as it is
+        self.scales = tuple(float(s) for s in meta["preprocessing"].get("scale_tta", [1.0]))
         # models from before descriptors compare their training embedding
         self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
         self.lbp_share = float(meta["preprocessing"].get("lbp_share", 0.0))
@@ -188,7 +190,8 @@ class LoadedModel:
         with self._lock, torch.inference_mode():
             return embed(self._describer, crops, self.image_size, self.device,
                          flip_tta=self.flip_tta, descriptor=self.descriptor,
-                         lbp_share=self.lbp_share, within_class=self.within_class)
+                         lbp_share=self.lbp_share, within_class=self.within_class,
+                         scales=self.scales)
 
     def embed_and_score(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(embeddings, identity scores against the gallery, the gallery's identities then)."""

@@ -81,3 +81,15 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[1] * x.shape[2] * x.shape[3]
     std = torch.linalg.vector_norm(d, dim=(1, 2, 3), keepdim=True) / math.sqrt(max(1, n - 1))
     return d / std.clamp_min(1.0)
+
+
+def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float (N, C, H, W) images with their content scaled by ``scale`` about the centre, the
+    same size: below 1 the face shrinks and the border pixels extend outwards, above 1 it is
+    cropped. 1 returns ``x`` itself."""
+    if scale == 1.0:
+        return x
+    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=x.dtype,
+                         device=x.device).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -17,11 +17,12 @@ from facegrad.gallery import (
     calibrate_open_set,
     cluster_tightness,
     decide,
+    embed,
     identity_scores,
 )
 from facegrad.lbp import BINS, GRID, lbp_codes, lbp_histograms
 from facegrad.models import build_model, describe
-from facegrad.preprocess import standardise
+from facegrad.preprocess import resize_uint8, standardise, zoom
 
 
 def _faces(orl, n: int = 6) -> torch.Tensor:
@@ -70,6 +71,34 @@ def test_backbone_descriptor_mirrors_with_the_face():
     n_backbone = d[0].numel()
     assert torch.allclose(both[:, :n_backbone].norm(dim=1) ** 2, torch.full((2,), 0.65), atol=1e-4)
     assert torch.allclose(both[:, n_backbone:].norm(dim=1) ** 2, torch.full((2,), 0.35), atol=1e-4)
+
+
+def test_zoom_scales_the_content_about_the_centre():
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 16:48, 16:48] = 1.0  # a centred 32-pixel square
+    assert zoom(x, 1.0) is x
+    small = zoom(x, 0.5)
+    assert small.shape == x.shape
+    assert float((small > 0.5).sum()) == pytest.approx(16 * 16, rel=0.15)
+    assert float(small[..., 32, 32]) == pytest.approx(1.0) and float(small[..., 20, 20]) == 0.0
+    assert float((zoom(x, 1.5) > 0.5).sum()) == pytest.approx(48 * 48, rel=0.15)
+
+
+def test_embed_adds_the_normalised_descriptors_of_each_scale():
+    torch.manual_seed(0)
+    net = build_model("facenet_s", 5).eval()
+    crops = (torch.rand(3, 64, 64, 3) * 255).to(torch.uint8).numpy()
+    kw = {"flip_tta": True, "descriptor": "backbone+lbp"}
+    both = embed(net, crops, 64, scales=(1.0, 0.9), **kw)
+    # as embed prepares them (LBP codes compare neighbouring pixels: rounding flips ties)
+    x = standardise(resize_uint8(torch.from_numpy(crops), 64))
+    with torch.no_grad():
+        parts = [F.normalize(describe(net, zoom(x, s), "backbone+lbp", True), dim=1)
+                 for s in (1.0, 0.9)]
+    assert torch.allclose(both, F.normalize(parts[0] + parts[1], dim=1), atol=1e-5)
+    plain = embed(net, crops, 64, **kw)
+    assert torch.allclose(plain, parts[0], atol=1e-5)  # one scale: as before
+    assert not torch.allclose(both, plain, atol=1e-3)
 
 
 def test_mid_stage_descriptor_weighs_both_stages():

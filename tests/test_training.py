@@ -17,7 +17,7 @@ from facegrad.gallery import RUNNER_UP_WEIGHT, decide
 from facegrad.inference import LoadedModel
 from facegrad.models import MID_STAGE_SHARE
 from facegrad.preprocess import prepare_face
-from facegrad.training import Cancelled, Hooks, TrainingError, train
+from facegrad.training import SCALE_TTA, Cancelled, Hooks, TrainingError, train
 from tests.harness import ORL
 
 
@@ -145,10 +145,15 @@ def test_default_model_describes_with_the_mid_stage(small_faces, tmp_path):
                     learning_rate=3e-3), small_faces, tmp_path / "m")
     meta = json.loads(res.model_path.read_text())
     assert meta["preprocessing"]["mid_stage_share"] == MID_STAGE_SHARE > 0
+    assert meta["preprocessing"]["scale_tta"] == list(SCALE_TTA) and len(SCALE_TTA) > 1
     lm = LoadedModel(tmp_path / "m")
-    assert lm.net.mid_share == MID_STAGE_SHARE
+    assert lm.net.mid_share == MID_STAGE_SHARE and lm.scales == SCALE_TTA
     best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
     assert float(best.min()) > 0.999
+    # the zoomed-out view counts: the crop as it is alone describes the faces differently
+    lm.scales = (1.0,)
+    alone = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
+    assert float(alone.max()) < 0.999
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):
