@@ -1,11 +1,10 @@
 """Embeddings, identity scores and the calibrated open-set thresholds.
 
 A face's embedding is its normalised descriptor (:func:`facegrad.models.describe`: for new
-models the backbone's 2x2-pooled feature maps beside LBP histograms), computed on the crop and
-its mirror image (flip test-time augmentation, recorded in the model's preprocessing as
-``flip_tta``), for new models also on the crop zoomed out (``scale_tta``: the normalised
-descriptors of each scale are added), and after within-class normalisation
-(:mod:`facegrad.within_class`).
+models the backbone's 2x2-pooled feature maps beside LBP histograms), computed on the crop and,
+for new models, on the crop zoomed out (``scale_tta`` in the model's preprocessing: the
+normalised descriptors of each scale are added; earlier models added the crop's mirror
+image instead, ``flip_tta``), after within-class normalisation (:mod:`facegrad.within_class`).
 Identification scores a face against every identity of the gallery by its highest cosine
 similarity to one of that identity's images (nearest neighbour: a probe in a pose or lighting
 that one enrolled image shares scores as it should, where the mean of all of them would blur

@@ -28,15 +28,17 @@ from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_ident
 from facegrad.models import LBP_SHARE, MID_STAGE_SHARE, build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 
-FLIP_TTA = True  # embeddings of new models are those of the image plus its mirror image
 DESCRIPTOR = "backbone+lbp"  # what identification compares: see facegrad.models.describe
 # new models describe each face as it is and zoomed out to 90 % (border pixels extended), and
-# add the two normalised descriptors (facegrad.gallery.embed): photos of one person show the
-# face at different sizes in the frame, and a detector's box varies with the photo. On ORL (32
-# seeded draws of 30 trained people and 10 strangers, the same models described both ways) the
-# draws meeting every one of issue 5's open-set bars at the calibrated threshold went from 8 to
-# 14, the worst bar ratio +0.0095 (standard error 0.0031); scales 0.9/1.0/1.1 did no better at
-# half as much again of the cost (docs/benchmarks.md, session 7)
+# add the two normalised descriptors (facegrad.gallery.embed), where models before described
+# the face and its mirror image: photos of one person show the face at different sizes in the
+# frame, and a detector's box varies with the photo. On ORL (32 seeded draws of 30 trained
+# people and 10 strangers, the same models described each way) the draws meeting every one of
+# issue 5's open-set bars at the calibrated threshold went from 8 to 14 (worst bar ratio +0.009,
+# standard error 0.0045) at the same cost, two forward passes per face; adding the mirror images
+# as well doubled the cost and changed nothing (-0.0007, se 0.003); see docs/benchmarks.md,
+# session 7
+FLIP_TTA = False
 SCALE_TTA = (1.0, 0.9)
 
 
