@@ -32,6 +32,19 @@ Framing (:func:`face_crop`)
     shifted windows the box is averaged from; such images are used whole anyway, see below.)
     Dataset building and identification both use the default margin.
 
+Alignment (:func:`_eye_angle`)
+    Haar cascades give a box, not landmarks; the eye cascades shipped beside them
+    (``EYE_CASCADES``) give the eyes. In the top of each face box two eyes a plausible distance
+    apart give the face's tilt, and a face leaning at least ``ALIGN_MIN_ANGLE`` (6°) is turned
+    level about its crop's centre before it is cut out (:func:`face_crop`). On ORL faces placed
+    (×2) in a 640×480 picture the eyes were paired in about 65 % of the faces found, the tilt off
+    by 2.5° (median; 5° at the 90th percentile) on upright faces, which the 6° floor therefore
+    leaves alone (6 of 89 turned, figures unchanged); faces turned 15° were identified by a model
+    trained on the upright ORL images 0.31 of the time aligned against 0.12 unaligned
+    (closed-set 0.75 against 0.72), faces turned 8° 0.45 against 0.41. The frontal cascades
+    find few faces leaning more than about 20°. The eye search costs about 15 ms per face found
+    (a 640×480 photo with two faces: 97 ms against 66 ms without it, on a 2-core VM).
+
 Crops (:func:`is_face_crop`)
     An image is "already a face crop", and used whole, when its shorter side is at most
     ``CROP_MAX_SIDE`` (160 px: too small to be a scene worth searching; ORL images are 92×112;
@@ -50,7 +63,7 @@ import threading
 import cv2
 import numpy as np
 
-from facegrad.preprocess import prepare_face
+from facegrad.preprocess import prepare_face, square_crop, to_store
 
 __all__ = [
     "CROP_FALLBACK_SIDE",
@@ -63,6 +76,7 @@ __all__ = [
     "crop_one",
     "face_crop",
     "find_faces",
+    "find_tilted_faces",
     "is_face_crop",
 ]
 
@@ -90,27 +104,75 @@ CROP_FALLBACK_SIDE = 400    # "auto", no face found, shorter side <= this: whole
 
 PRIMARY_CASCADE = "haarcascade_frontalface_default.xml"
 VERIFY_CASCADE = "haarcascade_frontalface_alt2.xml"
+# eyes, for levelling a tilted face (:func:`_eye_angle`): the glasses-tolerant cascade first
+EYE_CASCADES = ("haarcascade_eye_tree_eyeglasses.xml", "haarcascade_eye.xml")
+EYE_REGION = 0.6            # eyes are searched in the top 60 % of a face box
+EYE_SIZE = (1 / 8, 1 / 3)   # an eye's box, as a share of the face box's width
+EYE_SPACING = (0.25, 0.65)  # two eyes' centres lie this share of the box width apart ...
+EYE_MAX_SLOPE = 0.6         # ... and at most this times as far apart vertically
+ALIGN_MIN_ANGLE = 6.0       # degrees; a face tilted less is cropped as it is
 
 # CascadeClassifier.detectMultiScale is not documented as thread-safe. The classifiers are loaded
 # once per process and used under one lock; detectMultiScale already spreads its work over
 # OpenCV's own worker threads, so serialising the callers costs little throughput.
 _lock = threading.Lock()
 _classifiers: tuple[cv2.CascadeClassifier, cv2.CascadeClassifier] | None = None
+_eye_classifiers: list[cv2.CascadeClassifier] | None = None
+
+
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    clf = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+    if clf.empty():
+        raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded from "
+                           f"{cv2.data.haarcascades}")
+    return clf
 
 
 def _load() -> tuple[cv2.CascadeClassifier, cv2.CascadeClassifier]:
     """(primary, verifier), loaded on first use; call with ``_lock`` held."""
     global _classifiers
     if _classifiers is None:
-        loaded = []
-        for name in (PRIMARY_CASCADE, VERIFY_CASCADE):
-            clf = cv2.CascadeClassifier(cv2.data.haarcascades + name)
-            if clf.empty():
-                raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded from "
-                                   f"{cv2.data.haarcascades}")
-            loaded.append(clf)
-        _classifiers = (loaded[0], loaded[1])
+        _classifiers = (_cascade(PRIMARY_CASCADE), _cascade(VERIFY_CASCADE))
     return _classifiers
+
+
+def _load_eyes() -> list[cv2.CascadeClassifier]:
+    """The eye cascades, loaded on first use; call with ``_lock`` held."""
+    global _eye_classifiers
+    if _eye_classifiers is None:
+        _eye_classifiers = [_cascade(name) for name in EYE_CASCADES]
+    return _eye_classifiers
+
+
+def _eye_angle(grey: np.ndarray, box: Box) -> float:
+    """How far the face in ``box`` is tilted, in degrees (positive: its eye line falls to the
+    right, in image coordinates), from its two eyes; 0 when no plausible pair of eyes is found
+    or the tilt is under ``ALIGN_MIN_ANGLE``. Call with ``_lock`` held.
+
+    Eyes are searched in the top ``EYE_REGION`` of the box (histogram-equalised on its own), by
+    each of ``EYE_CASCADES`` in turn; the first pair of the four biggest eyes whose centres are
+    ``EYE_SPACING`` of the box width apart, and no more than ``EYE_MAX_SLOPE`` as far
+    vertically, gives the angle.
+    """
+    x, y, w, h = box
+    roi = grey[y:y + int(EYE_REGION * h), x:x + w]
+    if min(roi.shape) < 16:
+        return 0.0
+    roi = cv2.equalizeHist(np.ascontiguousarray(roi))
+    lo, hi = max(8, int(w * EYE_SIZE[0])), max(9, int(w * EYE_SIZE[1]))
+    for clf in _load_eyes():
+        eyes = clf.detectMultiScale(roi, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS,
+                                    minSize=(lo, lo), maxSize=(hi, hi))
+        centres = [(ex + ew / 2, ey + eh / 2) for ex, ey, ew, eh in
+                   sorted((tuple(int(v) for v in e) for e in eyes), key=lambda e: -e[2])[:4]]
+        for i, a in enumerate(centres):
+            for b in centres[i + 1:]:
+                (ax, ay), (bx, by) = sorted((a, b))
+                dx, dy = bx - ax, by - ay
+                if EYE_SPACING[0] * w <= dx <= EYE_SPACING[1] * w and abs(dy) <= EYE_MAX_SLOPE * dx:
+                    angle = float(np.degrees(np.arctan2(dy, dx)))
+                    return angle if abs(angle) >= ALIGN_MIN_ANGLE else 0.0
+    return 0.0
 
 
 def _as_rgb(img: np.ndarray) -> np.ndarray:
@@ -166,8 +228,9 @@ def _verified(grey: np.ndarray, box: Box, verifier: cv2.CascadeClassifier) -> bo
     return any(_iou(local, tuple(int(v) for v in f)) > VERIFY_IOU for f in found)
 
 
-def _detect(rgb: np.ndarray) -> list[Box]:
-    """All faces of an (H, W, 3) uint8 image, biggest first, in its own pixel coordinates."""
+def _detect(rgb: np.ndarray) -> list[tuple[Box, float]]:
+    """All faces of an (H, W, 3) uint8 image, biggest first, in its own pixel coordinates, each
+    with its tilt (:func:`_eye_angle`)."""
     h, w = rgb.shape[:2]
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
@@ -176,7 +239,7 @@ def _detect(rgb: np.ndarray) -> list[Box]:
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
     if min(grey.shape) < MIN_WINDOW:
         return []
-    grey = cv2.equalizeHist(grey)
+    raw, grey = grey, cv2.equalizeHist(grey)
     min_side = max(MIN_WINDOW, round(min(grey.shape) / MIN_FACE_DIVISOR))
     with _lock:
         primary, verifier = _load()
@@ -184,31 +247,40 @@ def _detect(rgb: np.ndarray) -> list[Box]:
                                          minNeighbors=MIN_NEIGHBORS, minSize=(min_side, min_side))
         candidates = [b for b in (tuple(int(v) for v in f) for f in found)
                       if _verified(grey, b, verifier)]
-    boxes = []
-    for x, y, bw, bh in _suppress(candidates):
+        kept = [(b, _eye_angle(raw, b)) for b in _suppress(candidates)]
+    faces = []
+    for (x, y, bw, bh), angle in kept:
         x0, y0 = max(0, round(x / scale)), max(0, round(y / scale))
         x1, y1 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
         if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1 - x0, y1 - y0))
-    return _biggest_first(boxes)
+            faces.append(((x0, y0, x1 - x0, y1 - y0), angle))
+    order = _biggest_first([b for b, _ in faces])
+    return sorted(faces, key=lambda f: order.index(f[0]))
 
 
 def find_faces(rgb: np.ndarray, max_faces: int = 10) -> list[Box]:
     """Face boxes (x, y, w, h) in ``rgb``'s pixel coordinates, biggest first, at most max_faces."""
+    return [box for box, _ in find_tilted_faces(rgb, max_faces)]
+
+
+def find_tilted_faces(rgb: np.ndarray, max_faces: int = 10) -> list[tuple[Box, float]]:
+    """(box, tilt in degrees) per face, as :func:`find_faces`; the tilt is 0 unless both eyes
+    were found and the face leans at least ``ALIGN_MIN_ANGLE``."""
     if max_faces < 1:
         raise ValueError("max_faces must be at least 1")
     return _detect(_as_rgb(rgb))[:max_faces]
 
 
-def _crop_rule(rgb: np.ndarray) -> tuple[bool, list[Box]]:
-    """(whether the image is a face crop, the faces found: [] when detection was not run)."""
+def _crop_rule(rgb: np.ndarray) -> tuple[bool, list[tuple[Box, float]]]:
+    """(whether the image is a face crop, the faces found with their tilts: [] when detection
+    was not run)."""
     h, w = rgb.shape[:2]
     short = min(h, w)
     if short <= CROP_MAX_SIDE:
         return True, []
     faces = _detect(rgb)
     crop = (CROP_ASPECT[0] <= w / h <= CROP_ASPECT[1] and bool(faces)
-            and all(min(b[2], b[3]) >= CROP_MIN_FACE * short for b in faces))
+            and all(min(b[2], b[3]) >= CROP_MIN_FACE * short for b, _ in faces))
     return crop, faces
 
 
@@ -217,10 +289,25 @@ def is_face_crop(rgb: np.ndarray) -> bool:
     return _crop_rule(_as_rgb(rgb))[0]
 
 
-def face_crop(rgb: np.ndarray, box: Box, margin: float = DEFAULT_MARGIN) -> np.ndarray:
-    """Stored-format crop (STORE_SIZE², 3) of the face in ``box``, framed like an ORL image."""
+def face_crop(rgb: np.ndarray, box: Box, margin: float = DEFAULT_MARGIN,
+              angle: float = 0.0) -> np.ndarray:
+    """Stored-format crop (STORE_SIZE², 3) of the face in ``box``, framed like an ORL image;
+    with ``angle`` (degrees, :func:`find_tilted_faces`) turned about the crop's centre so that
+    the eyes are level."""
     x, y, w, h = box
-    return prepare_face(_as_rgb(rgb), (x, int(round(y - FACE_LIFT * h)), w, h), margin)
+    framed = (x, int(round(y - FACE_LIFT * h)), w, h)
+    rgb = _as_rgb(rgb)
+    if not angle:
+        return prepare_face(rgb, framed, margin)
+    # a window half as large again as the crop, turned, then the crop cut from its middle
+    window = square_crop(rgb, framed, (1.5 * (1 + 2 * margin) - 1) / 2)
+    side = window.shape[0]
+    turn = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
+    window = cv2.warpAffine(np.ascontiguousarray(window), turn, (side, side),
+                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    inner = int(round(max(w, h) * (1 + 2 * margin)))
+    o = (side - inner) // 2
+    return to_store(window[o:o + inner, o:o + inner])
 
 
 def _check(detect: str, max_faces: int = 1) -> None:
@@ -230,7 +317,7 @@ def _check(detect: str, max_faces: int = 1) -> None:
         raise ValueError("max_faces must be at least 1")
 
 
-def _faces_to_crop(rgb: np.ndarray) -> list[Box] | None:
+def _faces_to_crop(rgb: np.ndarray) -> list[tuple[Box, float]] | None:
     """The "auto" decision: None to use the whole image, else the faces to crop ([]: none)."""
     crop, faces = _crop_rule(rgb)
     if crop or (not faces and min(rgb.shape[:2]) <= CROP_FALLBACK_SIDE):
@@ -254,7 +341,7 @@ def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10,
     faces = None if detect == "none" else _faces_to_crop(rgb)
     if faces is None:
         return [(None, prepare_face(rgb))]
-    return [(box, face_crop(rgb, box, margin)) for box in faces[:max_faces]]
+    return [(box, face_crop(rgb, box, margin, angle)) for box, angle in faces[:max_faces]]
 
 
 def crop_one(rgb: np.ndarray, detect: str = "auto") -> np.ndarray | None:

@@ -17,6 +17,7 @@ from facegrad.detect import (
     crop_one,
     face_crop,
     find_faces,
+    find_tilted_faces,
     is_face_crop,
 )
 from facegrad.preprocess import STORE_SIZE, prepare_face
@@ -93,8 +94,9 @@ def test_crop_faces_crops_each_face_like_its_orl_image():
     found = crop_faces(img, "auto")
     assert [box for box, _ in found] == find_faces(img)
     assert len(found) == 2
-    for box, crop in found:
+    for (box, crop), (_, angle) in zip(found, find_tilted_faces(img)):
         assert crop.shape == (STORE_SIZE, STORE_SIZE, 3) and crop.dtype == np.uint8
+        assert angle == 0.0  # upright faces are cut out as they are
         assert np.array_equal(crop, face_crop(img, box))
     # Each crop is framed like its person's own ORL image (which is stored whole) and is closer
     # to it than to the other person's, and closer than a loose crop would be.
@@ -106,6 +108,34 @@ def test_crop_faces_crops_each_face_like_its_orl_image():
         assert own < other and own < loose, (own, other, loose)
     assert len(crop_faces(img, "auto", max_faces=1)) == 1
     assert np.array_equal(crop_one(img), found[0][1])
+
+
+def tilted_photo(subject: int, angle: float) -> np.ndarray:
+    """640×480 grey picture with an ORL face (×2) turned ``angle`` degrees anticlockwise."""
+    face = Image.fromarray(orl(subject, 1, 2.0)).rotate(
+        angle, resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128))
+    img = background(640, 480, "grey")
+    paste(img, np.asarray(face), 200, 100)
+    return img
+
+
+@needs_orl
+@pytest.mark.parametrize("subject", [7, 11, 12])
+def test_tilted_face_is_levelled_by_its_eyes(subject):
+    upright = crop_faces(tilted_photo(subject, 0), "auto")
+    assert find_tilted_faces(tilted_photo(subject, 0))[0][1] == 0.0
+    ref = upright[0][1].astype(float)
+    for turn in (15, -15):
+        img = tilted_photo(subject, turn)
+        (box, angle), = find_tilted_faces(img, 1)
+        # anticlockwise in the picture: the eye line rises to the right (negative in image
+        # coordinates); found within a few degrees
+        assert abs(angle + turn) <= 4.5, (turn, angle)
+        (_, crop), = crop_faces(img, "auto", 1)
+        assert np.array_equal(crop, face_crop(img, box, angle=angle))
+        aligned = np.abs(crop.astype(float) - ref).mean()
+        plain = np.abs(face_crop(img, box).astype(float) - ref).mean()
+        assert aligned < 0.8 * plain, (turn, aligned, plain)
 
 
 @needs_orl
