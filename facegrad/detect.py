@@ -59,6 +59,7 @@ Crops (:func:`is_face_crop`)
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -200,8 +201,13 @@ def _iou(a: Box, b: Box) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
 
 
+def _size_order(box: Box) -> tuple[int, int, int]:
+    """Sort key: biggest first, then top to bottom, then left to right."""
+    return (-box[2] * box[3], box[1], box[0])
+
+
 def _biggest_first(boxes: list[Box]) -> list[Box]:
-    return sorted(boxes, key=lambda b: (-b[2] * b[3], b[1], b[0]))
+    return sorted(boxes, key=_size_order)
 
 
 def _suppress(boxes: list[Box]) -> list[Box]:
@@ -228,9 +234,27 @@ def _verified(grey: np.ndarray, box: Box, verifier: cv2.CascadeClassifier) -> bo
     return any(_iou(local, tuple(int(v) for v in f)) > VERIFY_IOU for f in found)
 
 
-def _detect(rgb: np.ndarray) -> list[tuple[Box, float]]:
-    """All faces of an (H, W, 3) uint8 image, biggest first, in its own pixel coordinates, each
-    with its tilt (:func:`_eye_angle`)."""
+@dataclass(frozen=True)
+class _Found:
+    """The faces :func:`_detect` found in an image; their tilts are measured on demand, so
+    that faces beyond ``max_faces``, and images used whole, cost no eye search."""
+
+    boxes: list[Box]  # in the image's pixels, biggest first
+    scanned: list[Box]  # the same faces in the image the cascades scanned
+    grey: np.ndarray | None  # that image, before histogram equalisation
+
+    def tilted(self, max_faces: int) -> list[tuple[Box, float]]:
+        """(box, tilt in degrees, :func:`_eye_angle`) of the first ``max_faces`` faces."""
+        with _lock:
+            return [(box, _eye_angle(self.grey, scanned))
+                    for box, scanned in zip(self.boxes[:max_faces], self.scanned)]
+
+
+_NONE_FOUND = _Found([], [], None)
+
+
+def _detect(rgb: np.ndarray) -> _Found:
+    """All faces of an (H, W, 3) uint8 image, biggest first, in its own pixel coordinates."""
     h, w = rgb.shape[:2]
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
@@ -238,7 +262,7 @@ def _detect(rgb: np.ndarray) -> list[tuple[Box, float]]:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
     if min(grey.shape) < MIN_WINDOW:
-        return []
+        return _NONE_FOUND
     raw, grey = grey, cv2.equalizeHist(grey)
     min_side = max(MIN_WINDOW, round(min(grey.shape) / MIN_FACE_DIVISOR))
     with _lock:
@@ -247,20 +271,21 @@ def _detect(rgb: np.ndarray) -> list[tuple[Box, float]]:
                                          minNeighbors=MIN_NEIGHBORS, minSize=(min_side, min_side))
         candidates = [b for b in (tuple(int(v) for v in f) for f in found)
                       if _verified(grey, b, verifier)]
-        kept = [(b, _eye_angle(raw, b)) for b in _suppress(candidates)]
-    faces = []
-    for (x, y, bw, bh), angle in kept:
+    faces = []  # (box in the image's pixels, box in the scanned image)
+    for x, y, bw, bh in _suppress(candidates):
         x0, y0 = max(0, round(x / scale)), max(0, round(y / scale))
         x1, y1 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
         if x1 > x0 and y1 > y0:
-            faces.append(((x0, y0, x1 - x0, y1 - y0), angle))
-    order = _biggest_first([b for b, _ in faces])
-    return sorted(faces, key=lambda f: order.index(f[0]))
+            faces.append(((x0, y0, x1 - x0, y1 - y0), (x, y, bw, bh)))
+    faces.sort(key=lambda f: _size_order(f[0]))
+    return _Found([b for b, _ in faces], [b for _, b in faces], raw)
 
 
 def find_faces(rgb: np.ndarray, max_faces: int = 10) -> list[Box]:
     """Face boxes (x, y, w, h) in ``rgb``'s pixel coordinates, biggest first, at most max_faces."""
-    return [box for box, _ in find_tilted_faces(rgb, max_faces)]
+    if max_faces < 1:
+        raise ValueError("max_faces must be at least 1")
+    return _detect(_as_rgb(rgb)).boxes[:max_faces]
 
 
 def find_tilted_faces(rgb: np.ndarray, max_faces: int = 10) -> list[tuple[Box, float]]:
@@ -268,20 +293,19 @@ def find_tilted_faces(rgb: np.ndarray, max_faces: int = 10) -> list[tuple[Box, f
     were found and the face leans at least ``ALIGN_MIN_ANGLE``."""
     if max_faces < 1:
         raise ValueError("max_faces must be at least 1")
-    return _detect(_as_rgb(rgb))[:max_faces]
+    return _detect(_as_rgb(rgb)).tilted(max_faces)
 
 
-def _crop_rule(rgb: np.ndarray) -> tuple[bool, list[tuple[Box, float]]]:
-    """(whether the image is a face crop, the faces found with their tilts: [] when detection
-    was not run)."""
+def _crop_rule(rgb: np.ndarray) -> tuple[bool, _Found]:
+    """(whether the image is a face crop, the faces found: none when detection was not run)."""
     h, w = rgb.shape[:2]
     short = min(h, w)
     if short <= CROP_MAX_SIDE:
-        return True, []
-    faces = _detect(rgb)
-    crop = (CROP_ASPECT[0] <= w / h <= CROP_ASPECT[1] and bool(faces)
-            and all(min(b[2], b[3]) >= CROP_MIN_FACE * short for b, _ in faces))
-    return crop, faces
+        return True, _NONE_FOUND
+    found = _detect(rgb)
+    crop = (CROP_ASPECT[0] <= w / h <= CROP_ASPECT[1] and bool(found.boxes)
+            and all(min(b[2], b[3]) >= CROP_MIN_FACE * short for b in found.boxes))
+    return crop, found
 
 
 def is_face_crop(rgb: np.ndarray) -> bool:
@@ -317,12 +341,12 @@ def _check(detect: str, max_faces: int = 1) -> None:
         raise ValueError("max_faces must be at least 1")
 
 
-def _faces_to_crop(rgb: np.ndarray) -> list[tuple[Box, float]] | None:
-    """The "auto" decision: None to use the whole image, else the faces to crop ([]: none)."""
-    crop, faces = _crop_rule(rgb)
-    if crop or (not faces and min(rgb.shape[:2]) <= CROP_FALLBACK_SIDE):
+def _faces_to_crop(rgb: np.ndarray) -> _Found | None:
+    """The "auto" decision: None to use the whole image, else the faces to crop (maybe none)."""
+    crop, found = _crop_rule(rgb)
+    if crop or (not found.boxes and min(rgb.shape[:2]) <= CROP_FALLBACK_SIDE):
         return None
-    return faces
+    return found
 
 
 def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10,
@@ -341,7 +365,7 @@ def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10,
     faces = None if detect == "none" else _faces_to_crop(rgb)
     if faces is None:
         return [(None, prepare_face(rgb))]
-    return [(box, face_crop(rgb, box, margin, angle)) for box, angle in faces[:max_faces]]
+    return [(box, face_crop(rgb, box, margin, angle)) for box, angle in faces.tilted(max_faces)]
 
 
 def crop_one(rgb: np.ndarray, detect: str = "auto") -> np.ndarray | None:

@@ -228,7 +228,6 @@ class LoadedModel:
             out.append((cands[0][0] if d >= thr else None, _clamp(d), cands))
         return out
 
-
     def verify_scores(self, emb: torch.Tensor, sims: torch.Tensor, labels: list[str],
                       threshold: float | None = None, compare: str = "auto") -> dict:
         """Do two faces show the same person? ``emb`` (2, D) and their identity scores ``sims``
