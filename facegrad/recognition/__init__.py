@@ -1,0 +1,2 @@
+"""Face recognition with a pretrained network: reading dlib's models, the network, detection
+and alignment."""
