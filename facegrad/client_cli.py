@@ -46,6 +46,7 @@ class Detect(str, Enum):
 
 
 class Arch(str, Enum):
+    dlib_resnet = "dlib_resnet"
     facenet_s = "facenet_s"
     seed_cnn = "seed_cnn"
 
@@ -381,12 +382,15 @@ def wait_for(client: Client, job: dict, poll: float, quiet: bool) -> dict:
 def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset id.")],
     arch: Annotated[Arch | None, typer.Option(
-        "--arch", help="facenet_s (default) or seed_cnn.")] = None,
+        "--arch",
+        help="dlib_resnet (default: pretrained, fine-tuned), facenet_s or seed_cnn.")] = None,
     clip: Annotated[str | None, typer.Option(
         help="Clipping rule: norm:5 | norm:5:per_tensor | value:1 | threshold:0.9 | agc:0.01 | "
         "autoclip:10 | none; more fields as key=value (norm:5:norm_type=inf). "
         "Default: the server's (norm:5).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (server default 60).")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="Epochs (server default: 4 for dlib_resnet, 60 otherwise; 0: dlib_resnet as "
+        "it is).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
     optimizer: Annotated[Optim | None, typer.Option(help="sgd, adam or adamw.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,

@@ -11,8 +11,18 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ARCHITECTURES = ("facenet_s", "seed_cnn")
-DEFAULT_ARCHITECTURE = "facenet_s"
+ARCHITECTURES = ("dlib_resnet", "facenet_s", "seed_cnn")
+DEFAULT_ARCHITECTURE = "dlib_resnet"
+PRETRAINED = ("dlib_resnet",)  # fine-tuned from pretrained weights; the others train from scratch
+# what a field defaults to when the job does not set it, where an architecture needs otherwise:
+# a pretrained network is fine-tuned briefly, gently, at the input size it was trained at
+ARCH_DEFAULTS = {
+    # SGD as the origin's SGD(lr=0.01, clipnorm=5.0): Adam's steps of a fixed size overwhelm
+    # this network's small weights (|w| ~ 0.01 in its convolutions; without batch norm the
+    # affine scales carry the magnitude) and collapsed its embedding within an epoch
+    "dlib_resnet": {"epochs": 4, "learning_rate": 0.01, "image_size": 150,
+                    "optimizer": {"name": "sgd"}},
+}
 
 
 class _Strict(BaseModel):
@@ -123,20 +133,39 @@ class OptimizerConfig(_Strict):
 class TrainConfig(_Strict):
     """Everything that defines a training run. Only dataset_id is required by the API."""
 
-    architecture: Literal["facenet_s", "seed_cnn"] = Field(
+    architecture: Literal["dlib_resnet", "facenet_s", "seed_cnn"] = Field(
         DEFAULT_ARCHITECTURE,
-        description="'facenet_s' (default: small residual net with batch norm and a normalised "
-        "embedding) or 'seed_cnn' (the origin document's Conv32-Conv64-Dense128 CNN).",
+        description="'dlib_resnet' (default): dlib's face-recognition ResNet, pretrained on about "
+        "3 million faces, fine-tuned on the dataset (epochs 0: used as it is); 'facenet_s' (a "
+        "small residual net trained from scratch) or 'seed_cnn' (the origin document's "
+        "Conv32-Conv64-Dense128 CNN, from scratch).",
     )
-    epochs: int = Field(60, ge=1, le=1000)
+    epochs: int = Field(
+        60, ge=0, le=1000,
+        description="Passes over the training images (default 4 for dlib_resnet, 60 otherwise). "
+        "0, only for dlib_resnet: the pretrained network as it is, gallery and calibration only.")
     batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(3e-3, gt=0, le=10)
+    learning_rate: float = Field(
+        3e-3, gt=0, le=10,
+        description="Peak learning rate (default 0.01 for dlib_resnet, 3e-3 otherwise); for "
+        "dlib_resnet the head's, the backbone learning at backbone_lr_scale of it.")
+    backbone_lr_scale: float = Field(
+        0.1, ge=0, le=1,
+        description="dlib_resnet: the pretrained layers' learning rate as a share of the head's "
+        "(0 freezes them all). A lower rate keeps what the network learnt from millions of faces.")
+    freeze_stages: int = Field(
+        2, ge=0, le=5,
+        description="dlib_resnet: how many of its stages (stem, then residual stages of 32, 64, "
+        "128, 256 filters) stay frozen: early layers describe edges and textures any face "
+        "shares; freezing them also halves the backward pass.")
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="Cosine decay with a short warm-up, or a constant rate."
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     clip: ClipConfig = Field(default_factory=lambda: ClipNorm(mode="norm", max_norm=5.0))
-    image_size: int = Field(64, ge=32, le=256, description="Square input side in pixels.")
+    image_size: int = Field(
+        64, ge=32, le=256,
+        description="Square input side in pixels (dlib_resnet: 150, its fixed input size).")
     val_fraction: float = Field(
         0.1, ge=0, lt=0.9, description="Share of each identity held out for validation."
     )
@@ -165,8 +194,22 @@ class TrainConfig(_Strict):
         "still identified. 0: calibrate on the trained identities (optimistic).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, data):
+        """Fields the job leaves unset take its architecture's defaults (``ARCH_DEFAULTS``)."""
+        if isinstance(data, dict):
+            arch = data.get("architecture", DEFAULT_ARCHITECTURE)
+            data = {**ARCH_DEFAULTS.get(arch, {}), **data}
+        return data
+
     @model_validator(mode="after")
-    def _seed_cnn_size(self):
+    def _architecture_limits(self):
         if self.architecture == "seed_cnn" and self.image_size < 32:
             raise ValueError("seed_cnn needs image_size >= 32")
+        if self.architecture in PRETRAINED and self.image_size != 150:
+            raise ValueError(f"{self.architecture} reads 150x150 faces: image_size must be 150")
+        if self.architecture not in PRETRAINED and self.epochs < 1:
+            raise ValueError(f"{self.architecture} trains from scratch: epochs must be >= 1 "
+                             "(epochs 0 is for the pretrained dlib_resnet)")
         return self

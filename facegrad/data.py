@@ -79,10 +79,11 @@ class DeviceBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int,
                  device: torch.device, pin: bool = False, index: np.ndarray | None = None,
-                 chunk: int = 512):
+                 chunk: int = 512, normalise=standardise):
         """``index`` picks rows of ``images``/``labels`` (e.g. of a memory-mapped dataset)
         without copying them all first: rows are read, moved and resized ``chunk`` at a time,
-        so the host holds one chunk, not a copy of the split (bench/worker_memory.py)."""
+        so the host holds one chunk, not a copy of the split (bench/worker_memory.py).
+        ``normalise`` prepares each batch for the model (``preprocess.NORMALISERS``)."""
         rows = np.arange(len(images)) if index is None else np.asarray(index)
         parts = []
         for start in range(0, max(1, len(rows)), chunk):  # one empty pass for an empty split
@@ -93,6 +94,7 @@ class DeviceBatches:
         self.x = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.y = torch.from_numpy(np.asarray(labels)[rows].astype(np.int64)).to(device)
         self.device = device
+        self.normalise = normalise
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -113,7 +115,7 @@ class DeviceBatches:
             xb = self.x.index_select(0, idx)
             if augment:
                 xb = augment_batch(xb, generator)
-            yield standardise(xb), self.y.index_select(0, idx)
+            yield self.normalise(xb), self.y.index_select(0, idx)
 
 
 # the random affine's range: scale log-uniform in AUG_SCALE (the face's size in the frame), shift

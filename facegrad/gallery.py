@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from facegrad.models import LBP_SHARE, describe
-from facegrad.preprocess import resize_uint8, standardise, zoom
+from facegrad.preprocess import normaliser, resize_uint8, zoom
 from facegrad.within_class import WithinClassNorm
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
@@ -75,7 +75,8 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
           flip_tta: bool = False, index: np.ndarray | None = None,
           descriptor: str = "backbone", lbp_share: float = LBP_SHARE,
           within_class: WithinClassNorm | None = None,
-          scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+          scales: tuple[float, ...] = (1.0,),
+          normalisation: str = "per_image_standardise") -> torch.Tensor:
     """uint8 (N, S, S, 3) stored crops → (N, D) normalised face descriptors on the CPU.
 
     ``descriptor``, ``flip_tta`` and ``lbp_share``: see :func:`facegrad.models.describe`;
@@ -85,13 +86,14 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size:
     rows (of a memory-mapped dataset, say), read one batch at a time.
     """
     model.eval()
+    normalise = normaliser(normalisation)
     rows = np.arange(len(images)) if index is None else np.asarray(index)
     out = None  # filled a batch at a time: a large gallery is not copied by a final cat
     for i in range(0, len(rows), batch_size):
         chunk = images[rows[i:i + batch_size]]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk))
-        xb = standardise(resize_uint8(chunk.to(device), image_size))
+        xb = normalise(resize_uint8(chunk.to(device), image_size))
         if len(scales) > 1:
             xb = torch.cat([zoom(xb, s) for s in scales])
         d = describe(model, xb, descriptor, flip_tta, lbp_share).float().cpu()

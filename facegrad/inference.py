@@ -155,6 +155,7 @@ class LoadedModel:
         self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
         # models from before scale test-time augmentation describe the crop as it is
         self.scales = tuple(float(s) for s in meta["preprocessing"].get("scale_tta", [1.0]))
+        self.normalisation = meta["preprocessing"].get("normalisation", "per_image_standardise")
         # models from before descriptors compare their training embedding
         self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
         self.lbp_share = float(meta["preprocessing"].get("lbp_share", 0.0))
@@ -191,7 +192,7 @@ class LoadedModel:
             return embed(self._describer, crops, self.image_size, self.device,
                          flip_tta=self.flip_tta, descriptor=self.descriptor,
                          lbp_share=self.lbp_share, within_class=self.within_class,
-                         scales=self.scales)
+                         scales=self.scales, normalisation=self.normalisation)
 
     def embed_and_score(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(embeddings, identity scores against the gallery, the gallery's identities then)."""

@@ -134,11 +134,12 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
         resume = latest_checkpoint(run_dir)
         data = FaceArrays.load(storage.dataset_dir(settings, dataset_id))
         hooks = _hooks(settings, job_id, heartbeat)
+        pretrained = storage.pretrained_dir(settings)
         try:
-            result = train(cfg, data, run_dir, hooks, resume=resume)
+            result = train(cfg, data, run_dir, hooks, resume=resume, pretrained_dir=pretrained)
         except CheckpointError as e:
             log.warning("job %s: checkpoint %s unusable (%s); starting over", job_id, resume, e)
-            result = train(cfg, data, run_dir, hooks, resume=None)
+            result = train(cfg, data, run_dir, hooks, resume=None, pretrained_dir=pretrained)
         return _finish(settings, job_id, dataset_id, cfg, result)
     except Cancelled:
         _update_job(settings, job_id, status="cancelled", finished_at=utcnow(),

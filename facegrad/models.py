@@ -1,5 +1,10 @@
 """Face models. Every model maps an image batch to (embedding, logits).
 
+- ``dlib_resnet``: the default, dlib's face-recognition ResNet pretrained on about 3 million
+  faces (:mod:`facegrad.recognition.dlib_resnet`), its normalised 128-d descriptor the embedding,
+  with a CosFace head for fine-tuning (:class:`PretrainedFace`). Identification compares that
+  embedding; the rest of this module's descriptor machinery is for the two networks below.
+
 - ``seed_cnn``: the origin document's CNN, Conv(32,3x3)-ReLU-MaxPool-Conv(64,3x3)-ReLU-MaxPool-
   Flatten-Dense(128)-Dense(classes); its 128-d hidden layer is the embedding.
 - ``facenet_s``: the default, a small residual net with batch norm, a normalised 128-d embedding and
@@ -151,6 +156,32 @@ class FaceNetS(nn.Module):
         return emb, self.classifier(emb, target)
 
 
+class PretrainedFace(nn.Module):
+    """A pretrained face network fine-tuned with a CosFace head (Wang et al. 2018, "CosFace:
+    Large Margin Cosine Loss", s = 30, m = 0.35 as there). Input: RGB in [0, 1]
+    (:func:`facegrad.preprocess.to_unit`); the network applies its own normalisation."""
+
+    output_layer_names = ["classifier."]
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        from facegrad.recognition.dlib_resnet import DlibResNet
+
+        self.backbone = DlibResNet()
+        self.classifier = CosineClassifier(EMBED_DIM, num_classes, scale=30.0, margin=0.35)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        emb = F.normalize(self.backbone(x), dim=1)
+        return emb, self.classifier(emb, target)
+
+    def freeze(self, stages: int) -> None:
+        """Keep the backbone's first ``stages`` parts as they are: its stem, its four residual
+        stages and its final projection, in that order (6 or more: the whole backbone)."""
+        b = self.backbone
+        for i, part in enumerate([b.stem, *b.stages, b.fc]):
+            part.requires_grad_(i >= stages)
+
+
 def _unit_map(h: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) feature map → averaged over the descriptor grid, unit length per face."""
     p = F.adaptive_avg_pool2d(h, DESCRIPTOR_GRID)
@@ -165,6 +196,8 @@ def build_model(architecture: str, num_classes: int, image_size: int = 64,
         return SeedCNN(num_classes, image_size)
     if architecture == "facenet_s":
         return FaceNetS(num_classes, image_size, mid_share=mid_share)
+    if architecture == "dlib_resnet":
+        return PretrainedFace(num_classes)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
@@ -202,6 +235,6 @@ def describe(model: nn.Module, x: torch.Tensor, descriptor: str = "backbone",
 
 def forward_logits(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None):
     """(embedding, logits); passes the target where the model's head uses a training margin."""
-    if isinstance(model, FaceNetS):
+    if isinstance(model, (FaceNetS, PretrainedFace)):
         return model(x, target)
     return model(x)

@@ -28,3 +28,8 @@ def upload_tmp_dir(settings: Settings) -> Path:
     p = settings.data_dir.resolve() / "tmp"
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def pretrained_dir(settings: Settings) -> Path:
+    """Pretrained weights converted once from their package's files (safetensors + JSON)."""
+    return settings.data_dir.resolve() / "pretrained"

@@ -7,6 +7,7 @@ Celery or the database.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import time
@@ -22,11 +23,12 @@ from facegrad import checkpoint as ckpt
 from facegrad import within_class
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
-from facegrad.config import TrainConfig
+from facegrad.config import PRETRAINED, TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
 from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_identities
 from facegrad.models import LBP_SHARE, MID_STAGE_SHARE, build_model, forward_logits
-from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE
+from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
+from facegrad.recognition import open_set
 
 DESCRIPTOR = "backbone+lbp"  # what identification compares: see facegrad.models.describe
 # new models describe each face as it is and zoomed out to 90 % (border pixels extended), and
@@ -40,6 +42,9 @@ DESCRIPTOR = "backbone+lbp"  # what identification compares: see facegrad.models
 # session 7
 FLIP_TTA = False
 SCALE_TTA = (1.0, 0.9)
+# how each architecture's input is prepared (facegrad.preprocess.NORMALISERS)
+NORMALISATION = {"dlib_resnet": "rgb_unit", "facenet_s": "per_image_standardise",
+                 "seed_cnn": "per_image_standardise"}
 
 
 class TrainingError(RuntimeError):
@@ -80,17 +85,30 @@ def pick_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on weights, not on biases and scales; a pretrained backbone's groups learn at
+    ``backbone_lr_scale`` of the rate (``lr_scale``, applied by :func:`train_step`)."""
+    groups = []
+    for scale, named in _by_lr_scale(cfg, model):
+        trainable = [p for p in named if p.requires_grad]
+        for decay in (True, False):
+            ps = [p for p in trainable if (p.ndim > 1) == decay]
+            if ps:
+                groups.append({"params": ps, "lr_scale": scale,
+                               "weight_decay": cfg.optimizer.weight_decay if decay else 0.0})
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=o.momentum,
                                nesterov=o.nesterov)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.learning_rate)
+
+
+def _by_lr_scale(cfg: TrainConfig, model: torch.nn.Module):
+    """[(lr scale, parameters)]: a pretrained model's backbone apart from its new head."""
+    if cfg.architecture not in PRETRAINED:
+        return [(1.0, list(model.parameters()))]
+    return [(cfg.backbone_lr_scale, list(model.backbone.parameters())),
+            (1.0, list(model.classifier.parameters()))]
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -124,10 +142,19 @@ class StepParts:
     device: torch.device
 
 
-def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device) -> StepParts:
-    """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run."""
+def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
+                    pretrained_dir: Path | None = None) -> StepParts:
+    """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run.
+
+    A pretrained architecture starts from its weights (converted once into ``pretrained_dir``,
+    default ``<data dir>/pretrained``) with its first ``freeze_stages`` stages frozen (all of
+    them when ``backbone_lr_scale`` is 0)."""
     model = build_model(cfg.architecture, num_classes, cfg.image_size,
-                        mid_share=MID_STAGE_SHARE).to(device)
+                        mid_share=MID_STAGE_SHARE)
+    if cfg.architecture in PRETRAINED:
+        model.backbone.load_state_dict(pretrained_state(pretrained_dir))
+        model.freeze(cfg.freeze_stages if cfg.backbone_lr_scale > 0 else 6)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,6 +163,34 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device) ->
                      clipper=build_clipper(cfg.clip, model), telemetry=ClipTelemetry(),
                      scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
                      amp_dtype=amp_dtype, device=device)
+
+
+def pretrained_state(pretrained_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """dlib's face-recognition ResNet's weights as a state dict (converted once, then read)."""
+    from safetensors.torch import load_file
+
+    from facegrad.recognition.dlib_resnet import pretrained_weights
+
+    if pretrained_dir is None:
+        from facegrad.settings import get_settings
+        from facegrad.storage import pretrained_dir as default_dir
+
+        pretrained_dir = default_dir(get_settings())
+    return load_file(str(pretrained_weights(Path(pretrained_dir))))
+
+
+@torch.no_grad()
+def imprint_head(model: torch.nn.Module, batches: DeviceBatches, batch_size: int) -> None:
+    """Set each class's weight in a cosine head to the mean of its training embeddings (weight
+    imprinting, Qi et al. 2018): fine-tuning then starts from a head that already separates the
+    classes, and the pretrained backbone is not pushed around by a random one."""
+    model.eval()
+    w = model.classifier.weight
+    sums = torch.zeros_like(w)
+    for xb, yb in batches.epoch(batch_size, None, augment=False, drop_last=False):
+        sums.index_add_(0, yb, model(xb)[0].float())
+    seen = sums.norm(dim=1) > 0
+    w[seen] = F.normalize(sums[seen], dim=1)
 
 
 def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
@@ -148,7 +203,7 @@ def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
     if parts.device.type == "cuda":
         xb = xb.contiguous(memory_format=torch.channels_last)
     for g in parts.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     amp_dtype = parts.amp_dtype
     with torch.autocast(parts.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         _, logits = forward_logits(parts.model, xb, yb)
@@ -216,8 +271,10 @@ def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype) -> tuple
 
 
 def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None = None,
-          resume: Path | None = None) -> TrainResult:
+          resume: Path | None = None, pretrained_dir: Path | None = None) -> TrainResult:
     hooks = hooks or Hooks()
+    pretrained = cfg.architecture in PRETRAINED
+    normalise = normaliser(NORMALISATION[cfg.architecture])
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
     num_classes = len(data.names)
@@ -225,7 +282,9 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         raise TrainingError("training needs at least 2 identities")
     # --- identities held out of training: the strangers that calibrate the open-set threshold --
     full = data
-    held = holdout_identities(full.labels, cfg.calibration_identities, cfg.seed)
+    # (the pretrained network used as it is has seen none of them: all are honest strangers)
+    held = holdout_identities(full.labels, cfg.calibration_identities if cfg.epochs else 0,
+                              cfg.seed)
     if len(held):
         data = without_identities(full, held)
         num_classes = len(data.names)
@@ -236,14 +295,15 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
     images = np.asarray(data.images)
     train_set = DeviceBatches(images, data.labels, cfg.image_size, device, pin=True,
-                              index=train_idx)
-    val_set = DeviceBatches(images, data.labels, cfg.image_size, device, index=val_idx)
+                              index=train_idx, normalise=normalise)
+    val_set = DeviceBatches(images, data.labels, cfg.image_size, device, index=val_idx,
+                            normalise=normalise)
     drop_last = len(train_set) > cfg.batch_size
     steps_per_epoch = train_set.num_batches(cfg.batch_size, drop_last)
     total_steps = steps_per_epoch * cfg.epochs
 
     # --- model, optimizer, clipping -----------------------------------------------------------
-    parts = make_step_parts(cfg, num_classes, device)
+    parts = make_step_parts(cfg, num_classes, device, pretrained_dir)
     model, params, opt, clipper, telemetry = (parts.model, parts.params, parts.opt,
                                               parts.clipper, parts.telemetry)
     amp_dtype = parts.amp_dtype
@@ -266,6 +326,8 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         start_epoch = resumed_from = meta["epoch"]
         step = meta["step"]
         hooks.on_resume(resumed_from)
+    elif pretrained and cfg.epochs:
+        imprint_head(model, train_set, cfg.batch_size * 2)
 
     def save_checkpoint(epoch: int) -> Path:
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
@@ -316,8 +378,10 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     if cfg.epochs > start_epoch:
         del batches
     gc.collect()
-    model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
-                                  too_few, history, run_dir)
+    save = (functools.partial(save_pretrained_model, pretrained_dir=pretrained_dir)
+            if pretrained else save_model)
+    model_path, meta = save(cfg, model, device, full, data, held, train_idx, val_idx,
+                            too_few, history, run_dir)
     return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
                        resumed_from, {"too_few_to_split": meta["too_few_to_split"]}, meta)
 
@@ -407,3 +471,87 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
         tensors |= within.tensors()
     model_path = ckpt.save(run_dir / "model", tensors, model_meta)
     return model_path, model_meta
+
+
+def save_pretrained_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
+                          full: FaceArrays, data: FaceArrays, held: np.ndarray,
+                          train_idx: np.ndarray, val_idx: np.ndarray, too_few: list[int],
+                          history: list[dict], run_dir: Path,
+                          pretrained_dir: Path | None = None) -> tuple[Path, dict]:
+    """The model artifact of a pretrained network: weights, a gallery of every image of the
+    dataset (its normalised 128-d embeddings), thresholds calibrated on it
+    (:mod:`facegrad.recognition.open_set`).
+
+    After fine-tuning, the identities held out of it (``held``) make the comparison honest: the
+    open-set figures of the pretrained and of the fine-tuned network on them are both recorded
+    (``open_set.fine_tuning``), and when fine-tuning made them worse the model keeps the
+    pretrained weights and says so. Arguments as :func:`save_model`.
+    """
+    images = np.asarray(full.images)
+    owner = torch.from_numpy(full.labels.astype(np.int64))
+    n_ids = len(full.names)
+    everyone = torch.arange(n_ids)
+
+    def describe(net):
+        return embed(net, images, cfg.image_size, device, descriptor="embedding",
+                     normalisation=NORMALISATION[cfg.architecture])
+
+    emb = describe(model)
+    fine_tuning = None
+    if cfg.epochs and len(held):
+        honest = torch.from_numpy(held.astype(np.int64))
+        tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        tuned = open_set.calibrate(emb, owner, n_ids, honest, None, cfg.target_fpir)
+        model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
+        emb_pre = describe(model)
+        pre = open_set.calibrate(emb_pre, owner, n_ids, honest, None, cfg.target_fpir)
+        keys = ("known_named", "strangers_rejected", "tpir_at_fpir_0.05", "threshold")
+        keep_tuned = open_set.better(tuned, pre)
+        fine_tuning = {
+            "held_out": [full.names[i] for i in held.tolist()],
+            "pretrained": {k: pre.get(k) for k in keys},
+            "fine_tuned": {k: tuned.get(k) for k in keys},
+            "kept": "fine_tuned" if keep_tuned else "pretrained",
+        }
+        if keep_tuned:
+            model.backbone.load_state_dict(tuned_state)
+        else:
+            emb = emb_pre
+            fine_tuning["note"] = ("fine-tuning made the figures on the held-out identities "
+                                   "worse: the model keeps the pretrained network")
+    if fine_tuning is None or fine_tuning["kept"] == "pretrained":
+        # a network that has not trained on these people: every identity is an honest stranger
+        open_set_rec = open_set.calibrate(emb, owner, n_ids, everyone, None, cfg.target_fpir)
+        if cfg.epochs and not len(held):
+            open_set_rec["note"] = ("too few identities to hold some out of fine-tuning: "
+                                    "calibrated on the fine-tuned identities (optimistic)")
+    else:  # the held-out people as strangers; known faces: theirs and the validation images
+        rows = torch.cat([torch.nonzero(torch.isin(owner, honest)).view(-1),
+                          torch.from_numpy(val_idx.astype(np.int64))])
+        open_set_rec = open_set.calibrate(emb, owner, n_ids, honest, rows, cfg.target_fpir)
+    if fine_tuning is not None:
+        open_set_rec["fine_tuning"] = fine_tuning
+    if len(held):
+        open_set_rec["held_out"] = [full.names[i] for i in held.tolist()]
+    counts = torch.bincount(owner, minlength=n_ids)
+    model_meta = {
+        "kind": "model",
+        "architecture": cfg.architecture,
+        "labels": full.names,
+        "classifier_labels": data.names,
+        "num_classes": len(data.names),
+        "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
+                          "image_size": cfg.image_size, "channels": 3,
+                          "normalisation": NORMALISATION[cfg.architecture],
+                          "descriptor": "embedding", "flip_tta": False, "scale_tta": [1.0],
+                          "network": "dlib_face_recognition_resnet_model_v1"},
+        "config": cfg.model_dump(),
+        "history": history,
+        "open_set": open_set_rec,
+        "gallery": {"source": "training", "scoring": "nearest_image",
+                    "counts": {n: int(c) for n, c in zip(full.names, counts)}},
+        "too_few_to_split": [data.names[i] for i in too_few],
+    }
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {"gallery.emb": emb, "gallery.owner": owner, "gallery.counts": counts}
+    return ckpt.save(run_dir / "model", tensors, model_meta), model_meta

@@ -297,9 +297,10 @@ const BASIC = ["architecture", "epochs", "batch_size", "learning_rate", "optimiz
   "image_size", "seed"];
 const HIDDEN = ["dataset_id", "clip"];
 const HELP = {
-  architecture: "facenet_s: small residual net, normalised embedding (default). seed_cnn: the " +
-    "origin document's Conv32-Conv64-Dense128 CNN.",
-  epochs: "Passes over the training images.",
+  architecture: "dlib_resnet: dlib's face network pretrained on millions of faces, fine-tuned " +
+    "(default). facenet_s: small residual net from scratch. seed_cnn: the origin document's " +
+    "Conv32-Conv64-Dense128 CNN.",
+  epochs: "Passes over the training images (dlib_resnet: 0 uses the pretrained network as it is).",
   batch_size: "Images per optimizer step.",
   learning_rate: "Peak step size; the schedule decays it.",
   image_size: "Faces are resized to this square side: smaller trains faster.",

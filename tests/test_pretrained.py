@@ -1,0 +1,153 @@
+"""The default job: dlib's pretrained face network, used as it is (epochs 0) or fine-tuned with
+clipping, its gallery calibrated by leaving out (facegrad.recognition.open_set). Real ORL faces,
+in process (the service runs the same ``train``; tests/test_open_set.py goes through it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from facegrad.config import TrainConfig
+from facegrad.data import FaceArrays
+from facegrad.detect import crop_one
+from facegrad.imageio import decode_image
+from facegrad.inference import LoadedModel
+from facegrad.recognition.open_set import (
+    equal_error_threshold,
+    leave_out_scores,
+)
+from facegrad.training import pretrained_state, train
+from tests.harness import ORL, orl_split
+
+N_IDS = 12  # people trained / enrolled; the next 4 are strangers
+
+
+@pytest.fixture(scope="module")
+def faces():
+    if not ORL.is_dir():
+        pytest.skip(f"shared face data not found at {ORL}")
+    tr, te = orl_split()
+    names = sorted(tr)
+
+    def chips(split, ids):
+        paths = [p for n in ids for p in split[n]]
+        x = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
+        return x, np.array([i for i, n in enumerate(ids) for _ in split[n]])
+
+    known, strangers = names[:N_IDS], names[N_IDS:N_IDS + 4]
+    x, y = chips(tr, known)
+    xt, yt = chips(te, known)
+    xs, _ = chips({n: tr[n] + te[n] for n in strangers}, strangers)
+    return {"train": FaceArrays(x, y, known), "test": (xt, yt), "strangers": xs}
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pretrained")
+
+
+def _identify(lm: LoadedModel, x: np.ndarray) -> list:
+    return [m[0] for m in lm.match(lm.embed(x))]
+
+
+def test_defaults_follow_the_architecture():
+    cfg = TrainConfig()
+    assert (cfg.architecture, cfg.epochs, cfg.image_size, cfg.learning_rate) == (
+        "dlib_resnet", 4, 150, 0.01)
+    assert cfg.optimizer.name == "sgd"
+    scratch = TrainConfig(architecture="facenet_s")
+    assert (scratch.epochs, scratch.image_size, scratch.learning_rate) == (60, 64, 3e-3)
+    assert TrainConfig(epochs=0).epochs == 0  # the pretrained network as it is
+    with pytest.raises(ValidationError, match="image_size must be 150"):
+        TrainConfig(image_size=64)
+    with pytest.raises(ValidationError, match="epochs must be >= 1"):
+        TrainConfig(architecture="seed_cnn", epochs=0)
+
+
+def test_pretrained_as_is_identifies_and_rejects(faces, weights_dir, tmp_path):
+    res = train(TrainConfig(epochs=0, device="cpu"), faces["train"], tmp_path / "run",
+                pretrained_dir=weights_dir)
+    assert res.history == []
+    os_ = res.open_set
+    # no training: every person is an honest stranger to the others
+    assert os_["method"] == "leave_out" and os_["honest_identities"] == N_IDS
+    assert os_["policy"] == "equal_error" and "fine_tuning" not in os_
+    assert os_["rank1"] == 1.0 and os_["known_named"] >= 0.95
+    assert os_["strangers_rejected"] >= 0.95
+    lm = LoadedModel(res.model_path.parent)
+    assert lm.meta["preprocessing"]["normalisation"] == "rgb_unit"
+    xt, yt = faces["test"]
+    named = _identify(lm, xt)
+    truth = [faces["train"].names[i] for i in yt]
+    assert np.mean([a == b for a, b in zip(named, truth)]) >= 0.95
+    assert np.mean([a is None for a in _identify(lm, faces["strangers"])]) >= 0.95
+    # the weights stored with the model are the pretrained network's
+    stored = load_file(str(res.model_path.with_suffix(".safetensors")))
+    ref = pretrained_state(weights_dir)
+    assert torch.equal(stored["model.backbone.fc.weight"], ref["fc.weight"])
+
+
+def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weights_dir,
+                                                                   tmp_path):
+    cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2, freeze_stages=2,
+                      clip={"mode": "norm", "max_norm": 5.0})
+    res = train(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    assert len(res.history) == 1 and res.clipping["steps"] > 0
+    ft = res.open_set["fine_tuning"]
+    assert len(ft["held_out"]) == 2 and ft["kept"] in ("fine_tuned", "pretrained")
+    for net in ("pretrained", "fine_tuned"):
+        assert 0 <= ft[net]["tpir_at_fpir_0.05"] <= 1 and 0 < ft[net]["threshold"] <= 1
+    stored = load_file(str(res.model_path.with_suffix(".safetensors")))
+    ref = pretrained_state(weights_dir)
+    # the stem and the first residual stage were frozen: still the pretrained weights
+    assert torch.equal(stored["model.backbone.stem.0.weight"], ref["stem.0.weight"])
+    if ft["kept"] == "fine_tuned":
+        assert not torch.equal(stored["model.backbone.fc.weight"], ref["fc.weight"])
+    lm = LoadedModel(res.model_path.parent)
+    xt, yt = faces["test"]
+    truth = [faces["train"].names[i] for i in yt]
+    assert np.mean([a == b for a, b in zip(_identify(lm, xt), truth)]) >= 0.9
+
+
+def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, weights_dir,
+                                                                      tmp_path):
+    # no clipping, a huge constant rate on every layer: what clipping is there to prevent
+    cfg = TrainConfig(epochs=1, device="cpu", learning_rate=3.0, lr_schedule="constant",
+                      backbone_lr_scale=1.0, freeze_stages=0, optimizer={"name": "sgd"},
+                      clip={"mode": "none"})
+    res = train(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    ft = res.open_set["fine_tuning"]
+    assert ft["kept"] == "pretrained" and "worse" in ft["note"]
+    stored = load_file(str(res.model_path.with_suffix(".safetensors")))
+    assert torch.equal(stored["model.backbone.fc.weight"],
+                       pretrained_state(weights_dir)["fc.weight"])
+    assert res.open_set["known_named"] >= 0.95
+
+
+def test_leave_out_scores_leave_out_the_probe_and_its_person():
+    # three people, two images each, on orthogonal axes; image 0 of person 0 has a twin
+    emb = torch.eye(4)[[0, 0, 1, 1, 2, 3]]
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    s = leave_out_scores(emb, owner, 3, torch.arange(3))
+    # known: each image against the gallery less itself
+    assert s["known_ok"].tolist() == [True, True, True, True, False, False]
+    assert s["known_score"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # strangers: against the others only (nobody resembles anybody)
+    assert s["stranger_score"].tolist() == [0.0] * 6
+
+
+def test_equal_error_threshold():
+    known = torch.linspace(0.90, 1.00, 101)
+    stranger = torch.linspace(0.50, 0.70, 101)
+    # separated: the middle of the gap between the 1 % tails
+    t = equal_error_threshold(known, stranger)
+    assert abs(t - (float(torch.quantile(known, 0.01)) + float(torch.quantile(stranger, 0.99)))
+               / 2) < 1e-6
+    # overlapping: as many known faces below as strangers above
+    known, stranger = torch.linspace(0.5, 1.0, 1001), torch.linspace(0.3, 0.8, 1001)
+    t = equal_error_threshold(known, stranger)
+    assert abs(float((known < t).float().mean()) - float((stranger >= t).float().mean())) < 0.01
+    assert abs(t - 0.65) < 0.01
