@@ -1,183 +1,142 @@
-"""Face detection and cropping with OpenCV's Haar cascades (shipped with opencv-python).
+"""Face detection and alignment with dlib: HOG detector → 5 landmarks → aligned 150×150 chip.
 
-Nothing is downloaded: the cascades are the XML files under ``cv2.data.haarcascades``.
+Models (loaded once per process, on first use): dlib's HOG frontal face detector
+(``dlib.get_frontal_face_detector()``, built into dlib) and its 5-point landmark model
+``shape_predictor_5_face_landmarks.dat`` from the ``face-recognition-models`` package (the
+68-point model is not used: its training data restricts commercial use).
 
 Detection (:func:`find_faces`)
-    The image is turned grey, shrunk so that its longest side is at most ``DETECT_MAX_SIDE``
-    (a 40-megapixel upload then costs what a 640×480 one does), histogram-equalised and scanned
-    by the frontal cascade ``frontalface_default``. Each box it finds must be confirmed by the
-    second frontal cascade, ``frontalface_alt2``, run on the box's surroundings only: the two
-    cascades were trained apart and seldom fire on the same non-face. On the 400 bare ORL images
-    this finds 363 faces (91 %; ``frontalface_default`` alone at ``minNeighbors=4``: 362), on
-    ORL faces with surroundings (×2, inside a larger picture) 373-399 of 400, and on 640×480
-    blurred-noise textures (the cascades' worst case) it fired in 11 of 80 images, against 31
-    for ``frontalface_default`` alone and 35 for the union of both cascades.
-    Boxes overlapping a bigger one are dropped (non-maximum suppression); faces under
-    ``1/MIN_FACE_DIVISOR`` of the (shrunk) image's shorter side, or under the cascade's 24 px
-    window, are not searched for. Boxes come back as (x, y, w, h) in the original image's pixels,
+    The detector scans the image's grey version resized so that its longest side is
+    ``DETECT_SIDE`` (960 px), enlarged at most ``MAX_UPSCALE`` (2×). HOG (an 80×80 window)
+    finds faces whose box is about 70 px and more in the image it scans (boxes come in steps of
+    6/5), so the smallest face found has a box of about 1/13 of the longest side (48 px in a
+    640×480 photo), and a big upload costs what a 960-px one does. The cost grows with the
+    pixels scanned. On this 2-core VM, per 640×480 picture (``bench/detection.py``, CPU ms, 40
+    faces per cell):
+
+    ====================  ==========  ====================  ==========================
+    scanned longest side  ms per img  ORL face 60 px high   false boxes, 40 noise pics
+    ====================  ==========  ====================  ==========================
+    640 (as it is)        38          0 of 120              0
+    960 (chosen)          70-76       114 of 120            0
+    1280                  124         120 of 120            2
+    ====================  ==========  ====================  ==========================
+
+    960 px finds the 60-px ORL frames (48-px boxes) at a cost an identify call can carry.
+    Boxes come back as (x, y, w, h) in the original image's pixels, clipped to the image,
     biggest first.
 
-Framing (:func:`face_crop`)
-    An ORL / AT&T image (92×112) is a tight face crop; stored, it is its centred 92×92 square.
-    Placed (×2) inside a larger picture, so that the cascade sees some surroundings as it does in
-    a photo, the primary cascade's box on an ORL face is 0.96-0.99 times the image's width, and
-    its centre lies 0.07 box heights below the image's centre (the box runs from the brows to the
-    chin, the ORL frame from the hair to the chin). A detected face is therefore cropped to the
-    square of side ``box * (1 + 2 * margin)`` with ``DEFAULT_MARGIN = 0.02`` (×1.04, i.e. the ORL
-    square), centred ``FACE_LIFT = 0.07`` box heights above the box's centre. Over those ORL
-    faces this crop is the closest to the image's own stored crop (mean absolute difference 29.8
-    grey levels; 33.2 without the lift, 34.5 with ``margin=0.10``, 43.2 with ``0.25``), so a face
-    cut out of a photo is framed like the face crops a gallery may have been built from. (On a
-    bare ORL image the box is only 0.84 of the width: the frame leaves no room for the larger,
-    shifted windows the box is averaged from; such images are used whole anyway, see below.)
-    Dataset building and identification both use the default margin.
+Tight crops
+    The HOG window wants some context around the face; a crop cut at the chin and hairline
+    (ORL) gives little. When nothing is found, the scan is repeated on the image with a border
+    of ``PAD_RETRY`` (25 %) of its longest side on every side, filled by replicating its edge
+    pixels (not mirrored: a mirrored border makes mirrored faces), scanned at ``RETRY_SIDE``
+    (320 px: a face filling the frame is still over 80 px there, and the retry costs about
+    12 ms on a picture with no face); only faces whose centre lies inside the original image
+    count. When that finds nothing either, an image whose longest side is at most
+    ``CROP_MAX_SIDE`` (256 px) and whose sides differ at most ``CROP_MAX_ASPECT`` (2×) is taken
+    to be a face crop: face-crop data sets come at about that size (ORL 92×112, Extended Yale B
+    168×192, CelebA 178×218, LFW 250×250), a picture that small holds little more than one face,
+    and photos and screenshots are bigger. Its face box is the image's largest centred square
+    and the landmarks are predicted inside it (on the ORL images the detector finds, landmarks
+    predicted in that square lie 2 % of the eye distance from those predicted in the detector's
+    box; with the whole image as the box, 10 %). A bigger image with no face found has no face:
+    :func:`crop_faces` returns [] and :func:`crop_one` None, and the caller reports it.
 
-Alignment (:func:`_eye_angle`)
-    Haar cascades give a box, not landmarks; the eye cascades shipped beside them
-    (``EYE_CASCADES``) give the eyes. In the top of each face box two eyes a plausible distance
-    apart give the face's tilt, and a face leaning at least ``ALIGN_MIN_ANGLE`` (6°) is turned
-    level about its crop's centre before it is cut out (:func:`face_crop`). On ORL faces placed
-    (×2) in a 640×480 picture the eyes were paired in about 65 % of the faces found, the tilt off
-    by 2.5° (median; 5° at the 90th percentile) on upright faces, which the 6° floor therefore
-    leaves alone (6 of 89 turned, figures unchanged); faces turned 15° were identified by a model
-    trained on the upright ORL images 0.31 of the time aligned against 0.12 unaligned
-    (closed-set 0.75 against 0.72), faces turned 8° 0.45 against 0.41. The frontal cascades
-    find few faces leaning more than about 20°. The eye search costs about 15 ms per face found
-    (a 640×480 photo with two faces: 97 ms against 66 ms without it, on a 2-core VM).
+Alignment (:func:`crop_faces`)
+    The 5 landmarks (the corners of both eyes and the bottom of the nose) are predicted on the
+    full-resolution image inside each face box, and the chip is ``dlib.get_face_chip(rgb, shape,
+    size=STORE_SIZE, padding=0.25)``: rotated so that the eyes are level and scaled to the
+    150×150 chip dlib's face-recognition ResNet reads. Where the chip (or the landmark model's
+    view around the box) reaches past the image's edge, the missing pixels are the edge pixels
+    replicated (dlib itself would read and fill black); inside the image the chip is dlib's own.
 
-Crops (:func:`is_face_crop`)
-    An image is "already a face crop", and used whole, when its shorter side is at most
-    ``CROP_MAX_SIDE`` (160 px: too small to be a scene worth searching; ORL images are 92×112;
-    no detection is run), or when its aspect ratio w/h is within ``CROP_ASPECT`` (0.6 to 1.4),
-    the detector finds a face, and every face found spans at least ``CROP_MIN_FACE`` (50 %) of
-    the shorter side, i.e. one face fills the frame. With ``detect="auto"``, an image with no
-    face found is used whole when its shorter side is at most ``CROP_FALLBACK_SIDE`` (400 px:
-    most likely a face crop the cascade missed, as it misses 9 % of bare ORL images), and is a
-    photo without a face when bigger: :func:`crop_faces` returns [] and :func:`crop_one` None.
+Measured (``bench/detection.py``, seed 0)
+    Bare ORL images (92×112): 391 of 400 found by the detector directly, 7 by the padded retry,
+    2 by the tight-crop rule (scanned as they are rather than 2×, the detector alone finds 396).
+    ORL faces placed at random spots of 640×480 blurred-noise pictures, 40 per cell: all found at
+    frame heights 100 and 160 px, upright and turned ±15°; at 60 px 40, 38 and 36 of 40 (upright,
+    +15°, -15°). The eye line from the landmarks follows the turn within 1° (median). Two faces
+    side by side (160 and 100 px): both found, biggest first, in 20 of 20. No box in 40 noise
+    pictures. crop_faces on a 640×480 picture with one face: about 70 ms of CPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
+import dlib
 import numpy as np
 
-from facegrad.preprocess import prepare_face, square_crop, to_store
+from facegrad.preprocess import STORE_SIZE, prepare_face
 
 __all__ = [
-    "CROP_FALLBACK_SIDE",
+    "CHIP_PADDING",
+    "CROP_MAX_ASPECT",
     "CROP_MAX_SIDE",
-    "DEFAULT_MARGIN",
-    "DETECT_MAX_SIDE",
     "DETECT_MODES",
+    "DETECT_SIDE",
+    "MAX_UPSCALE",
+    "PAD_RETRY",
+    "RETRY_SIDE",
     "Box",
     "crop_faces",
     "crop_one",
-    "face_crop",
     "find_faces",
-    "find_tilted_faces",
-    "is_face_crop",
 ]
 
 Box = tuple[int, int, int, int]
 
 DETECT_MODES = ("auto", "none")
-DETECT_MAX_SIDE = 640       # longest side of the image the cascades scan
-MIN_FACE_DIVISOR = 20       # faces under 1/20 of the shorter side are ignored
-MIN_WINDOW = 24             # the primary cascade's window (alt2's is 20)
-SCALE_FACTOR = 1.1
-MIN_NEIGHBORS = 3           # primary cascade (frontalface_default)
-VERIFY_NEIGHBORS = 2        # verifying cascade (frontalface_alt2), searched around each box
-VERIFY_CONTEXT = 0.5        # ... in the box grown by this share of its side on every side
-VERIFY_IOU = 0.4            # ... and must overlap the box by more than this
-NMS_IOU = 0.3               # boxes overlapping more than this are one face,
-NMS_CONTAINED = 0.6         # as is a box lying mostly (by its area) inside a bigger one
+DETECT_SIDE = 960        # longest side of the image the detector scans ...
+MAX_UPSCALE = 2.0        # ... enlarged at most this much
+PAD_RETRY = 0.25         # nothing found: retry with a replicated border of this share of the side,
+RETRY_SIDE = 320         # ... the bordered image scanned at this longest side (at most MAX_UPSCALE)
+CROP_MAX_SIDE = 256      # still nothing, longest side <= this ...
+CROP_MAX_ASPECT = 2.0    # ... and longest / shortest side <= this: a face crop (module doc)
+CHIP_PADDING = 0.25      # dlib.get_face_chip's padding for the face-recognition ResNet
+LANDMARK_CONTEXT = 0.5   # the landmark model is run on the box grown by this share of its side
 
-DEFAULT_MARGIN = 0.02       # crop side = box side * (1 + 2 * margin) = ×1.04, the ORL framing
-FACE_LIFT = 0.07            # crop centre this many box heights above the box centre
+PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 
-CROP_MAX_SIDE = 160         # shorter side <= this: a face crop, used whole
-CROP_ASPECT = (0.6, 1.4)    # w/h of a larger image that may be a face crop ...
-CROP_MIN_FACE = 0.5         # ... when all its faces span at least this share of the shorter side
-CROP_FALLBACK_SIDE = 400    # "auto", no face found, shorter side <= this: whole image
-
-PRIMARY_CASCADE = "haarcascade_frontalface_default.xml"
-VERIFY_CASCADE = "haarcascade_frontalface_alt2.xml"
-# eyes, for levelling a tilted face (:func:`_eye_angle`): the glasses-tolerant cascade first
-EYE_CASCADES = ("haarcascade_eye_tree_eyeglasses.xml", "haarcascade_eye.xml")
-EYE_REGION = 0.6            # eyes are searched in the top 60 % of a face box
-EYE_SIZE = (1 / 8, 1 / 3)   # an eye's box, as a share of the face box's width
-EYE_SPACING = (0.25, 0.65)  # two eyes' centres lie this share of the box width apart ...
-EYE_MAX_SLOPE = 0.6         # ... and at most this times as far apart vertically
-ALIGN_MIN_ANGLE = 6.0       # degrees; a face tilted less is cropped as it is
-
-# CascadeClassifier.detectMultiScale is not documented as thread-safe. The classifiers are loaded
-# once per process and used under one lock; detectMultiScale already spreads its work over
-# OpenCV's own worker threads, so serialising the callers costs little throughput.
-_lock = threading.Lock()
-_classifiers: tuple[cv2.CascadeClassifier, cv2.CascadeClassifier] | None = None
-_eye_classifiers: list[cv2.CascadeClassifier] | None = None
+# dlib's object_detector keeps the image it scans in the object itself, so one detector is not
+# safe to call from two threads; the Python binding holds the GIL while it runs anyway, so a lock
+# costs nothing. The shape predictor and get_face_chip keep no state.
+_load_lock = threading.Lock()
+_detect_lock = threading.Lock()
+_models: tuple[object, object] | None = None
 
 
-def _cascade(name: str) -> cv2.CascadeClassifier:
-    clf = cv2.CascadeClassifier(cv2.data.haarcascades + name)
-    if clf.empty():
-        raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded from "
-                           f"{cv2.data.haarcascades}")
-    return clf
+def predictor_path() -> Path:
+    """The 5-point landmark model of the ``face-recognition-models`` package (not imported: its
+    ``__init__`` needs pkg_resources)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the face-recognition-models package is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / PREDICTOR_FILE
+    if not path.is_file():
+        raise RuntimeError(f"dlib landmark model not found at {path}")
+    return path
 
 
-def _load() -> tuple[cv2.CascadeClassifier, cv2.CascadeClassifier]:
-    """(primary, verifier), loaded on first use; call with ``_lock`` held."""
-    global _classifiers
-    if _classifiers is None:
-        _classifiers = (_cascade(PRIMARY_CASCADE), _cascade(VERIFY_CASCADE))
-    return _classifiers
-
-
-def _load_eyes() -> list[cv2.CascadeClassifier]:
-    """The eye cascades, loaded on first use; call with ``_lock`` held."""
-    global _eye_classifiers
-    if _eye_classifiers is None:
-        _eye_classifiers = [_cascade(name) for name in EYE_CASCADES]
-    return _eye_classifiers
-
-
-def _eye_angle(grey: np.ndarray, box: Box) -> float:
-    """How far the face in ``box`` is tilted, in degrees (positive: its eye line falls to the
-    right, in image coordinates), from its two eyes; 0 when no plausible pair of eyes is found
-    or the tilt is under ``ALIGN_MIN_ANGLE``. Call with ``_lock`` held.
-
-    Eyes are searched in the top ``EYE_REGION`` of the box (histogram-equalised on its own), by
-    each of ``EYE_CASCADES`` in turn; the first pair of the four biggest eyes whose centres are
-    ``EYE_SPACING`` of the box width apart, and no more than ``EYE_MAX_SLOPE`` as far
-    vertically, gives the angle.
-    """
-    x, y, w, h = box
-    roi = grey[y:y + int(EYE_REGION * h), x:x + w]
-    if min(roi.shape) < 16:
-        return 0.0
-    roi = cv2.equalizeHist(np.ascontiguousarray(roi))
-    lo, hi = max(8, int(w * EYE_SIZE[0])), max(9, int(w * EYE_SIZE[1]))
-    for clf in _load_eyes():
-        eyes = clf.detectMultiScale(roi, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS,
-                                    minSize=(lo, lo), maxSize=(hi, hi))
-        centres = [(ex + ew / 2, ey + eh / 2) for ex, ey, ew, eh in
-                   sorted((tuple(int(v) for v in e) for e in eyes), key=lambda e: -e[2])[:4]]
-        for i, a in enumerate(centres):
-            for b in centres[i + 1:]:
-                (ax, ay), (bx, by) = sorted((a, b))
-                dx, dy = bx - ax, by - ay
-                if EYE_SPACING[0] * w <= dx <= EYE_SPACING[1] * w and abs(dy) <= EYE_MAX_SLOPE * dx:
-                    angle = float(np.degrees(np.arctan2(dy, dx)))
-                    return angle if abs(angle) >= ALIGN_MIN_ANGLE else 0.0
-    return 0.0
+def _load() -> tuple[object, object]:
+    """(detector, shape predictor), loaded once per process."""
+    global _models
+    if _models is None:
+        with _load_lock:
+            if _models is None:
+                _models = (dlib.get_frontal_face_detector(),
+                           dlib.shape_predictor(str(predictor_path())))
+    return _models
 
 
 def _as_rgb(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 view of an RGB, RGBA or greyscale uint8 image."""
+    """(H, W, 3) uint8 C-contiguous RGB from an RGB, RGBA or greyscale uint8 image."""
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {img.dtype}")
@@ -186,195 +145,180 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 1:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
     if img.shape[2] == 1:
-        return np.repeat(img, 3, axis=2)
-    return img[:, :, :3]
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
 
 
-def _intersection(a: Box, b: Box) -> int:
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    return iw * ih if iw > 0 and ih > 0 else 0
-
-
-def _iou(a: Box, b: Box) -> float:
-    inter = _intersection(a, b)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
-
-
-def _size_order(box: Box) -> tuple[int, int, int]:
-    """Sort key: biggest first, then top to bottom, then left to right."""
-    return (-box[2] * box[3], box[1], box[0])
-
-
-def _biggest_first(boxes: list[Box]) -> list[Box]:
-    return sorted(boxes, key=_size_order)
-
-
-def _suppress(boxes: list[Box]) -> list[Box]:
-    """Greedy non-maximum suppression, bigger boxes winning; survivors biggest first."""
-    kept: list[Box] = []
-    for box in _biggest_first(boxes):
-        if not any(_iou(box, k) > NMS_IOU
-                   or _intersection(box, k) > NMS_CONTAINED * box[2] * box[3] for k in kept):
-            kept.append(box)
-    return kept
-
-
-def _verified(grey: np.ndarray, box: Box, verifier: cv2.CascadeClassifier) -> bool:
-    """Whether the verifying cascade also finds a face on ``box`` (searched around it only)."""
-    x, y, w, h = box
-    gh, gw = grey.shape
-    g = int(round(VERIFY_CONTEXT * w))
-    x0, y0, x1, y1 = max(0, x - g), max(0, y - g), min(gw, x + w + g), min(gh, y + h + g)
-    lo, hi = max(20, int(w * 0.6)), int(np.ceil(w * 1.6))
-    found = verifier.detectMultiScale(grey[y0:y1, x0:x1], scaleFactor=SCALE_FACTOR,
-                                      minNeighbors=VERIFY_NEIGHBORS, minSize=(lo, lo),
-                                      maxSize=(hi, hi))
-    local = (x - x0, y - y0, w, h)
-    return any(_iou(local, tuple(int(v) for v in f)) > VERIFY_IOU for f in found)
+def _check(detect: str, max_faces: int) -> None:
+    if detect not in DETECT_MODES:
+        raise ValueError(f"detect must be one of {DETECT_MODES}, got {detect!r}")
+    if not isinstance(max_faces, int) or max_faces < 1:
+        raise ValueError("max_faces must be at least 1")
 
 
 @dataclass(frozen=True)
-class _Found:
-    """The faces :func:`_detect` found in an image; their tilts are measured on demand, so
-    that faces beyond ``max_faces``, and images used whole, cost no eye search."""
+class _Face:
+    """A face: its box (left, top, right, bottom; exclusive, floats, may pass the image's edge)
+    in the image's pixels, and how it was found: "detector", "padded" or "crop"."""
 
-    boxes: list[Box]  # in the image's pixels, biggest first
-    scanned: list[Box]  # the same faces in the image the cascades scanned
-    grey: np.ndarray | None  # that image, before histogram equalisation
+    rect: tuple[float, float, float, float]
+    how: str
 
-    def tilted(self, max_faces: int) -> list[tuple[Box, float]]:
-        """(box, tilt in degrees, :func:`_eye_angle`) of the first ``max_faces`` faces."""
-        with _lock:
-            return [(box, _eye_angle(self.grey, scanned))
-                    for box, scanned in zip(self.boxes[:max_faces], self.scanned)]
-
-
-_NONE_FOUND = _Found([], [], None)
+    def box(self, w: int, h: int) -> Box:
+        left, top, right, bottom = self.rect
+        x0, y0 = max(0, round(left)), max(0, round(top))
+        x1, y1 = min(w, round(right)), min(h, round(bottom))
+        return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
-def _detect(rgb: np.ndarray) -> _Found:
-    """All faces of an (H, W, 3) uint8 image, biggest first, in its own pixel coordinates."""
-    h, w = rgb.shape[:2]
-    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
-    if scale < 1.0:
+def _scan(grey: np.ndarray, side: int, pad: float = 0.0
+          ) -> list[tuple[float, float, float, float]]:
+    """Faces the detector finds in ``grey`` (with a replicated border of ``pad`` times its
+    longest side) resized to ``side`` (enlarged at most ``MAX_UPSCALE``), as (left, top, right,
+    bottom) in ``grey``'s pixels, unsorted."""
+    h, w = grey.shape
+    p = pad * max(h, w)
+    scale = min(MAX_UPSCALE, side / (max(h, w) + 2 * p))
+    img = grey
+    if scale != 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    if min(grey.shape) < MIN_WINDOW:
-        return _NONE_FOUND
-    raw, grey = grey, cv2.equalizeHist(grey)
-    min_side = max(MIN_WINDOW, round(min(grey.shape) / MIN_FACE_DIVISOR))
-    with _lock:
-        primary, verifier = _load()
-        found = primary.detectMultiScale(grey, scaleFactor=SCALE_FACTOR,
-                                         minNeighbors=MIN_NEIGHBORS, minSize=(min_side, min_side))
-        candidates = [b for b in (tuple(int(v) for v in f) for f in found)
-                      if _verified(grey, b, verifier)]
-    faces = []  # (box in the image's pixels, box in the scanned image)
-    for x, y, bw, bh in _suppress(candidates):
-        x0, y0 = max(0, round(x / scale)), max(0, round(y / scale))
-        x1, y1 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
-        if x1 > x0 and y1 > y0:
-            faces.append(((x0, y0, x1 - x0, y1 - y0), (x, y, bw, bh)))
-    faces.sort(key=lambda f: _size_order(f[0]))
-    return _Found([b for b, _ in faces], [b for _, b in faces], raw)
+        img = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1
+                         else cv2.INTER_LINEAR)
+    sx, sy = img.shape[1] / w, img.shape[0] / h
+    ps = round(p * scale)
+    if ps:
+        img = cv2.copyMakeBorder(img, ps, ps, ps, ps, cv2.BORDER_REPLICATE)
+    detector, _ = _load()
+    with _detect_lock:
+        found = detector(np.ascontiguousarray(img), 0)
+    return [((r.left() - ps) / sx, (r.top() - ps) / sy, (r.right() + 1 - ps) / sx,
+             (r.bottom() + 1 - ps) / sy) for r in found]
+
+
+def _is_crop(h: int, w: int) -> bool:
+    return max(h, w) <= CROP_MAX_SIDE and max(h, w) <= CROP_MAX_ASPECT * min(h, w)
+
+
+def _find(rgb: np.ndarray, fallback: bool) -> list[_Face]:
+    """The faces of an (H, W, 3) image, biggest first (module doc); the tight-crop rule only
+    with ``fallback``."""
+    h, w = rgb.shape[:2]
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    faces = [_Face(r, "detector") for r in _scan(grey, DETECT_SIDE)]
+    if not faces:
+        faces = [_Face(r, "padded") for r in _scan(grey, RETRY_SIDE, PAD_RETRY)
+                 if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
+    if not faces and fallback and _is_crop(h, w):
+        side = min(h, w)
+        x0, y0 = (w - side) / 2, (h - side) / 2
+        faces = [_Face((x0, y0, x0 + side, y0 + side), "crop")]
+
+    def order(f: _Face):
+        left, top, right, bottom = f.rect
+        return (-(right - left) * (bottom - top), top, left)
+
+    return sorted(faces, key=order)
+
+
+def _window(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """rgb[y0:y1, x0:x1], with the part outside the image filled by its edge pixels."""
+    h, w = rgb.shape[:2]
+    cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if cx1 <= cx0 or cy1 <= cy0:  # wholly outside: the nearest edge pixels
+        cx0, cy0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+        cx1, cy1 = cx0 + 1, cy0 + 1
+    part = rgb[cy0:cy1, cx0:cx1]
+    return cv2.copyMakeBorder(part, cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1,
+                              cv2.BORDER_REPLICATE)
+
+
+def _inside(h: int, w: int, x0: float, y0: float, x1: float, y1: float) -> bool:
+    return x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h
+
+
+def _landmarks(rgb: np.ndarray, face: _Face) -> np.ndarray:
+    """The 5 landmarks (5, 2) int, in the image's pixels, predicted inside the face's box."""
+    _, predictor = _load()
+    h, w = rgb.shape[:2]
+    left, top, right, bottom = face.rect
+    rect = dlib.rectangle(round(left), round(top), round(right) - 1, round(bottom) - 1)
+    g = LANDMARK_CONTEXT * max(right - left, bottom - top)
+    x0, y0, x1, y1 = (math.floor(left - g), math.floor(top - g), math.ceil(right + g),
+                      math.ceil(bottom + g))
+    if _inside(h, w, x0, y0, x1, y1):
+        x0 = y0 = 0
+        img = rgb
+    else:  # the model would read black past the edge; give it the edge pixels instead
+        img = _window(rgb, x0, y0, x1, y1)
+        rect = dlib.rectangle(rect.left() - x0, rect.top() - y0, rect.right() - x0,
+                              rect.bottom() - y0)
+    shape = predictor(img, rect)
+    return np.array([(p.x + x0, p.y + y0) for p in shape.parts()], dtype=np.int64)
+
+
+def _shape(points: np.ndarray, dx: int = 0, dy: int = 0):
+    """A dlib full_object_detection of ``points`` moved by (-dx, -dy)."""
+    pts = [dlib.point(int(x) - dx, int(y) - dy) for x, y in points]
+    xs, ys = [p.x for p in pts], [p.y for p in pts]
+    return dlib.full_object_detection(dlib.rectangle(min(xs), min(ys), max(xs), max(ys)), pts)
+
+
+def _chip(rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``dlib.get_face_chip`` of the face with these landmarks, edge pixels replicated past the
+    image's edge."""
+    shape = _shape(points)
+    details = dlib.get_face_chip_details(shape, STORE_SIZE, CHIP_PADDING)
+    d = details.rect
+    cx, cy = (d.left() + d.right()) / 2, (d.top() + d.bottom()) / 2
+    c, s = abs(math.cos(details.angle)), abs(math.sin(details.angle))
+    dw, dh = d.right() - d.left(), d.bottom() - d.top()
+    hw, hh = (dw * c + dh * s) / 2 + 2, (dw * s + dh * c) / 2 + 2
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (math.floor(cx - hw), math.floor(cy - hh), math.ceil(cx + hw) + 1,
+                      math.ceil(cy + hh) + 1)
+    if _inside(h, w, x0, y0, x1, y1):
+        return dlib.get_face_chip(rgb, shape, size=STORE_SIZE, padding=CHIP_PADDING)
+    # keep the window's origin even so that dlib's 2:1 image pyramid samples the same pixels
+    g = int(max(hw, hh) * 0.25) + 2
+    x0, y0 = (x0 - g) // 2 * 2, (y0 - g) // 2 * 2
+    window = _window(rgb, x0, y0, x1 + g, y1 + g)
+    return dlib.get_face_chip(window, _shape(points, x0, y0), size=STORE_SIZE,
+                              padding=CHIP_PADDING)
 
 
 def find_faces(rgb: np.ndarray, max_faces: int = 10) -> list[Box]:
-    """Face boxes (x, y, w, h) in ``rgb``'s pixel coordinates, biggest first, at most max_faces."""
-    if max_faces < 1:
-        raise ValueError("max_faces must be at least 1")
-    return _detect(_as_rgb(rgb)).boxes[:max_faces]
-
-
-def find_tilted_faces(rgb: np.ndarray, max_faces: int = 10) -> list[tuple[Box, float]]:
-    """(box, tilt in degrees) per face, as :func:`find_faces`; the tilt is 0 unless both eyes
-    were found and the face leans at least ``ALIGN_MIN_ANGLE``."""
-    if max_faces < 1:
-        raise ValueError("max_faces must be at least 1")
-    return _detect(_as_rgb(rgb)).tilted(max_faces)
-
-
-def _crop_rule(rgb: np.ndarray) -> tuple[bool, _Found]:
-    """(whether the image is a face crop, the faces found: none when detection was not run)."""
-    h, w = rgb.shape[:2]
-    short = min(h, w)
-    if short <= CROP_MAX_SIDE:
-        return True, _NONE_FOUND
-    found = _detect(rgb)
-    crop = (CROP_ASPECT[0] <= w / h <= CROP_ASPECT[1] and bool(found.boxes)
-            and all(min(b[2], b[3]) >= CROP_MIN_FACE * short for b in found.boxes))
-    return crop, found
-
-
-def is_face_crop(rgb: np.ndarray) -> bool:
-    """Whether ``rgb`` already is a face crop, to be used whole (rule in the module doc)."""
-    return _crop_rule(_as_rgb(rgb))[0]
-
-
-def face_crop(rgb: np.ndarray, box: Box, margin: float = DEFAULT_MARGIN,
-              angle: float = 0.0) -> np.ndarray:
-    """Stored-format crop (STORE_SIZE², 3) of the face in ``box``, framed like an ORL image;
-    with ``angle`` (degrees, :func:`find_tilted_faces`) turned about the crop's centre so that
-    the eyes are level."""
-    x, y, w, h = box
-    framed = (x, int(round(y - FACE_LIFT * h)), w, h)
+    """Detected face boxes (x, y, w, h) in ``rgb``'s pixels, biggest first, at most
+    ``max_faces`` (the detector and its padded retry only, not the tight-crop rule)."""
+    _check("auto", max_faces)
     rgb = _as_rgb(rgb)
-    if not angle:
-        return prepare_face(rgb, framed, margin)
-    # a window half as large again as the crop, turned, then the crop cut from its middle
-    window = square_crop(rgb, framed, (1.5 * (1 + 2 * margin) - 1) / 2)
-    side = window.shape[0]
-    turn = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
-    window = cv2.warpAffine(np.ascontiguousarray(window), turn, (side, side),
-                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    inner = int(round(max(w, h) * (1 + 2 * margin)))
-    o = (side - inner) // 2
-    return to_store(window[o:o + inner, o:o + inner])
+    h, w = rgb.shape[:2]
+    return [f.box(w, h) for f in _find(rgb, fallback=False)[:max_faces]]
 
 
-def _check(detect: str, max_faces: int = 1) -> None:
-    if detect not in DETECT_MODES:
-        raise ValueError(f"detect must be one of {DETECT_MODES}, got {detect!r}")
-    if max_faces < 1:
-        raise ValueError("max_faces must be at least 1")
+def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10
+               ) -> list[tuple[Box | None, np.ndarray]]:
+    """[(box or None, aligned uint8 chip (STORE_SIZE, STORE_SIZE, 3))], biggest face first.
 
-
-def _faces_to_crop(rgb: np.ndarray) -> _Found | None:
-    """The "auto" decision: None to use the whole image, else the faces to crop (maybe none)."""
-    crop, found = _crop_rule(rgb)
-    if crop or (not found.boxes and min(rgb.shape[:2]) <= CROP_FALLBACK_SIDE):
-        return None
-    return found
-
-
-def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10,
-               margin: float = DEFAULT_MARGIN) -> list[tuple[Box | None, np.ndarray]]:
-    """[(box or None, stored-format uint8 crop)] for the faces of an image, biggest first.
-
-    ``detect="none"``: the whole image, box None. ``"auto"``: the whole image (box None) when it
-    already is a face crop (:func:`is_face_crop`) or when no face is found in an image whose
-    shorter side is at most ``CROP_FALLBACK_SIDE`` (most likely a face crop the detector missed);
-    otherwise one crop per detected face, at most ``max_faces``, and an empty list when a larger
-    photo holds no face (the caller reports it). ``margin`` should stay the default: dataset
-    building (:func:`crop_one`) crops with it.
+    ``detect="auto"``: one aligned chip per face found (at most ``max_faces``) with its box;
+    an image taken as a face crop by the tight-crop rule gives one chip with box None; a bigger
+    image with no face gives []. ``detect="none"``: the image's centred square, resized
+    (:func:`facegrad.preprocess.prepare_face`), box None.
     """
     _check(detect, max_faces)
     rgb = _as_rgb(rgb)
-    faces = None if detect == "none" else _faces_to_crop(rgb)
-    if faces is None:
+    if detect == "none":
         return [(None, prepare_face(rgb))]
-    return [(box, face_crop(rgb, box, margin, angle)) for box, angle in faces.tilted(max_faces)]
+    h, w = rgb.shape[:2]
+    out = []
+    for face in _find(rgb, fallback=True)[:max_faces]:
+        chip = _chip(rgb, _landmarks(rgb, face))
+        out.append((None if face.how == "crop" else face.box(w, h), chip))
+    return out
 
 
 def crop_one(rgb: np.ndarray, detect: str = "auto") -> np.ndarray | None:
-    """The stored-format crop of an image's biggest face, for building datasets.
-
-    The same decision as :func:`crop_faces`, so that a training image and the same image sent
-    to identify give the same crop: the whole image when ``detect="none"``, when it is a face
-    crop, or when no face is found and its shorter side is at most ``CROP_FALLBACK_SIDE``; None
-    for a bigger photo with no face.
-    """
+    """The chip of an image's biggest face, for building datasets (the same decision as
+    :func:`crop_faces`, so that a training image and the same image sent to identify give the
+    same chip); None when ``detect="auto"`` finds no face in an image bigger than a face crop."""
     found = crop_faces(rgb, detect, max_faces=1)
     return found[0][1] if found else None

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-STORE_SIZE = 128
-PREPROCESSING_VERSION = 1
+STORE_SIZE = 150
+PREPROCESSING_VERSION = 2  # 2: chips aligned by 5 landmarks, 150 px; 1: cascade crops, 128 px
 
 
 def square_crop(rgb: np.ndarray, box: tuple[int, int, int, int] | None = None,
@@ -81,6 +81,23 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[1] * x.shape[2] * x.shape[3]
     std = torch.linalg.vector_norm(d, dim=(1, 2, 3), keepdim=True) / math.sqrt(max(1, n - 1))
     return d / std.clamp_min(1.0)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8/float (N, 3, H, W) in [0, 255] → float in [0, 1]: the input of a pretrained network,
+    which applies the normalisation it was trained with itself."""
+    return x.float() / 255.0
+
+
+# a model's ``preprocessing.normalisation`` → the function that prepares its input
+NORMALISERS = {"per_image_standardise": standardise, "rgb_unit": to_unit}
+
+
+def normaliser(name: str):
+    try:
+        return NORMALISERS[name]
+    except KeyError:
+        raise ValueError(f"unknown normalisation {name!r}; known: {sorted(NORMALISERS)}")
 
 
 def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:

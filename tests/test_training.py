@@ -157,14 +157,15 @@ def test_default_model_describes_with_the_mid_stage(small_faces, tmp_path):
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):
-    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0},
+    # at 64 px the dense layer is big enough for an unclipped rate of 10 to overflow
+    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0}, image_size=64,
             clip={"mode": "none", "on_nonfinite": "fail"}, lr_schedule="constant")
     with pytest.raises(TrainingError, match=r"non-finite .* at epoch \d+, step \d+"):
         train(c, small_faces, tmp_path / "f")
 
 
 def test_nonfinite_skip_policy_never_writes_nan(small_faces, tmp_path):
-    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0},
+    c = cfg(learning_rate=10.0, optimizer={"name": "sgd", "momentum": 0.0}, image_size=64,
             clip={"mode": "none", "on_nonfinite": "skip"}, lr_schedule="constant")
     with pytest.raises(TrainingError, match="diverged|non-finite"):
         train(c, small_faces, tmp_path / "s")

@@ -1,0 +1,196 @@
+"""Face detection rates and cost of facegrad.detect (dlib HOG + 5 landmarks), on ORL faces.
+
+    .venv/bin/python bench/detection.py [--per-cell 40] [--seed 0]
+                                        [--detect-side 960] [--max-upscale 2.0]
+
+- ORL bare: the 400 ORL images (92×112) as they are: found by the detector directly, by the
+  retry on the image with a replicated border, or taken as a face crop by the tight-crop rule.
+- placed: ``--per-cell`` ORL faces (image 1 of each subject, then image 6, ...) enlarged so that
+  the ORL frame is 60, 100 or 160 px high, turned 0 or ±15°, pasted at a random spot of a
+  640×480 blurred-noise picture: found when a box's centre lies within 0.35 face heights of
+  the face's centre and its side is 0.4-1.2 face heights; "eyes deg" is the median error of
+  the eye line's angle (from the 5 landmarks) against the same face's eye line in its bare ORL
+  image, turned; "other" counts boxes away from the face.
+- two faces: two ORL faces side by side (frames 160 and 100 px high; HOG boxes come
+  in steps of 6/5, so faces closer in size may get equal boxes): both found, biggest first.
+- no face: the blurred-noise pictures alone; boxes found in them.
+- ms per 640×480 image: median of ``crop_faces`` (detect + landmarks + chips) over the placed
+  pictures with a 100 px face, and of ``find_faces`` over the pictures with no face; wall time
+  and this process's CPU time (dlib runs on one thread; CPU time is what the figure would be on
+  an idle machine).
+
+``--detect-side`` / ``--max-upscale`` override ``facegrad.detect``'s constants, to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import ORL, footer, header, median, table
+
+import cv2  # isort: skip
+import numpy as np  # isort: skip
+from PIL import Image  # isort: skip
+
+W, H = 640, 480
+HEIGHTS = (60, 100, 160)
+TURNS = (0, 15, -15)
+
+
+def orl(subject: int, image: int) -> np.ndarray:
+    return np.asarray(Image.open(ORL / f"s{subject:02d}" / f"{image:02d}.png").convert("RGB"))
+
+
+def backdrop(rng: np.random.Generator) -> np.ndarray:
+    """640×480 RGB texture: blurred noise at two scales, tinted."""
+    fine = cv2.GaussianBlur(rng.normal(0, 1, (H, W)).astype(np.float32), (0, 0), 2)
+    coarse = cv2.GaussianBlur(rng.normal(0, 1, (H, W)).astype(np.float32), (0, 0), 8)
+    g = cv2.normalize(fine / fine.std() + 2 * coarse / coarse.std(), None, 0, 255,
+                      cv2.NORM_MINMAX)
+    tint = rng.uniform(0.7, 1.0, 3).astype(np.float32)
+    return np.clip(g[:, :, None] * tint, 0, 255).astype(np.uint8)
+
+
+def place(canvas: np.ndarray, face: np.ndarray, height: int, turn: float, cx: float,
+          cy: float) -> None:
+    """Paste ``face`` scaled to ``height``, turned ``turn`` degrees anticlockwise, centred at
+    (cx, cy)."""
+    s = height / face.shape[0]
+    f = cv2.resize(face, None, fx=s, fy=s,
+                   interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    fh, fw = f.shape[:2]
+    m = cv2.getRotationMatrix2D((fw / 2, fh / 2), turn, 1.0)
+    m[:, 2] += (cx - fw / 2, cy - fh / 2)
+    warped = cv2.warpAffine(f, m, (canvas.shape[1], canvas.shape[0]), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.full((fh, fw), 255, np.uint8), m, (canvas.shape[1], canvas.shape[0]),
+                          flags=cv2.INTER_NEAREST) > 0
+    canvas[mask] = warped[mask]
+
+
+def hit(box, cx: float, cy: float, height: int) -> bool:
+    x, y, w, h = box
+    return (abs(x + w / 2 - cx) <= 0.35 * height and abs(y + h / 2 - cy) <= 0.35 * height
+            and 0.4 * height <= max(w, h) <= 1.2 * height)
+
+
+def eye_angle(points: np.ndarray) -> float:
+    """Angle in degrees of the line from the image-left eye to the image-right eye."""
+    a, b = sorted([points[0:2].mean(0), points[2:4].mean(0)], key=lambda p: p[0])
+    return float(np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0])))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--per-cell", type=int, default=40, help="faces per size and turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detect-side", type=int, default=None)
+    p.add_argument("--max-upscale", type=float, default=None)
+    args = p.parse_args()
+    if not ORL.is_dir():
+        raise SystemExit(f"shared face data not found at {ORL}")
+    header("detection: dlib HOG + 5 landmarks on ORL faces")
+    from facegrad import detect
+
+    if args.detect_side:
+        detect.DETECT_SIDE = args.detect_side
+    if args.max_upscale:
+        detect.MAX_UPSCALE = args.max_upscale
+    print(f"DETECT_SIDE {detect.DETECT_SIDE}  MAX_UPSCALE {detect.MAX_UPSCALE}  "
+          f"PAD_RETRY {detect.PAD_RETRY}  CROP_MAX_SIDE {detect.CROP_MAX_SIDE}  seed {args.seed}")
+    detect.find_faces(np.zeros((8, 8, 3), np.uint8))  # load the models outside the timings
+    rng = np.random.default_rng(args.seed)
+    rows = []
+
+    # ORL bare
+    how = {"detector": 0, "padded": 0, "crop": 0, "none": 0}
+    for s in range(1, 41):
+        for i in range(1, 11):
+            faces = detect._find(orl(s, i), fallback=True)
+            how[faces[0].how if faces else "none"] += 1
+    rows.append(["ORL bare 92x112", 400, how["detector"], how["padded"], how["crop"],
+                 400 - how["none"], "", ""])
+
+    # placed faces; the eye line of each bare ORL face is the reference for the turned ones
+    ref = {}
+    for s in range(1, 41):
+        for i in range(1, 11):
+            img = orl(s, i)
+            faces = detect._find(img, fallback=True)
+            ref[s, i] = eye_angle(detect._landmarks(img, faces[0])) if faces else None
+    subjects = [(s, i) for i in (1, 6, 3, 8, 5, 10, 2, 7, 4, 9) for s in range(1, 41)]
+    crop_ms, crop_cpu, miss_list = [], [], []
+    for height in HEIGHTS:
+        for turn in TURNS:
+            found = other = 0
+            angles = []
+            for s, i in subjects[:args.per_cell]:
+                img = backdrop(rng)
+                m = height * 0.8
+                cx, cy = rng.uniform(m, W - m), rng.uniform(m, H - m)
+                place(img, orl(s, i), height, turn, cx, cy)
+                if height == 100 and turn == 0:
+                    t, c = time.perf_counter(), time.process_time()
+                    detect.crop_faces(img)
+                    crop_ms.append(1e3 * (time.perf_counter() - t))
+                    crop_cpu.append(1e3 * (time.process_time() - c))
+                faces = detect._find(img, fallback=False)
+                good = [f for f in faces if hit(f.box(W, H), cx, cy, height)]
+                other += len(faces) - len(good)
+                if good:
+                    found += 1
+                    if ref[s, i] is not None:
+                        got = eye_angle(detect._landmarks(img, good[0]))
+                        angles.append(abs(got - (ref[s, i] - turn)))
+                else:
+                    miss_list.append((height, turn, s, i))
+            n = min(args.per_cell, len(subjects))
+            rows.append([f"placed h={height} turn={turn:+d}", n, found, 0, 0, found,
+                         median(angles), other])
+
+    # two faces side by side, the bigger one on either side
+    both = order = 0
+    pairs = 20
+    for k in range(pairs):
+        img = backdrop(rng)
+        a, b = 1 + k, 21 + k
+        big_left = k % 2 == 0
+        xa, xb = (160, 470) if big_left else (470, 160)
+        place(img, orl(a, 1), 160, 0, xa, 240)
+        place(img, orl(b, 1), 100, 0, xb, 240)
+        boxes = detect.find_faces(img)
+        ok = (len(boxes) == 2 and hit(boxes[0], xa, 240, 160) and hit(boxes[1], xb, 240, 100))
+        both += ok
+        order += ok and boxes[0][2] * boxes[0][3] > boxes[1][2] * boxes[1][3]
+    rows.append(["two faces (160 + 100 px)", pairs, both, 0, 0, both, "", 0])
+
+    # no face
+    empty_ms, empty_cpu, false = [], [], 0
+    for _ in range(40):
+        img = backdrop(rng)
+        t, c = time.perf_counter(), time.process_time()
+        boxes = detect.find_faces(img)
+        empty_ms.append(1e3 * (time.perf_counter() - t))
+        empty_cpu.append(1e3 * (time.process_time() - c))
+        false += len(boxes)
+    rows.append(["no face (noise 640x480)", 40, "", "", "", "", "", false])
+
+    print(table(["case", "images", "detector", "padded", "crop rule", "found", "eyes deg",
+                 "other"], rows))
+    if miss_list:
+        print("missed (height, turn, subject, image):", miss_list[:12],
+              "..." if len(miss_list) > 12 else "")
+    print(f"two faces: biggest first in {order} of {both}")
+    print(f"ms per 640x480 image, wall / CPU: crop_faces with one 100 px face "
+          f"{median(crop_ms):.1f} / {median(crop_cpu):.1f}; find_faces with no face "
+          f"{median(empty_ms):.1f} / {median(empty_cpu):.1f} (includes the padded retry)")
+    placed = [r for r in rows if r[0].startswith("placed")]
+    print(f"summary: ORL bare {rows[0][5]}/400 (detector {rows[0][2]}, padded {rows[0][3]}, "
+          f"crop rule {rows[0][4]}); placed {sum(r[5] for r in placed)}/"
+          f"{sum(r[1] for r in placed)}; two faces {both}/{pairs}; false boxes on noise {false}; "
+          f"{median(crop_ms):.0f} ms per 640x480 image ({median(crop_cpu):.0f} ms CPU)")
+    footer()
+
+
+if __name__ == "__main__":
+    main()
