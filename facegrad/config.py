@@ -14,14 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ARCHITECTURES = ("dlib_resnet", "facenet_s", "seed_cnn")
 DEFAULT_ARCHITECTURE = "dlib_resnet"
 PRETRAINED = ("dlib_resnet",)  # fine-tuned from pretrained weights; the others train from scratch
-# what a field defaults to when the job does not set it, where an architecture needs otherwise:
-# a pretrained network is fine-tuned briefly, gently, at the input size it was trained at
+# what a field left unset (null) takes, by architecture: a pretrained network is fine-tuned
+# briefly, gently, at the input size it was trained at
+FROM_SCRATCH = {"epochs": 60, "learning_rate": 3e-3, "image_size": 64, "optimizer": "adamw"}
 ARCH_DEFAULTS = {
     # SGD as the origin's SGD(lr=0.01, clipnorm=5.0): Adam's steps of a fixed size overwhelm
     # this network's small weights (|w| ~ 0.01 in its convolutions; without batch norm the
     # affine scales carry the magnitude) and collapsed its embedding within an epoch
-    "dlib_resnet": {"epochs": 4, "learning_rate": 0.01, "image_size": 150,
-                    "optimizer": {"name": "sgd"}},
+    "dlib_resnet": {"epochs": 4, "learning_rate": 0.01, "image_size": 150, "optimizer": "sgd"},
+    "facenet_s": FROM_SCRATCH,
+    "seed_cnn": FROM_SCRATCH,
 }
 
 
@@ -118,14 +120,15 @@ CLIP_MODES = ("none", "value", "norm", "threshold", "agc", "autoclip")
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    name: Literal["sgd", "adam", "adamw"] | None = Field(
+        None, description="Unset: the architecture's (sgd for dlib_resnet, adamw otherwise).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam/adamw).")
     weight_decay: float = Field(5e-4, ge=0, le=1)
     nesterov: bool = False
 
     @model_validator(mode="after")
     def _nesterov(self):
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+        if self.nesterov and (self.name not in ("sgd", None) or self.momentum == 0):
             raise ValueError("nesterov needs optimizer name 'sgd' with momentum > 0")
         return self
 
@@ -140,13 +143,13 @@ class TrainConfig(_Strict):
         "small residual net trained from scratch) or 'seed_cnn' (the origin document's "
         "Conv32-Conv64-Dense128 CNN, from scratch).",
     )
-    epochs: int = Field(
-        60, ge=0, le=1000,
+    epochs: int | None = Field(
+        None, ge=0, le=1000,
         description="Passes over the training images (default 4 for dlib_resnet, 60 otherwise). "
         "0, only for dlib_resnet: the pretrained network as it is, gallery and calibration only.")
     batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(
-        3e-3, gt=0, le=10,
+    learning_rate: float | None = Field(
+        None, gt=0, le=10,
         description="Peak learning rate (default 0.01 for dlib_resnet, 3e-3 otherwise); for "
         "dlib_resnet the head's, the backbone learning at backbone_lr_scale of it.")
     backbone_lr_scale: float = Field(
@@ -163,9 +166,10 @@ class TrainConfig(_Strict):
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     clip: ClipConfig = Field(default_factory=lambda: ClipNorm(mode="norm", max_norm=5.0))
-    image_size: int = Field(
-        64, ge=32, le=256,
-        description="Square input side in pixels (dlib_resnet: 150, its fixed input size).")
+    image_size: int | None = Field(
+        None, ge=32, le=256,
+        description="Square input side in pixels (default 64; dlib_resnet: 150, its fixed "
+        "input size).")
     val_fraction: float = Field(
         0.1, ge=0, lt=0.9, description="Share of each identity held out for validation."
     )
@@ -194,17 +198,17 @@ class TrainConfig(_Strict):
         "still identified. 0: calibrate on the trained identities (optimistic).",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _architecture_defaults(cls, data):
-        """Fields the job leaves unset take its architecture's defaults (``ARCH_DEFAULTS``)."""
-        if isinstance(data, dict):
-            arch = data.get("architecture", DEFAULT_ARCHITECTURE)
-            data = {**ARCH_DEFAULTS.get(arch, {}), **data}
-        return data
-
     @model_validator(mode="after")
-    def _architecture_limits(self):
+    def _architecture_defaults(self):
+        """Fields the job leaves unset take its architecture's defaults (``ARCH_DEFAULTS``),
+        then each architecture's limits apply."""
+        d = ARCH_DEFAULTS[self.architecture]
+        for name in ("epochs", "learning_rate", "image_size"):
+            if getattr(self, name) is None:
+                setattr(self, name, d[name])
+        if self.optimizer.name is None:
+            self.optimizer.name = d["optimizer"]
+            self.optimizer._nesterov()
         if self.architecture == "seed_cnn" and self.image_size < 32:
             raise ValueError("seed_cnn needs image_size >= 32")
         if self.architecture in PRETRAINED and self.image_size != 150:

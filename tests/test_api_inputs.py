@@ -458,7 +458,9 @@ BAD_JOBS = {
     "unknown field": ({"epochz": 3}, ["body", "epochz"]),
     "unknown nested field": ({"optimizer": {"name": "sgd", "mommentum": 0.9}},
                              ["body", "optimizer", "mommentum"]),
-    "epochs 0": ({"epochs": 0}, ["body", "epochs"]),
+    "epochs -1": ({"epochs": -1}, ["body", "epochs"]),
+    "epochs 0 from scratch": ({"architecture": "seed_cnn", "epochs": 0}, ["body"]),
+    "dlib_resnet at 64 px": ({"image_size": 64}, ["body"]),
     "epochs absurd": ({"epochs": 10**9}, ["body", "epochs"]),
     "negative learning rate": ({"learning_rate": -1}, ["body", "learning_rate"]),
     "learning rate NaN": ({"learning_rate": "NaN"}, ["body", "learning_rate"]),
@@ -497,8 +499,13 @@ def test_job_messages_say_what_is_wrong(client):
     r = client.post("/v1/jobs", json={"dataset_id": ZERO_UUID,
                                       "optimizer": {"name": "adam", "nesterov": True}})
     assert "nesterov needs optimizer name 'sgd'" in r.text
-    r = client.post("/v1/jobs", json={"dataset_id": ZERO_UUID, "epochs": 0})
-    assert "greater than or equal to 1" in r.text
+    r = client.post("/v1/jobs", json={"dataset_id": ZERO_UUID, "epochs": -1})
+    assert "greater than or equal to 0" in r.text
+    r = client.post("/v1/jobs", json={"dataset_id": ZERO_UUID, "architecture": "facenet_s",
+                                      "epochs": 0})
+    assert "epochs must be >= 1" in r.text and "pretrained dlib_resnet" in r.text
+    r = client.post("/v1/jobs", json={"dataset_id": ZERO_UUID, "image_size": 64})
+    assert "image_size must be 150" in r.text
 
 
 def test_job_for_missing_dataset_is_404(client, service):

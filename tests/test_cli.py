@@ -48,9 +48,9 @@ def trained(service, subset_dir):
     """Upload with the CLI, then train with --clip norm:5 --wait."""
     ds = json.loads(ok(facegrad(service, "dataset", "upload", str(subset_dir), "--name",
                                 "cli-faces", "--json")))
-    r = facegrad(service, "train", "--dataset", ds["id"], "--clip", "norm:5", "--epochs", "3",
-                 "--image-size", "32", "--batch-size", "8", "--lr", "0.003", "--seed", "1",
-                 "--wait", "--poll", "0.5")
+    r = facegrad(service, "train", "--dataset", ds["id"], "--arch", "facenet_s", "--clip",
+                 "norm:5", "--epochs", "3", "--image-size", "32", "--batch-size", "8", "--lr",
+                 "0.003", "--seed", "1", "--wait", "--poll", "0.5")
     return ds, r
 
 
@@ -131,7 +131,7 @@ def test_errors(service, trained):
     assert r.stdout == ""
 
     ds, _ = trained
-    r = facegrad(service, "train", "--dataset", ds["id"], "--epochs", "0")
+    r = facegrad(service, "train", "--dataset", ds["id"], "--arch", "seed_cnn", "--epochs", "0")
     assert r.returncode == 1 and "epochs" in r.stderr and "422" in r.stderr
 
     r = facegrad(service, "train", "--dataset", ds["id"], "--clip", "bogus:1")
@@ -151,8 +151,8 @@ def test_wait_reports_a_failed_job(service, trained):
     if torch.cuda.is_available():
         pytest.skip("the worker has CUDA here: a cuda job would not fail")
     ds, _ = trained
-    r = facegrad(service, "train", "--dataset", ds["id"], "--epochs", "1", "--image-size", "32",
-                 "--device", "cuda", "--wait", "--poll", "0.3")
+    r = facegrad(service, "train", "--dataset", ds["id"], "--arch", "seed_cnn", "--epochs", "1",
+                 "--image-size", "32", "--device", "cuda", "--wait", "--poll", "0.3")
     assert r.returncode == 1, r
     assert "failed" in r.stderr and "no CUDA GPU" in r.stderr
 
@@ -163,7 +163,8 @@ def test_wait_reports_a_cancelled_job(service, trained):
     env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT))
     waiting = subprocess.Popen(
         [sys.executable, "-m", "facegrad.cli", "train", "--dataset", ds["id"], "--epochs", "500",
-         "--image-size", "32", "--batch-size", "4", "--wait", "--poll", "0.3", "--json"],
+         "--arch", "seed_cnn", "--image-size", "32", "--batch-size", "4", "--wait", "--poll",
+         "0.3", "--json"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120

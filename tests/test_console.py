@@ -128,6 +128,7 @@ def test_console(browser, service, client, orl, tmp_path):
             help_text = page.locator(f"#f-clip-{name} ~ .help").inner_text()
             assert "default" in help_text, (mode, name, help_text)
     page.select_option("#job-dataset", ds["id"])
+    page.select_option("#f-architecture", "facenet_s")
     page.fill("#f-epochs", "6")
     page.fill("#f-image_size", "32")
     page.fill("#f-batch_size", "8")

@@ -26,13 +26,13 @@ def test_train_and_identify_on_redis(client, orl, orl_model):
     assert len(hist) == job["config"]["epochs"]
     assert all("clipping" in h for h in hist)
     model = client.get(f"/v1/models/{orl_model['model_id']}").json()
-    assert model["architecture"] == "facenet_s" and model["input_size"] == [64, 64, 3]
+    assert model["architecture"] == "dlib_resnet" and model["input_size"] == [150, 150, 3]
     assert model["clip"]["mode"] == "norm" and len(model["labels"]) == 40
     w = client.get(f"/v1/models/{orl_model['model_id']}/weights")
     assert w.status_code == 200 and len(w.content) > 100_000
     acc = accuracy(client, test, orl_model["model_id"])
     print(f"accuracy on the 120 unseen ORL images (Redis path): {acc:.3f}")
-    assert acc >= 0.90
+    assert acc >= 0.98  # issue 16's bar for the default job
 
 
 def test_facegrad_up_on_embedded_defaults(tmp_path, orl):
@@ -57,8 +57,8 @@ def test_facegrad_up_on_embedded_defaults(tmp_path, orl):
                 time.sleep(0.3)
             assert c.get("/readyz").status_code == 200, (tmp_path / "up.log").read_text()[-3000:]
             ds = upload(c, train, "orl-embedded")
-            r = c.post("/v1/jobs", json={"dataset_id": ds["id"],
-                                         "clip": {"mode": "norm", "max_norm": 5.0}})
+            # the pretrained network as it is (epochs 0): this test is about the embedded path
+            r = c.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 0})
             assert r.status_code == 202, r.text
             assert r.headers["Location"] == f"/v1/jobs/{r.json()['id']}"
             job = wait_job(c, r.json()["id"], timeout=900)

@@ -36,7 +36,8 @@ def tiny(client, service, orl):
     train, test = orl
     labels = sorted(train)[:5]
     ds = upload(client, {k: train[k] for k in labels}, "metrics-5")
-    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 2, "image_size": 32,
+    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "architecture": "facenet_s",
+                                      "epochs": 2, "image_size": 32,
                                       "batch_size": 8, "clip": {"mode": "value",
                                                                 "clip_value": 1.0}})
     assert r.status_code == 202, r.text

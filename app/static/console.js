@@ -303,9 +303,10 @@ const HELP = {
   epochs: "Passes over the training images (dlib_resnet: 0 uses the pretrained network as it is).",
   batch_size: "Images per optimizer step.",
   learning_rate: "Peak step size; the schedule decays it.",
-  image_size: "Faces are resized to this square side: smaller trains faster.",
+  image_size: "Faces are resized to this square side: smaller trains faster (dlib_resnet: 150).",
   seed: "The same seed gives the same split, initialisation and augmentation.",
-  "optimizer.name": "adamw (default), adam, or sgd (uses momentum).",
+  "optimizer.name": "sgd (uses momentum), adam or adamw; empty: sgd for dlib_resnet, adamw " +
+    "otherwise.",
   "optimizer.weight_decay": "Weight decay (decoupled for adamw, L2 for sgd/adam).",
   "optimizer.nesterov": "Nesterov momentum (sgd with momentum > 0 only).",
 };
@@ -374,7 +375,8 @@ function fieldFor(path, prop, help) {
   if (prop.exclusiveMinimum !== undefined) bounds.push(`> ${prop.exclusiveMinimum}`);
   if (prop.maximum !== undefined) bounds.push(`≤ ${prop.maximum}`);
   if (prop.exclusiveMaximum !== undefined) bounds.push(`< ${prop.exclusiveMaximum}`);
-  const dflt = prop.default !== undefined ? `default ${prop.default}` : "";
+  const dflt = prop.default === null ? "empty: the architecture's default"
+    : prop.default !== undefined ? `default ${prop.default}` : "";
   const meta = [dflt, bounds.join(", ")].filter(Boolean).join("; ");
   const parts = path.split(".");
   const label = parts[0] === "optimizer" ? (parts[1] === "name" ? "optimizer"
