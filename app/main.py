@@ -21,10 +21,17 @@ from app.model_cache import ModelCache, RecentRows
 from app.routes import console, datasets, health, identify, jobs, models
 from app.uploads import BodyLimit
 from facegrad.db import get_engine
+from facegrad.inference import UnsupportedModel
 from facegrad.settings import Settings, get_settings
 
 log = logging.getLogger("facegrad.api")
 API_VERSION = "1.0.0"
+
+
+async def unsupported_model(request: Request, exc: UnsupportedModel) -> JSONResponse:
+    """409 for a stored model this version cannot load (written by an earlier one): its
+    message says to retrain."""
+    return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
 def create_app(settings: Settings | None = None, reconcile: bool = True) -> FastAPI:
@@ -92,6 +99,8 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")}
                   for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(UnsupportedModel, unsupported_model)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

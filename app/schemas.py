@@ -133,15 +133,15 @@ class ModelOut(BaseModel):
     config: dict
     clip: dict
     preprocessing: dict = Field(
-        description="how faces are prepared and described: image_size, normalisation, flip_tta, "
-        "scale_tta, descriptor, lbp_share, mid_stage_share, within_class")
+        description="how faces are prepared and described: version, store_size, image_size, "
+        "normalisation, descriptor (the model's normalised embedding)")
     threshold: float = Field(
-        description="the calibrated default open-set threshold on the decision score "
+        description="the calibrated default open-set threshold on the best identity's score "
         "(open_set.threshold); a request's threshold overrides it")
     open_set: dict = Field(
-        description="what calibration measured and chose: threshold, policy, the points the "
-        "default threshold is the highest of (balance_point, between_means, known_floor), fpir, "
-        "tpir, rank1, enrolled_tpir, score_adjustment, verify_threshold, held_out identities")
+        description="what calibration measured and chose: threshold, policy (equal_error or "
+        "target_fpir), known_named, strangers_rejected, fpir, rank1, tpir_at_fpir_0.05, "
+        "verify_threshold, held_out identities, fine_tuning (pretrained architectures)")
     detect: str
 
 
@@ -153,16 +153,14 @@ class ModelList(BaseModel):
 class Candidate(BaseModel):
     identity: str
     confidence: float = Field(description="the identity's score: cosine similarity to its "
-                              "closest enrolled image, adjusted for how tightly its images "
-                              "cluster; 0-1")
+                              "closest enrolled image; 0-1")
 
 
 class Face(BaseModel):
     box: list[int] | None = Field(description="[x, y, w, h] in the original image, or null")
-    identity: str | None = Field(description="null = unknown (decision score under threshold)")
-    confidence: float = Field(description="the decision score: the best candidate's score, "
-                              "lowered where the runner-up fits nearly as well; compared with "
-                              "the threshold; 0-1")
+    identity: str | None = Field(description="null = unknown (best score under threshold)")
+    confidence: float = Field(description="the best candidate's score, compared with the "
+                              "threshold; 0-1")
     candidates: list[Candidate]
 
 
@@ -181,7 +179,7 @@ class IdentifyOut(BaseModel):
 class VerifyOut(BaseModel):
     model_id: str
     same_person: bool
-    similarity: float = Field(description="cosine similarity of the two faces' descriptors")
+    similarity: float = Field(description="cosine similarity of the two faces' embeddings")
     threshold: float = Field(description="the similarity threshold (applied when basis is "
                              "'similarity')")
     basis: Literal["identity", "similarity"] = Field(

@@ -2,9 +2,10 @@
 
 A model folder holds ``model.safetensors/.json`` (weights, fixed once trained) and
 ``gallery.safetensors/.json`` (the normalised embedding of every enrolled image and who it
-belongs to), which enrollment rewrites atomically. A face scores each identity by its best
-similarity to one of that identity's images (see :mod:`facegrad.gallery`). A loaded model is
-cached by the caller and reloads its gallery when it changes.
+belongs to), which enrollment rewrites atomically. A face scores each identity by its highest
+cosine similarity to one of that identity's images, and is named when the best identity's score
+clears the model's calibrated threshold. A loaded model is cached by the caller and reloads its
+gallery when it changes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import numpy as np
 import torch
 
 from facegrad import checkpoint as ckpt
-from facegrad.gallery import cluster_tightness, decide, embed, identity_scores
+from facegrad.gallery import embed, identity_scores
 from facegrad.models import build_model
-from facegrad.within_class import WithinClassNorm
+from facegrad.preprocess import PREPROCESSING_VERSION
 
 log = logging.getLogger("facegrad.inference")
+
+
+class UnsupportedModel(ValueError):
+    """A stored model this version cannot answer with: the message says why and what to do."""
 
 
 @dataclass
@@ -33,26 +38,11 @@ class Gallery:
     owner: torch.Tensor  # (N,) index into labels of each image's identity
     counts: torch.Tensor  # (C,) images enrolled per identity
     version: int = 0
-    adjustment: dict | None = None  # the model's open_set.score_adjustment, None for none
-    _tightness: tuple[int, torch.Tensor] | None = None  # (version, per-identity tightness)
-
-    def tightness(self) -> torch.Tensor | None:
-        """Per-identity cluster tightness for the score adjustment, cached per gallery version."""
-        if not self.adjustment:
-            return None
-        cached = self._tightness
-        if cached is None or cached[0] != self.version:
-            t = cluster_tightness(self.emb, self.owner, len(self.labels),
-                                  self.adjustment["reference"])
-            cached = self._tightness = (self.version, t)
-        return cached[1]
 
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
-        """(M, C) per probe and identity: the best cosine similarity to one of its images,
-        adjusted for the identity's cluster tightness where the model calibrated with it."""
-        adj = self.adjustment or {}
-        return identity_scores(emb, self.emb, self.owner, len(self.labels), self.tightness(),
-                               adj.get("reference", 0.0), adj.get("weight"))
+        """(M, C) per probe and identity: the highest cosine similarity to one of its images
+        (-2 for identities without images)."""
+        return identity_scores(emb, self.emb, self.owner, len(self.labels))
 
     def save(self, folder: Path) -> None:
         ckpt.save(folder / "gallery", {"emb": self.emb, "owner": self.owner,
@@ -97,91 +87,93 @@ def gallery_from_training(model_meta_path: Path) -> Gallery:
     return Gallery.from_tensors(meta["labels"], tensors, "gallery.")
 
 
-class _TracedDescriptor(torch.nn.Module):
-    """The model's ``descriptor_map`` as one TorchScript graph, for :func:`describe`.
+class _Embedding(torch.nn.Module):
+    """A face model's normalised embedding alone (its first output), for tracing."""
 
-    An eager forward pass is a few dozen Python module calls, each taking Python's global
-    interpreter lock back between kernels; in the API, with the event loop and request threads
-    wanting the lock too, every hand-over can wait a switch interval (5 ms), and a batch of 16
-    faces took 190 ms instead of 110. A frozen traced graph runs in C++ with the lock released
-    from start to end (and folds batch norm into the convolutions).
-    """
-
-    def __init__(self, traced: torch.jit.ScriptModule):
-        super().__init__()
-        self.traced = traced
-
-    def descriptor_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.traced(x)
-
-
-class _DescriptorMap(torch.nn.Module):
     def __init__(self, net: torch.nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.descriptor_map(x)
+        return self.net(x)[0]
 
 
-def _compiled_descriptor(net: torch.nn.Module, image_size: int,
-                         device: torch.device) -> torch.nn.Module:
-    """A traced, frozen ``descriptor_map`` (checked against the eager one), else ``net``."""
-    example = torch.randn(2, 3, image_size, image_size, device=device)
+def _compiled_embedding(net: torch.nn.Module, image_size: int,
+                        device: torch.device) -> torch.nn.Module:
+    """The model's embedding as one frozen TorchScript graph (checked against the eager model),
+    else the eager model.
+
+    An eager forward pass is a few dozen Python module calls, each taking Python's global
+    interpreter lock back between kernels; in the API, with the event loop and request threads
+    wanting the lock too, every hand-over can wait a switch interval (5 ms). A frozen traced
+    graph runs in C++ with the lock released from start to end (and folds batch norm into the
+    convolutions).
+    """
+    example = torch.rand(2, 3, image_size, image_size, device=device)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.freeze(torch.jit.trace(_DescriptorMap(net).eval(), example))
-            ok = torch.allclose(traced(example), net.descriptor_map(example), atol=1e-3,
-                                rtol=1e-3)
+            traced = torch.jit.freeze(torch.jit.trace(_Embedding(net).eval(), example))
+            ok = torch.allclose(traced(example), net(example)[0], atol=1e-4, rtol=1e-3)
     except Exception as e:  # tracing is an optimisation: never fail a model load on it
-        log.warning("descriptor not traced (%s: %s); using the eager model", type(e).__name__, e)
+        log.warning("embedding not traced (%s: %s); using the eager model", type(e).__name__, e)
         return net
     if not ok:
-        log.warning("traced descriptor differs from the eager one; using the eager model")
+        log.warning("traced embedding differs from the eager one; using the eager model")
         return net
-    return _TracedDescriptor(traced)
+    return traced
+
+
+def check_supported(meta: dict) -> None:
+    """Raise :class:`UnsupportedModel` for a model that describes faces otherwise than by its
+    normalised embedding of aligned chips (models written by earlier versions)."""
+    pre = meta.get("preprocessing") or {}
+    old = [k for k in ("within_class", "lbp_share", "mid_stage_share") if pre.get(k)]
+    if "score_adjustment" in (meta.get("open_set") or {}):
+        old.append("score_adjustment")
+    if pre.get("flip_tta") or list(pre.get("scale_tta") or [1.0]) != [1.0]:
+        old.append("test-time augmentation")
+    reasons = []
+    if int(pre.get("version") or 1) < PREPROCESSING_VERSION:
+        reasons.append(f"preprocessing version {pre.get('version') or 1}")
+    if pre.get("descriptor") != "embedding":
+        reasons.append(f"descriptor {pre.get('descriptor')!r}")
+    if old:
+        reasons.append(", ".join(old))
+    if reasons:
+        raise UnsupportedModel(
+            "this model was trained by an earlier facegrad and describes faces with a "
+            f"descriptor this version no longer computes ({'; '.join(reasons)}); retrain it "
+            "on its dataset (POST /v1/jobs)")
 
 
 class LoadedModel:
-    """A model ready to embed and match; thread-safe for concurrent identify calls."""
+    """A model ready to embed and match; thread-safe for concurrent identify calls.
+
+    Raises :class:`UnsupportedModel` for a model written by an earlier version that this one
+    cannot answer with.
+    """
 
     def __init__(self, folder: Path, device: str = "cpu"):
         tensors, meta = ckpt.load(folder / "model.json", device)
+        check_supported(meta)
         self.folder, self.meta, self.device = folder, meta, torch.device(device)
         self.image_size = meta["preprocessing"]["image_size"]
+        self.normalisation = meta["preprocessing"]["normalisation"]
         self.threshold = float(meta["open_set"]["threshold"])
         self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
-        self.flip_tta = bool(meta["preprocessing"].get("flip_tta", False))
-        # models from before scale test-time augmentation describe the crop as it is
-        self.scales = tuple(float(s) for s in meta["preprocessing"].get("scale_tta", [1.0]))
-        self.normalisation = meta["preprocessing"].get("normalisation", "per_image_standardise")
-        # models from before descriptors compare their training embedding
-        self.descriptor = meta["preprocessing"].get("descriptor", "embedding")
-        self.lbp_share = float(meta["preprocessing"].get("lbp_share", 0.0))
-        self.adjustment = meta["open_set"].get("score_adjustment")
-        # models from before within-class normalisation have none
-        self.within_class = WithinClassNorm.from_tensors(
-            tensors, meta["preprocessing"].get("within_class") or {})
-        # models from before the mid-stage descriptor describe faces by the last stage alone
-        self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size,
-                               float(meta["preprocessing"].get("mid_stage_share", 0.0)))
+        self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
         self.net.to(self.device).eval()
-        self._describer = self.net
-        if self.descriptor != "embedding":
-            self._describer = _compiled_descriptor(self.net, self.image_size, self.device)
+        self._embedder = _compiled_embedding(self.net, self.image_size, self.device)
         self._lock = threading.Lock()
         self.gallery = self._load_gallery()
 
     def _load_gallery(self) -> Gallery:
         if (self.folder / "gallery.json").exists():
-            g = Gallery.load(self.folder)
-        else:
-            g = gallery_from_training(self.folder / "model.json")
-        g.adjustment = self.adjustment
-        return g
+            return Gallery.load(self.folder)
+        return gallery_from_training(self.folder / "model.json")
 
     def refresh_gallery(self) -> None:
         self.gallery = self._load_gallery()
@@ -189,10 +181,8 @@ class LoadedModel:
     def embed(self, crops: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
         with self._lock, torch.inference_mode():
-            return embed(self._describer, crops, self.image_size, self.device,
-                         flip_tta=self.flip_tta, descriptor=self.descriptor,
-                         lbp_share=self.lbp_share, within_class=self.within_class,
-                         scales=self.scales, normalisation=self.normalisation)
+            return embed(self._embedder, crops, self.image_size, self.device,
+                         normalisation=self.normalisation)
 
     def embed_and_score(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(embeddings, identity scores against the gallery, the gallery's identities then)."""
@@ -209,24 +199,21 @@ class LoadedModel:
                      threshold: float | None = None):
         """:meth:`match` from identity scores (M, C) already computed against ``labels``.
 
-        A candidate's confidence is its identity score; the face's is the decision score
-        (:func:`facegrad.gallery.decide`: the best identity's score, lowered where the
-        runner-up fits nearly as well), which the threshold applies to. Both are clamped to
-        0-1.
+        A candidate's confidence is its identity score; the face's is the best identity's, which
+        the threshold applies to. Both are clamped to 0-1.
         """
         thr = self.threshold if threshold is None else threshold
         if not labels:
             return [(None, 0.0, []) for _ in range(sims.shape[0])]
         k = min(top_k, sims.shape[1])  # identities without images score -2
         vals, idx = sims.topk(k, dim=1)
-        _, decision = decide(sims, self.adjustment)
         out = []
-        for v, i, d in zip(vals.tolist(), idx.tolist(), decision.tolist()):
+        for v, i in zip(vals.tolist(), idx.tolist()):
             cands = [(labels[j], _clamp(s)) for s, j in zip(v, i) if s > -1.5]
             if not cands:
                 out.append((None, 0.0, []))
                 continue
-            out.append((cands[0][0] if d >= thr else None, _clamp(d), cands))
+            out.append((cands[0][0] if v[0] >= thr else None, cands[0][1], cands))
         return out
 
     def verify_scores(self, emb: torch.Tensor, sims: torch.Tensor, labels: list[str],

@@ -99,14 +99,3 @@ def normaliser(name: str):
     except KeyError:
         raise ValueError(f"unknown normalisation {name!r}; known: {sorted(NORMALISERS)}")
 
-
-def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Float (N, C, H, W) images with their content scaled by ``scale`` about the centre, the
-    same size: below 1 the face shrinks and the border pixels extend outwards, above 1 it is
-    cropped. 1 returns ``x`` itself."""
-    if scale == 1.0:
-        return x
-    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=x.dtype,
-                         device=x.device).expand(x.shape[0], 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

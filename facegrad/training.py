@@ -7,7 +7,6 @@ Celery or the database.
 
 from __future__ import annotations
 
-import functools
 import gc
 import math
 import time
@@ -20,28 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
-from facegrad import within_class
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import PRETRAINED, TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
-from facegrad.gallery import calibrate, calibrate_open_set, embed, holdout_identities
-from facegrad.models import LBP_SHARE, MID_STAGE_SHARE, build_model, forward_logits
+from facegrad.gallery import embed, holdout_identities
+from facegrad.models import build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
 from facegrad.recognition import open_set
 
-DESCRIPTOR = "backbone+lbp"  # what identification compares: see facegrad.models.describe
-# new models describe each face as it is and zoomed out to 90 % (border pixels extended), and
-# add the two normalised descriptors (facegrad.gallery.embed), where models before described
-# the face and its mirror image: photos of one person show the face at different sizes in the
-# frame, and a detector's box varies with the photo. On ORL (32 seeded draws of 30 trained
-# people and 10 strangers, the same models described each way) the draws meeting every one of
-# issue 5's open-set bars at the calibrated threshold went from 8 to 14 (worst bar ratio +0.009,
-# standard error 0.0045) at the same cost, two forward passes per face; adding the mirror images
-# as well doubled the cost and changed nothing (-0.0007, se 0.003); see docs/benchmarks.md,
-# session 7
-FLIP_TTA = False
-SCALE_TTA = (1.0, 0.9)
 # how each architecture's input is prepared (facegrad.preprocess.NORMALISERS)
 NORMALISATION = {"dlib_resnet": "rgb_unit", "facenet_s": "per_image_standardise",
                  "seed_cnn": "per_image_standardise"}
@@ -149,8 +135,7 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
     A pretrained architecture starts from its weights (converted once into ``pretrained_dir``,
     default ``<data dir>/pretrained``) with its first ``freeze_stages`` stages frozen (all of
     them when ``backbone_lr_scale`` is 0)."""
-    model = build_model(cfg.architecture, num_classes, cfg.image_size,
-                        mid_share=MID_STAGE_SHARE)
+    model = build_model(cfg.architecture, num_classes, cfg.image_size)
     if cfg.architecture in PRETRAINED:
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))
         model.freeze(cfg.freeze_stages if cfg.backbone_lr_scale > 0 else 6)
@@ -372,16 +357,14 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
             save_checkpoint(epoch + 1)
 
     # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
-    # the device-resident training copies go first: the gallery of a large dataset (4800
-    # floats per image) would otherwise sit on top of them at the run's memory peak
+    # the device-resident training copies go first: the gallery of a large dataset would
+    # otherwise sit on top of them at the run's memory peak
     del train_set, val_set
     if cfg.epochs > start_epoch:
         del batches
     gc.collect()
-    save = (functools.partial(save_pretrained_model, pretrained_dir=pretrained_dir)
-            if pretrained else save_model)
-    model_path, meta = save(cfg, model, device, full, data, held, train_idx, val_idx,
-                            too_few, history, run_dir)
+    model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
+                                  too_few, history, run_dir, pretrained_dir)
     return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
                        resumed_from, {"too_few_to_split": meta["too_few_to_split"]}, meta)
 
@@ -399,111 +382,38 @@ def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
 
 def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
                full: FaceArrays, data: FaceArrays, held: np.ndarray, train_idx: np.ndarray,
-               val_idx: np.ndarray, too_few: list[int], history: list[dict],
-               run_dir: Path) -> tuple[Path, dict]:
-    """The model artifact: weights, the gallery, the calibrated thresholds.
+               val_idx: np.ndarray, too_few: list[int], history: list[dict], run_dir: Path,
+               pretrained_dir: Path | None = None) -> tuple[Path, dict]:
+    """The model artifact: weights, a gallery of every image of the dataset (their normalised
+    embeddings), thresholds calibrated on it (:mod:`facegrad.recognition.open_set`).
 
-    ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it), ``full``
-    the whole dataset; the identities in ``held`` (labels of ``full``) were held out of training.
-    The gallery, in ``full``'s identity order, holds the training images of the trained
-    identities and every image of the held-out ones, and after calibration the validation images
-    too. Returns (path, what model.json holds).
-    """
-    # ``data`` shares ``full``'s image array (without_identities does not copy it), so one pass
-    # describes the training, held-out and validation rows into one tensor: the gallery and the
-    # calibration probes are views of it, and a large gallery is never copied
-    images = np.asarray(full.images)
-    to_full = np.array([full.names.index(n) for n in data.names], dtype=np.int64)
-    held_idx = np.flatnonzero(np.isin(full.labels, held)) if len(held) else train_idx[:0]
-    rows = np.concatenate([train_idx, held_idx, val_idx])
-    described = embed(model, images, cfg.image_size, device, flip_tta=FLIP_TTA,
-                      descriptor=DESCRIPTOR, lbp_share=LBP_SHARE, index=rows, scales=SCALE_TTA)
-    # within-person variation, measured on the trained identities' training images only (the
-    # held-out people stay strangers to it), is shrunk in every descriptor from here on
-    within = within_class.fit(described[:len(train_idx)], data.labels[train_idx],
-                              seed=cfg.seed)
-    if within is not None:
-        within.apply_(described)
-    owner = torch.from_numpy(np.concatenate([to_full[data.labels[train_idx]],
-                                             full.labels[held_idx].astype(np.int64),
-                                             to_full[data.labels[val_idx]]]))
-    n_gallery = len(train_idx) + len(held_idx)  # validation images join after calibration
-    gallery, own_gallery = described[:n_gallery], owner[:n_gallery]
-    emb_val, y_val = described[n_gallery:], owner[n_gallery:]
-    n_ids = len(full.names)
-    if len(held):
-        open_set = calibrate_open_set(gallery, own_gallery, n_ids, held.tolist(), emb_val, y_val,
-                                      cfg.target_fpir)
-        open_set["held_out"] = [full.names[i] for i in held.tolist()]
-    else:
-        probes, labels = (emb_val, y_val) if len(val_idx) else (gallery, own_gallery)
-        open_set = calibrate(probes, labels, gallery, own_gallery, n_ids, cfg.target_fpir)
-        if not len(val_idx):
-            open_set["note"] = "no validation split: calibrated on training images (optimistic)"
-    # calibrated; the validation images now join the gallery (more views of each person)
-    gallery = described
-    counts = torch.bincount(owner, minlength=n_ids)
-    model_meta = {
-        "kind": "model",
-        "architecture": cfg.architecture,
-        "labels": full.names,  # the gallery's identities
-        "classifier_labels": data.names,  # the identities the classifier was trained on
-        "num_classes": len(data.names),
-        "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
-                          "image_size": cfg.image_size, "channels": 3,
-                          "normalisation": "per_image_standardise", "flip_tta": FLIP_TTA,
-                          "scale_tta": list(SCALE_TTA),
-                          "descriptor": DESCRIPTOR, "lbp_share": LBP_SHARE,
-                          "mid_stage_share": getattr(model, "mid_share", 0.0),
-                          "within_class": within.record() if within is not None else None},
-        "config": cfg.model_dump(),
-        "history": history,
-        "open_set": open_set,
-        "gallery": {"source": "training", "scoring": "nearest_image",
-                    "counts": {n: int(c) for n, c in zip(full.names, counts)}},
-        "too_few_to_split": [data.names[i] for i in too_few],
-    }
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors["gallery.emb"] = gallery
-    tensors["gallery.owner"] = owner
-    tensors["gallery.counts"] = counts
-    if within is not None:
-        tensors |= within.tensors()
-    model_path = ckpt.save(run_dir / "model", tensors, model_meta)
-    return model_path, model_meta
+    ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it, and
+    ``full``'s images, which it shares), ``full`` the whole dataset; the identities in ``held``
+    (labels of ``full``) were held out of training. The honest identities of calibration are
+    those held out; with none held out, all of them (a network used as it is has trained on
+    none of them; one trained on them all is calibrated optimistically, and the record says so).
 
-
-def save_pretrained_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                          full: FaceArrays, data: FaceArrays, held: np.ndarray,
-                          train_idx: np.ndarray, val_idx: np.ndarray, too_few: list[int],
-                          history: list[dict], run_dir: Path,
-                          pretrained_dir: Path | None = None) -> tuple[Path, dict]:
-    """The model artifact of a pretrained network: weights, a gallery of every image of the
-    dataset (its normalised 128-d embeddings), thresholds calibrated on it
-    (:mod:`facegrad.recognition.open_set`).
-
-    After fine-tuning, the identities held out of it (``held``) make the comparison honest: the
-    open-set figures of the pretrained and of the fine-tuned network on them are both recorded
+    A pretrained architecture fine-tuned with identities held out is compared with the
+    pretrained network on them: both networks' open-set figures are recorded
     (``open_set.fine_tuning``), and when fine-tuning made them worse the model keeps the
-    pretrained weights and says so. Arguments as :func:`save_model`.
+    pretrained weights and says so. Returns (path, what model.json holds).
     """
     images = np.asarray(full.images)
     owner = torch.from_numpy(full.labels.astype(np.int64))
     n_ids = len(full.names)
-    everyone = torch.arange(n_ids)
+    normalisation = NORMALISATION[cfg.architecture]
+    honest = torch.from_numpy(held.astype(np.int64))
 
-    def describe(net):
-        return embed(net, images, cfg.image_size, device, descriptor="embedding",
-                     normalisation=NORMALISATION[cfg.architecture])
+    def embed_all(net):
+        return embed(net, images, cfg.image_size, device, normalisation=normalisation)
 
-    emb = describe(model)
+    emb = embed_all(model)
     fine_tuning = None
-    if cfg.epochs and len(held):
-        honest = torch.from_numpy(held.astype(np.int64))
+    if cfg.architecture in PRETRAINED and cfg.epochs and len(held):
         tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
         tuned = open_set.calibrate(emb, owner, n_ids, honest, None, cfg.target_fpir)
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
-        emb_pre = describe(model)
+        emb_pre = embed_all(model)
         pre = open_set.calibrate(emb_pre, owner, n_ids, honest, None, cfg.target_fpir)
         keys = ("known_named", "strangers_rejected", "tpir_at_fpir_0.05", "threshold")
         keep_tuned = open_set.better(tuned, pre)
@@ -519,32 +429,34 @@ def save_pretrained_model(cfg: TrainConfig, model: torch.nn.Module, device: torc
             emb = emb_pre
             fine_tuning["note"] = ("fine-tuning made the figures on the held-out identities "
                                    "worse: the model keeps the pretrained network")
-    if fine_tuning is None or fine_tuning["kept"] == "pretrained":
-        # a network that has not trained on these people: every identity is an honest stranger
-        open_set_rec = open_set.calibrate(emb, owner, n_ids, everyone, None, cfg.target_fpir)
-        if cfg.epochs and not len(held):
-            open_set_rec["note"] = ("too few identities to hold some out of fine-tuning: "
-                                    "calibrated on the fine-tuned identities (optimistic)")
-    else:  # the held-out people as strangers; known faces: theirs and the validation images
+    if len(held) and (fine_tuning is None or fine_tuning["kept"] == "fine_tuned"):
+        # the held-out people as strangers; known faces: theirs and the validation images
         rows = torch.cat([torch.nonzero(torch.isin(owner, honest)).view(-1),
                           torch.from_numpy(val_idx.astype(np.int64))])
         open_set_rec = open_set.calibrate(emb, owner, n_ids, honest, rows, cfg.target_fpir)
+    else:  # every identity is a stranger to the others
+        open_set_rec = open_set.calibrate(emb, owner, n_ids, torch.arange(n_ids), None,
+                                          cfg.target_fpir)
+        if cfg.epochs and not len(held):
+            open_set_rec["note"] = ("too few identities to hold some out of training: "
+                                    "calibrated on the trained identities (optimistic)")
     if fine_tuning is not None:
         open_set_rec["fine_tuning"] = fine_tuning
     if len(held):
         open_set_rec["held_out"] = [full.names[i] for i in held.tolist()]
     counts = torch.bincount(owner, minlength=n_ids)
+    preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
+                     "image_size": cfg.image_size, "channels": 3,
+                     "normalisation": normalisation, "descriptor": "embedding"}
+    if cfg.architecture == "dlib_resnet":
+        preprocessing["network"] = "dlib_face_recognition_resnet_model_v1"
     model_meta = {
         "kind": "model",
         "architecture": cfg.architecture,
-        "labels": full.names,
-        "classifier_labels": data.names,
+        "labels": full.names,  # the gallery's identities
+        "classifier_labels": data.names,  # the identities the classifier was trained on
         "num_classes": len(data.names),
-        "preprocessing": {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
-                          "image_size": cfg.image_size, "channels": 3,
-                          "normalisation": NORMALISATION[cfg.architecture],
-                          "descriptor": "embedding", "flip_tta": False, "scale_tta": [1.0],
-                          "network": "dlib_face_recognition_resnet_model_v1"},
+        "preprocessing": preprocessing,
         "config": cfg.model_dump(),
         "history": history,
         "open_set": open_set_rec,

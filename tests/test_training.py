@@ -13,26 +13,30 @@ from PIL import Image
 from facegrad import checkpoint as ckpt
 from facegrad.config import TrainConfig
 from facegrad.data import AUG_SCALE, FaceArrays, augment_batch, stratified_split
-from facegrad.gallery import RUNNER_UP_WEIGHT, decide
+from facegrad.gallery import embed, identity_scores
 from facegrad.inference import LoadedModel
-from facegrad.models import MID_STAGE_SHARE
-from facegrad.preprocess import prepare_face
-from facegrad.training import SCALE_TTA, Cancelled, Hooks, TrainingError, train
+from facegrad.models import build_model
+from facegrad.preprocess import normaliser, prepare_face, resize_uint8
+from facegrad.training import NORMALISATION, Cancelled, Hooks, TrainingError, train
 from tests.harness import ORL
 
 
-@pytest.fixture(scope="module")
-def small_faces():
-    """6 ORL identities × 10 images, as stored crops."""
+def _orl_faces(n: int) -> FaceArrays:
+    """``n`` ORL identities × 10 images, as stored crops."""
     if not ORL.is_dir():
         pytest.skip("shared face data missing")
     imgs, labels, names = [], [], []
-    for i, d in enumerate(sorted(p for p in ORL.iterdir() if p.is_dir())[:6]):
+    for i, d in enumerate(sorted(p for p in ORL.iterdir() if p.is_dir())[:n]):
         names.append(d.name)
         for f in sorted(d.glob("*.png")):
             imgs.append(prepare_face(np.asarray(Image.open(f).convert("RGB"))))
             labels.append(i)
     return FaceArrays(np.stack(imgs), np.array(labels), names)
+
+
+@pytest.fixture(scope="module")
+def small_faces():
+    return _orl_faces(6)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -118,42 +122,65 @@ def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
     assert len(out) == 20 and len(out[0][2]) == 3
     acc = np.mean([o[0] == small_faces.names[y] for o, y in zip(out, small_faces.labels[:20])])
     assert acc > 0.5
-    # identification describes a face exactly as training described the gallery: every image
-    # of this 6-person set is in the gallery, so each finds its own descriptor there
-    assert meta["preprocessing"]["mid_stage_share"] == 0.0  # seed_cnn: one descriptor layer
-    wc = meta["preprocessing"]["within_class"]
-    assert wc["method"] == "wccn" and wc["identities"] == 6 and lm.within_class is not None
+    # identification embeds a face exactly as training embedded the gallery: every image of
+    # this 6-person set is in the gallery, so each finds its own embedding there
+    assert meta["preprocessing"]["descriptor"] == "embedding"
     best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
     assert float(best.min()) > 0.999
-    # the face's confidence is the decision score (the runner-up counted), the candidates'
-    # their identity scores; the threshold applies to the former
-    adj = meta["open_set"]["score_adjustment"]
-    assert adj["runner_up_weight"] == RUNNER_UP_WEIGHT and -1 <= adj["runner_up_reference"] <= 1
+    # 6 identities are too few to hold some out: calibrated on all of them, and it says so
+    os_ = meta["open_set"]
+    assert os_["method"] == "leave_out" and os_["honest_identities"] == 6
+    assert "optimistic" in os_["note"] and "held_out" not in os_
+    # the face's confidence is its best identity's score, which the threshold applies to
     emb = lm.embed(small_faces.images[:20])
     scores = lm.gallery.scores(emb)
-    _, decision = decide(scores, adj)
-    for (identity, conf, cands), d, row in zip(lm.match(emb, top_k=2), decision, scores):
-        assert conf == pytest.approx(min(1.0, max(0.0, float(d))), abs=1e-4)
-        assert cands[0][1] == pytest.approx(min(1.0, max(0.0, float(row.max()))), abs=1e-4)
-        assert (identity is not None) == (float(d) >= lm.threshold)
+    for (identity, conf, cands), row in zip(lm.match(emb, top_k=2), scores):
+        top = float(row.max())
+        assert conf == cands[0][1] == pytest.approx(min(1.0, max(0.0, top)), abs=1e-4)
+        assert (identity is not None) == (top >= lm.threshold)
 
 
-def test_default_model_describes_with_the_mid_stage(small_faces, tmp_path):
-    """facenet_s models record the descriptor's mid-stage share; a loaded model describes faces
-    with it, exactly as training described the gallery."""
+def test_scratch_model_calibrates_on_held_out_identities(tmp_path):
+    """facenet_s trained on 10 of 12 people: the 2 held out are the calibration's strangers,
+    and a loaded model embeds faces (traced) as training embedded the gallery."""
+    faces = _orl_faces(12)
     res = train(cfg(architecture="facenet_s", epochs=1, optimizer={"name": "adamw"},
-                    learning_rate=3e-3), small_faces, tmp_path / "m")
+                    learning_rate=3e-3, image_size=64, calibration_identities=0.2),
+                faces, tmp_path / "m")
     meta = json.loads(res.model_path.read_text())
-    assert meta["preprocessing"]["mid_stage_share"] == MID_STAGE_SHARE > 0
-    assert meta["preprocessing"]["scale_tta"] == list(SCALE_TTA) and len(SCALE_TTA) > 1
+    os_ = meta["open_set"]
+    assert len(os_["held_out"]) == 2 and os_["honest_identities"] == 2
+    assert "note" not in os_ and "fine_tuning" not in os_
+    assert 0 < os_["threshold"] <= 1 and "verify_threshold" in os_
+    assert meta["labels"] == faces.names and len(meta["classifier_labels"]) == 10
+    assert meta["gallery"]["counts"] == {n: 10 for n in faces.names}
     lm = LoadedModel(tmp_path / "m")
-    assert lm.net.mid_share == MID_STAGE_SHARE and lm.scales == SCALE_TTA
-    best = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
+    best = (lm.embed(faces.images) @ lm.gallery.emb.t()).max(1).values
     assert float(best.min()) > 0.999
-    # the zoomed-out view counts: the crop as it is alone describes the faces differently
-    lm.scales = (1.0,)
-    alone = (lm.embed(small_faces.images) @ lm.gallery.emb.t()).max(1).values
-    assert float(alone.max()) < 0.999
+
+
+@pytest.mark.parametrize("arch", ["seed_cnn", "facenet_s", "dlib_resnet"])
+def test_every_architecture_embeds_by_its_normalised_embedding(arch):
+    torch.manual_seed(0)
+    size = 150 if arch == "dlib_resnet" else 48
+    net = build_model(arch, 3, size).eval()
+    crops = np.random.default_rng(1).integers(0, 256, (5, 150, 150, 3), dtype=np.uint8)
+    emb = embed(net, crops, size, normalisation=NORMALISATION[arch])
+    x = normaliser(NORMALISATION[arch])(resize_uint8(torch.from_numpy(crops), size))
+    with torch.no_grad():
+        want = net(x)[0]
+    assert emb.shape == (5, 128)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(emb, want, atol=1e-5)
+    assert embed(net, crops[:0], size, normalisation=NORMALISATION[arch]).shape == (0, 128)
+
+
+def test_identity_scores_take_the_nearest_image():
+    gallery = torch.eye(4)[[0, 1, 2, 2]]
+    owner = torch.tensor([0, 0, 1, 1])
+    probe = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8, 0.0, 0.0]]), dim=1)
+    s = identity_scores(probe, gallery, owner, 3)
+    assert s.tolist() == [[pytest.approx(0.8), 0.0, -2.0]]  # identity 2 has no images
 
 
 def test_nonfinite_fail_policy_names_the_step(small_faces, tmp_path):

@@ -19,8 +19,9 @@ from facegrad.db import Model, session_scope
 from facegrad.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(identify_or_admin)])
-ERRORS = {404: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
-          422: {"model": Error}}
+# 409: the model was written by an earlier version and must be retrained (app.main)
+ERRORS = {404: {"model": Error}, 409: {"model": Error}, 413: {"model": Error},
+          415: {"model": Error}, 422: {"model": Error}}
 
 
 def pick_model(db: Session, model_id: str | None) -> Model:
@@ -79,10 +80,9 @@ async def identify(
     model_id: str | None = Form(None, pattern=r"^[0-9a-fA-F-]{36}$",
                                 description="default: the newest model"),
     top_k: int = Form(5, ge=1, le=100),
-    threshold: float | None = Form(None, ge=-1, le=1, description="decision score (the "
-                                   "best identity's adjusted cosine similarity, lowered where "
-                                   "the runner-up fits nearly as well: the face's confidence) "
-                                   "below which a face is 'unknown'; default: the model's "
+    threshold: float | None = Form(None, ge=-1, le=1, description="score (the best "
+                                   "identity's cosine similarity: the face's confidence) below "
+                                   "which a face is 'unknown'; default: the model's "
                                    "calibrated"),
     detect: Literal["auto", "none"] | None = Form(None, description="default: the model's"),
     max_faces: int = Form(10, ge=1, le=100),

@@ -79,8 +79,8 @@ def list_identities(request: Request, model_id: str = uuid_path("model"),
 
 
 @router.post("/{model_id}/identities", response_model=IdentityList, status_code=201,
-             responses={404: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
-                        422: {"model": Error}},
+             responses={404: {"model": Error}, 409: {"model": Error}, 413: {"model": Error},
+                        415: {"model": Error}, 422: {"model": Error}},
              dependencies=[Depends(admin_only)],
              summary="Enroll a person (or add images to one) without retraining")
 def enroll(request: Request, model_id: str = uuid_path("model"),
@@ -112,7 +112,8 @@ def enroll(request: Request, model_id: str = uuid_path("model"),
 
 
 @router.delete("/{model_id}/identities/{identity}", response_model=IdentityList,
-               responses={404: {"model": Error}}, dependencies=[Depends(admin_only)])
+               responses={404: {"model": Error}, 409: {"model": Error}},
+               dependencies=[Depends(admin_only)])
 def remove_identity(request: Request, identity: str, model_id: str = uuid_path("model"),
                     db: Session = Depends(get_db)) -> IdentityList:
     m = get_or_404(db, model_id)

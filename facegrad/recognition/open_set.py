@@ -1,4 +1,4 @@
-"""Open-set figures and thresholds of a pretrained (or fine-tuned) face network's gallery.
+"""Open-set figures and thresholds of a model's gallery, for every architecture.
 
 The gallery holds every image of a dataset; a face scores each identity by its highest cosine
 similarity to one of that identity's images (nearest image), and is named when the best score
@@ -14,9 +14,10 @@ see (:func:`leave_out_scores`):
 - a *stranger* is each image of an honest identity scored against the gallery less all of that
   person's images: everyone else keeps all of theirs, as in service.
 
-An identity is honest when the network never trained on it: with the pretrained network every
-identity is; after fine-tuning only those held out of it (``TrainConfig.calibration_identities``)
-are, since training pulls a trained person's images together and pushes the others away.
+An identity is honest when the network never trained on it: with the pretrained network used as
+it is every identity is; after training (fine-tuning, or training from scratch) only those held
+out of it (``TrainConfig.calibration_identities``) are, since training pulls a trained person's
+images together and pushes the others away.
 
 The threshold is the equal-error point of the two score distributions
 (:func:`equal_error_threshold`), or, with ``target_fpir``, the score that share of strangers
@@ -27,9 +28,9 @@ reach (TPIR at FPIR 0.05, as in NIST's open-set identification reports, FRVT par
 
 from __future__ import annotations
 
-import torch
+import math
 
-from facegrad.gallery import _threshold_at, _verify_threshold
+import torch
 
 COMPARE_FPIR = 0.05
 # the equal-error search starts at this error rate: the scores' 1 % tails, not their single
@@ -69,6 +70,53 @@ def equal_error_threshold(known: torch.Tensor, stranger: torch.Tensor,
 
 def _gap(k: torch.Tensor, st: torch.Tensor, r: float) -> float:
     return float(torch.quantile(k, r)) - float(torch.quantile(st, 1 - r))
+
+
+def threshold_at(stranger: torch.Tensor, target_fpir: float) -> float:
+    """The score that at most ``target_fpir`` of the stranger scores reach.
+
+    With tens of stranger scores an empirical tail quantile rests on one or two of them, so the
+    threshold is the higher of the interpolated empirical quantile and that of a normal
+    distribution with the scores' mean and standard deviation (the conservative of the two).
+    """
+    s = stranger.double()
+    emp = float(torch.quantile(s, 1 - target_fpir))
+    if len(s) < 2:
+        return emp
+    z = math.sqrt(2) * torch.erfinv(torch.tensor(1 - 2 * target_fpir, dtype=torch.float64))
+    normal = float(s.mean() + float(z) * s.std())
+    return min(1.0, max(emp, normal))
+
+
+def verify_threshold(emb: torch.Tensor, labels: torch.Tensor,
+                     max_images: int = 3000) -> tuple[float, float, int]:
+    """(threshold, balanced accuracy, pairs) best separating same/different-person pairs.
+
+    All pairs of at most ``max_images`` images (a seeded sample beyond that); the threshold is
+    the middle of the best-separating gap.
+    """
+    if emb.shape[0] > max_images:
+        keep = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))
+        emb, labels = emb[keep[:max_images]], labels[keep[:max_images]]
+    n = emb.shape[0]
+    iu = torch.triu_indices(n, n, 1)
+    sims = (emb @ emb.t())[iu[0], iu[1]].double()
+    same = labels[iu[0]] == labels[iu[1]]
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    if not n_same or not n_diff:
+        return 0.5, float("nan"), 0
+    order = torch.argsort(sims)
+    s, sm = sims[order], same[order]
+    # cutting before sorted pair k accepts pairs k.. : k = 0..P
+    zero = torch.zeros(1, dtype=torch.float64)
+    same_below = torch.cat([zero, torch.cumsum(sm.double(), 0)])
+    diff_below = torch.cat([zero, torch.cumsum((~sm).double(), 0)])
+    bal = 0.5 * ((n_same - same_below) / n_same + diff_below / n_diff)
+    edges = torch.cat([s[:1] - 1e-3, (s[1:] + s[:-1]) / 2, s[-1:] + 1e-3])
+    distinct = torch.cat([torch.tensor([True]), s[1:] > s[:-1], torch.tensor([True])])
+    bal = torch.where(distinct, bal, torch.tensor(-1.0, dtype=torch.float64))
+    k = int(torch.argmax(bal))
+    return float(edges[k]), float(bal[k]), int(len(sims))
 
 
 def identity_best(sims: torch.Tensor, owner: torch.Tensor, num_identities: int
@@ -136,7 +184,7 @@ def calibrate(emb: torch.Tensor, owner: torch.Tensor, num_identities: int,
     scores = leave_out_scores(emb, owner, num_identities, honest, known_rows)
     ok, known, stranger = scores["known_ok"], scores["known_score"], scores["stranger_score"]
     if target_fpir is not None and stranger.numel():
-        threshold, policy = _threshold_at(stranger, target_fpir), "target_fpir"
+        threshold, policy = threshold_at(stranger, target_fpir), "target_fpir"
     else:
         threshold, policy = equal_error_threshold(known[ok], stranger), "equal_error"
     rec = {"threshold": round(threshold, 6), "target_fpir": target_fpir, "policy": policy,
@@ -146,7 +194,7 @@ def calibrate(emb: torch.Tensor, owner: torch.Tensor, num_identities: int,
     if "strangers_rejected" in rec:
         rec["fpir"] = round(1 - rec["strangers_rejected"], 4)
     is_honest = torch.isin(owner.long(), honest.long())
-    vthr, vacc, pairs = _verify_threshold(emb[is_honest], owner[is_honest])
+    vthr, vacc, pairs = verify_threshold(emb[is_honest], owner[is_honest])
     rec |= {"verify_threshold": round(vthr, 6), "verify_balanced_accuracy": vacc,
             "verify_pairs": pairs}
     return rec
