@@ -7,7 +7,7 @@ Celery worker, in a temporary folder), uploads the ORL training split, trains a 
 model for ``--epochs`` epochs through the API, stops the worker (so it takes no CPU), then runs
 ``--rounds`` rounds of, in turn:
 
-- forward only: ``LoadedModel.embed`` (resize, standardise, forward) on stored crops of the
+- forward only: ``LoadedModel.embed`` (normalise, forward) on the stored chips of the
   held-out ORL images, batch 1, 8 and 32, in this process with the service's thread count
   (batch 32 also right before and right after the 32-client level, which the bar compares
   with: the median over rounds of those paired ratios);
@@ -17,7 +17,8 @@ model for ``--epochs`` epochs through the API, stops the worker (so it takes no 
   load generator takes little of the CPUs it shares with the server (its CPU time is printed).
 
 Bars (2-core CPU): images/s with 32 clients >= 1.5x one client and >= 0.6x forward only at batch
-32; p99 latency <= 500 ms at every concurrency.
+32; p99 latency at every concurrency <= 1.5x the time of one batch-32 forward (a request that
+arrives while a full batch is being described waits for it, then for its own).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch  # isort: skip
 
 LEVELS = (1, 8, 32)
 BATCHES = (1, 8, 32)
-P99_BAR_MS = 500.0
+P99_BAR_B32 = 1.5  # p99 latency <= this many batch-32 forward times
 
 
 # --- a small keep-alive HTTP/1.1 client -----------------------------------------------------
@@ -294,15 +295,16 @@ def main() -> None:
         footer()
         return
     top = stats[32]
+    p99_bar = P99_BAR_B32 * 1000 * 32 / fwd_ips[32]
     checks = [
         (f"images/s at 32 clients >= 1.5x one client ({top['ips'] / stats[1]['ips']:.2f}x)",
          top["ips"] >= 1.5 * stats[1]["ips"]),
         (f"images/s at 32 clients >= 0.6x forward only at batch 32 "
          f"({median(paired):.2f}x, median over rounds of the 32-client rate over forward only "
          "at batch 32 measured just before and after it)", median(paired) >= 0.6),
-        (f"p99 <= {P99_BAR_MS:.0f} ms at every level (worst "
-         f"{max(s['p99'] for s in stats.values()):.0f} ms)",
-         all(s["p99"] <= P99_BAR_MS for s in stats.values())),
+        (f"p99 <= {P99_BAR_B32}x one batch-32 forward = {p99_bar:.0f} ms at every level "
+         f"(worst {max(s['p99'] for s in stats.values()):.0f} ms)",
+         all(s["p99"] <= p99_bar for s in stats.values())),
     ]
     print()
     for text, ok in checks:

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/train_throughput.py [--device cuda] [--threads N] [--steps 80]
 
-Rows per architecture (seed_cnn, facenet_s), batch 32, 64x64, the 400 ORL faces:
+Rows per architecture, batch 32, the 400 ORL faces: seed_cnn and facenet_s at 64x64,
+dlib_resnet (the pretrained network fine-tuned by the default job, its first two stages frozen)
+at 150x150 with a quarter of the steps:
 
-- bare: a plain forward / cross-entropy / backward / step of the same model and AdamW
-  optimizer over float batches already standardised in memory (no clipping, telemetry or LR
-  schedule).
+- bare: a plain forward / cross-entropy / backward / step of the same model and optimizer
+  (the architecture's default) over float batches already normalised in memory (no clipping,
+  telemetry or LR schedule).
 - service step: ``facegrad.training.train_step`` (what ``train`` runs per batch: LR set,
   autocast, unscale, clipper, telemetry, finiteness check, optimizer step) on the same batches.
 - service loop: ``facegrad.training.train_epoch`` over a one-batch slice of
@@ -47,10 +49,11 @@ BATCH = 32
 def bare_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
               amp_dtype):
     """A plain training step on ``model`` and ``opt``: forward, cross-entropy, backward, step."""
-    from facegrad.models import FaceNetS
+    from facegrad.models import FaceNetS, PretrainedFace
 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    margin = isinstance(model, FaceNetS)  # its training forward takes the target (CosFace)
+    # their training forward takes the target (CosFace margin)
+    margin = isinstance(model, (FaceNetS, PretrainedFace))
 
     def step(xb, yb):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -73,21 +76,25 @@ def main() -> None:
 
     from facegrad.config import TrainConfig
     from facegrad.data import DeviceBatches
-    from facegrad.training import Hooks, make_step_parts, train_epoch, train_step
+    from facegrad.preprocess import normaliser
+    from facegrad.training import NORMALISATION, Hooks, make_step_parts, train_epoch, train_step
 
     data = orl_all()
-    batches_src = DeviceBatches(data.images, data.labels, 64, device)
-    gen = torch.Generator().manual_seed(0)
-    batches = [(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x, y)
-               for x, y in batches_src.epoch(BATCH, gen, augment=False)]
-    print(f"{len(data.names)} identities, {len(batches_src)} images, batch {BATCH}; "
-          f"{args.steps} timed steps per variant, one step of each variant in turn (rotating "
-          "order), after 3 warm-up turns")
+    print(f"{len(data.names)} identities, {len(data.labels)} images, batch {BATCH}; "
+          f"{args.steps} timed steps per variant ({args.steps // 4} for dlib_resnet), one step "
+          "of each variant in turn (rotating order), after 3 warm-up turns")
 
     rows, ok_all = [], True
-    for arch in ("seed_cnn", "facenet_s"):
+    for arch in ("seed_cnn", "facenet_s", "dlib_resnet"):
         cfg = TrainConfig(architecture=arch, clip={"mode": "none"}, batch_size=BATCH,
                           device=device.type, lr_schedule="constant")
+        batches_src = DeviceBatches(data.images, data.labels, cfg.image_size, device,
+                                    normalise=normaliser(NORMALISATION[arch]))
+        gen = torch.Generator().manual_seed(0)
+        batches = [(x.contiguous(memory_format=torch.channels_last)
+                    if device.type == "cuda" else x, y)
+                   for x, y in batches_src.epoch(BATCH, gen, augment=False)]
+        steps = args.steps // 4 if arch == "dlib_resnet" else args.steps
         # the three variants step one model and optimizer: copies of their own would sit in
         # different memory and drift apart, which moved step times by more than the service's
         # own cost on an AVX2 CPU
@@ -99,7 +106,7 @@ def main() -> None:
         loop_gen = torch.Generator().manual_seed(1)
 
         def run_loop(i, parts=parts, cfg=cfg, loop_gen=loop_gen, hooks=hooks,
-                     progress=progress):
+                     progress=progress, batches_src=batches_src):
             # train_epoch over a one-batch slice of a DeviceBatches epoch: batch assembly,
             # the step and the running metrics, as train() runs them
             it = itertools.islice(batches_src.epoch(BATCH, loop_gen, augment=False), 1)
@@ -108,14 +115,14 @@ def main() -> None:
             assert seen == BATCH
 
         variants = {
-            "bare": lambda i, bare=bare: bare(*batches[i % len(batches)]),
-            "service step": lambda i, parts=parts, cfg=cfg: train_step(
+            "bare": lambda i, bare=bare, batches=batches: bare(*batches[i % len(batches)]),
+            "service step": lambda i, parts=parts, cfg=cfg, batches=batches: train_step(
                 parts, *batches[i % len(batches)], cfg.learning_rate),
             "service loop": run_loop,
         }
         times = {n: [] for n in variants}
         names = list(variants)
-        for turn in range(args.steps + 3):
+        for turn in range(steps + 3):
             k = turn % len(names)
             for n in names[k:] + names[:k]:
                 sync(device)
