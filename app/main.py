@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
     app.state.api_keys = api_keys
     app.state.models = ModelCache()
     app.state.model_rows = RecentRows()
-    app.state.batcher = Batcher(settings.identify_batch_wait_ms)
+    app.state.batcher = Batcher(settings.identify_batch_wait_ms, settings.identify_max_batch)
     app.state.decode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
                                                thread_name_prefix="decode")
     app.state.gallery_lock = threading.Lock()
