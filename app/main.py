@@ -18,7 +18,7 @@ from app import metrics
 from app.auth import APIKeyGate, parse_keys
 from app.batcher import Batcher
 from app.model_cache import ModelCache, RecentRows
-from app.routes import console, datasets, health, identify, jobs, models
+from app.routes import console, datasets, health, identify, jobs, models, sweeps
 from app.uploads import BodyLimit
 from facegrad.db import get_engine
 from facegrad.inference import UnsupportedModel
@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
                                                thread_name_prefix="decode")
     app.state.gallery_lock = threading.Lock()
 
-    for r in (health.router, datasets.router, jobs.router, models.router, identify.router):
+    for r in (health.router, datasets.router, jobs.router, sweeps.router, models.router,
+              identify.router):
         app.include_router(r)
 
     if api_keys:  # 401 before the body is read; inside CORS so that a 401 carries its headers

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from facegrad.config import TrainConfig
+from facegrad.sweeps import DEFAULT_METRIC, METRICS
 
 
 def _utc(v: datetime) -> datetime:
@@ -192,3 +193,94 @@ class VerifyOut(BaseModel):
 class IdentityList(BaseModel):
     model_id: str
     identities: dict[str, int] = Field(description="identity → number of enrolled images")
+
+
+SweepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
+
+
+class SweepCreate(BaseModel):
+    """A sweep: one job per combination of the grid's values, each the base with them set."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "clip modes", "base": {
+            "dataset_id": "00000000-0000-0000-0000-000000000000", "architecture": "seed_cnn",
+            "epochs": 30, "image_size": 64},
+            "grid": {"clip": [{"mode": "none"},
+                              {"mode": "norm", "max_norm": 5.0, "scope": "per_tensor"},
+                              {"mode": "threshold", "alpha": 0.9}],
+                     "seed": [0, 1, 2]},
+            "metric": "val_acc"}]})
+    name: str = Field(min_length=1, max_length=200)
+    base: dict[str, Any] = Field(
+        description="a job body as POST /v1/jobs takes it, with dataset_id; the fields the grid "
+        "does not set")
+    grid: dict[str, Any] = Field(
+        default_factory=dict,
+        description="job field → non-empty list of values; one job per combination "
+        "(their product, at most FACEGRAD_MAX_SWEEP_JOBS). Any job field but dataset_id; "
+        "'seed' repeats each setting (its runs are averaged on the leaderboard)")
+    metric: MetricName = Field(DEFAULT_METRIC, description="the leaderboard's default ranking "
+                               "metric")
+
+
+class SweepProgress(BaseModel):
+    jobs: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    fraction: float = Field(description="mean of the jobs' progress fractions (an ended job "
+                            "counts 1)")
+
+
+class SweepOut(BaseModel):
+    id: str
+    name: str
+    created_at: UTCDateTime
+    finished_at: UTCDateTime | None
+    dataset_id: str
+    base: dict
+    grid: dict
+    metric: str
+    status: SweepStatus = Field(description="queued (all jobs queued), running, then once all "
+                                "jobs ended: succeeded (all), cancelled (cancel requested), "
+                                "failed (none succeeded) or partial")
+    cancel_requested: bool
+    job_ids: list[str]
+    progress: SweepProgress
+
+
+class SweepList(BaseModel):
+    items: list[SweepOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricStat(BaseModel):
+    mean: float | None
+    sd: float | None = Field(description="sample standard deviation over the runs (0 for one)")
+    n: int = Field(description="runs that have the metric")
+
+
+class LeaderboardRow(BaseModel):
+    setting: dict = Field(description="the grid values of this row's jobs, without seed")
+    label: str = Field(description="the setting as compact text, e.g. "
+                       "'clip=norm:max_norm=5,scope=per_tensor'")
+    runs: int
+    succeeded: int
+    failed: int
+    job_ids: list[str]
+    metrics: dict[str, MetricStat]
+
+
+class Leaderboard(BaseModel):
+    sweep_id: str
+    status: SweepStatus
+    metric: str
+    direction: Literal["max", "min"]
+    metrics: dict[str, str] = Field(description="metric → its description and direction")
+    rows: list[LeaderboardRow] = Field(description="best first by the metric's mean; rows "
+                                       "without it last")

@@ -1,4 +1,5 @@
-"""State of the service in SQL (SQLite by default, PostgreSQL by URL): datasets, jobs, models.
+"""State of the service in SQL (SQLite by default, PostgreSQL by URL): datasets, jobs, sweeps,
+models.
 
 The worker writes progress here and the API reads it; nothing lives only in the broker or in a
 process's memory.
@@ -83,6 +84,22 @@ class JobEpoch(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     record: Mapped[dict] = mapped_column()
+
+
+class Sweep(Base):
+    """A grid of job settings queued at once; its status and progress are read off its jobs."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    dataset_id: Mapped[str] = mapped_column(String(36), index=True)
+    base: Mapped[dict] = mapped_column()
+    grid: Mapped[dict] = mapped_column()
+    metric: Mapped[str] = mapped_column(String(40), default="val_acc")
+    job_ids: Mapped[list] = mapped_column(default=list)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Model(Base):

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_identify_files: int = 32
     max_identify_bytes: int = 64 * 1024**2
 
+    max_sweep_jobs: int = Field(
+        64, ge=1, le=10_000,
+        description="Most jobs one sweep may queue (the product of its grid's list lengths); a "
+        "larger grid is refused with 422 and nothing is queued.")
+
     job_lease_seconds: int = Field(
         120, description="A running job whose worker has not renewed its lease for this long is "
         "considered dead and may be taken over by another worker."

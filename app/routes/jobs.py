@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -10,7 +12,7 @@ from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
 from app.schemas import Error, JobCreate, JobList, JobMetrics, JobOut, JobStatus
 from app.uploads import uuid_path
-from facegrad.db import Dataset, Job, JobEpoch, utcnow
+from facegrad.db import Dataset, Job, JobEpoch, new_id, utcnow
 from facegrad.settings import Settings
 from worker.queue import BrokerUnavailable, publish_job
 
@@ -33,30 +35,63 @@ def get_or_404(db: Session, job_id: str) -> Job:
     return job
 
 
+def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate],
+               with_rows: Callable[[list[Job]], list] | None = None,
+               what: str = "the job was") -> list[Job]:
+    """Store one queued Job per body (with the rows ``with_rows(jobs)`` adds, e.g. their sweep)
+    in one commit, then publish each to the broker. The one way jobs are created: POST
+    /v1/jobs and POST /v1/sweeps both call it.
+
+    The broker down: every row stored here is deleted again and 503 is raised (nothing left
+    behind; a message already sent for a deleted job finds no row and is dropped by the worker).
+    """
+    jobs = [Job(id=new_id(), dataset_id=dataset.id,
+                config=body.model_dump(exclude={"dataset_id"}), status="queued",
+                progress={"epoch": 0, "epochs": body.epochs, "step": 0, "steps_total": 0,
+                          "fraction": 0.0})
+            for body in bodies]
+    rows = [*jobs, *(with_rows(jobs) if with_rows else [])]
+    db.add_all(rows)
+    db.commit()
+    try:
+        for job in jobs:
+            publish_job(job.id)
+            job.enqueued_at = utcnow()
+    except BrokerUnavailable as e:
+        db.rollback()
+        for row in rows:
+            db.delete(row)
+        db.commit()
+        raise HTTPException(503, f"{e}; {what} not accepted, try again when /readyz "
+                            "answers 200") from e
+    db.commit()
+    return jobs
+
+
+def dataset_or_404(db: Session, dataset_id: str) -> Dataset:
+    ds = db.get(Dataset, dataset_id.lower())
+    if ds is None:
+        raise HTTPException(404, f"no dataset with id {dataset_id}; upload one with "
+                            "POST /v1/datasets")
+    return ds
+
+
+def request_cancel(job: Job) -> None:
+    """Cancel a queued or running job: a queued one at once, a running one at its next step
+    (its worker sees cancel_requested)."""
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", utcnow()
+    job.cancel_requested = True
+
+
 @router.post("", status_code=202, response_model=JobOut,
              responses={404: {"model": Error}, 422: {"model": Error},
                         503: {"model": Error, "description": "the broker is down"}},
              summary="Queue a training job")
 def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db),
                settings: Settings = Depends(get_settings_dep)) -> JobOut:
-    ds = db.get(Dataset, body.dataset_id.lower())
-    if ds is None:
-        raise HTTPException(404, f"no dataset with id {body.dataset_id}; upload one with "
-                            "POST /v1/datasets")
-    cfg = body.model_dump(exclude={"dataset_id"})
-    job = Job(dataset_id=ds.id, config=cfg, status="queued", progress={
-        "epoch": 0, "epochs": body.epochs, "step": 0, "steps_total": 0, "fraction": 0.0})
-    db.add(job)
-    db.commit()
-    try:
-        publish_job(job.id)
-    except BrokerUnavailable as e:
-        db.delete(job)
-        db.commit()
-        raise HTTPException(503, f"{e}; the job was not accepted, try again when /readyz "
-                            "answers 200") from e
-    job.enqueued_at = utcnow()
-    db.commit()
+    ds = dataset_or_404(db, body.dataset_id)
+    job = queue_jobs(db, ds, [body])[0]
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return to_out(job)
 
@@ -98,8 +133,6 @@ def cancel_job(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) ->
     if job.status in ("succeeded", "failed"):
         raise HTTPException(409, f"job already {job.status}; only queued or running jobs can "
                             "be cancelled")
-    if job.status == "queued":
-        job.status, job.finished_at = "cancelled", utcnow()
-    job.cancel_requested = True
+    request_cancel(job)
     db.commit()
     return to_out(job)
