@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -185,3 +187,114 @@ def test_wait_reports_a_cancelled_job(service, trained):
     assert waiting.returncode == 1, (stdout, stderr)
     assert f"job {job['id']} was cancelled" in stderr
     assert json.loads(stdout)["status"] == "cancelled"  # --json still prints the final job
+
+
+# --- facegrad sweep ---------------------------------------------------------------------------
+
+SWEEP_JOB = ("--arch", "seed_cnn", "--image-size", "32", "--batch-size", "16")
+
+
+@pytest.fixture(scope="module")
+def sweep_ds(service, subset_dir):
+    return json.loads(ok(facegrad(service, "dataset", "upload", str(subset_dir), "--name",
+                                  "cli-sweep-faces", "--json")))
+
+
+@pytest.fixture(scope="module")
+def waited_sweep(service, sweep_ds):
+    """2 clip settings x 2 seeds, 2 epochs each, followed with --wait."""
+    r = facegrad(service, "sweep", "--dataset", sweep_ds["id"], "--clip", "none", "--clip",
+                 "norm:5:per_tensor", "--seeds", "2", "--epochs", "2", *SWEEP_JOB,
+                 "--name", "cli-sweep", "--wait", "--poll", "0.5", timeout=600)
+    sweeps = json.loads(ok(facegrad(service, "sweep", "list", "--json")))["items"]
+    sweep = next(s for s in sweeps if s["name"] == "cli-sweep")
+    return sweep, r
+
+
+def test_sweep_help():
+    r = subprocess.run([sys.executable, "-m", "facegrad.cli", "sweep", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
+    out = ok(r)
+    for word in ("--dataset", "--clip", "--lr", "--seeds", "--wait", "--metric", "show",
+                 "cancel", "list"):
+        assert word in out, word
+
+
+def test_sweep_wait_prints_the_leaderboard(service, waited_sweep):
+    sweep, r = waited_sweep
+    assert r.returncode == 0, (r.stdout, r.stderr, service.tail("worker1.log"))
+    assert sweep["status"] == "succeeded" and len(sweep["job_ids"]) == 4
+    assert sweep["progress"]["succeeded"] == 4
+    assert f"sweep {sweep['id']}" in r.stderr and "4/4" in r.stderr  # the bar reached its end
+    out = r.stdout
+    assert "leaderboard by val_acc" in out and "succeeded" in out
+    assert "clip=none" in out and "clip=norm:max_norm=5,scope=per_tensor" in out
+    assert " ± " in out  # mean ± sd over the 2 seeds
+    jobs = [json.loads(ok(facegrad(service, "jobs", "show", j, "--json")))
+            for j in sweep["job_ids"]]
+    assert sorted((j["config"]["clip"]["mode"], j["config"]["seed"]) for j in jobs) == \
+        [("none", 0), ("none", 1), ("norm", 0), ("norm", 1)]
+    assert all(j["config"]["epochs"] == 2 and j["config"]["image_size"] == 32 for j in jobs)
+
+
+def test_sweep_show(service, waited_sweep):
+    sweep, _ = waited_sweep
+    csv_text = ok(facegrad(service, "sweep", "show", sweep["id"], "--csv"))
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    assert len(rows) == 3, csv_text  # a header and one row per setting
+    assert rows[0][:4] == ["clip", "runs", "succeeded", "failed"] and "val_acc_mean" in rows[0]
+    assert sorted(r[0] for r in rows[1:]) == ["none", "norm:max_norm=5,scope=per_tensor"]
+    assert all(r[1:4] == ["2", "2", "0"] for r in rows[1:])
+
+    table = ok(facegrad(service, "sweep", "show", sweep["id"], "--metric", "best_val_loss"))
+    assert sweep["id"] in table and "succeeded" in table
+    assert "leaderboard by best_val_loss (lowest first" in table
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (ROOT / "test-artifacts" / "cli-sweep-show.txt").write_text(table)
+    doc = json.loads(ok(facegrad(service, "sweep", "show", sweep["id"], "--json")))
+    assert doc["id"] == sweep["id"] and len(doc["leaderboard"]["rows"]) == 2
+    assert all(row["runs"] == 2 and row["succeeded"] == 2 for row in doc["leaderboard"]["rows"])
+    assert sweep["id"] in ok(facegrad(service, "sweep", "list"))
+
+
+def test_sweep_errors(service, sweep_ds):
+    r = facegrad(service, "sweep", "--dataset", sweep_ds["id"], "--clip", "none", "--seeds",
+                 "1000", *SWEEP_JOB)
+    assert r.returncode == 1 and "1000 jobs" in r.stderr and "422" in r.stderr
+    r = facegrad(service, "sweep", "--dataset", sweep_ds["id"], "--clip", "threshold:2",
+                 *SWEEP_JOB)
+    assert r.returncode == 1 and "alpha" in r.stderr and "422" in r.stderr
+    r = facegrad(service, "sweep", "--dataset", sweep_ds["id"], "--clip", "bogus:1")
+    assert r.returncode == 2 and "unknown clip mode" in r.stderr
+    r = facegrad(service, "sweep", "show", "00000000-0000-4000-8000-000000000000")
+    assert r.returncode == 1 and "no sweep with id" in r.stderr
+
+
+def test_sweep_cancel(service, sweep_ds):
+    """sweep cancel stops a long sweep; the client waiting on it exits 1 saying so."""
+    env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT))
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "facegrad.cli", "sweep", "--dataset", sweep_ds["id"], "--clip",
+         "none", "--clip", "value:1", "--seeds", "2", "--epochs", "500", *SWEEP_JOB,
+         "--name", "cli-long-sweep", "--wait", "--poll", "0.3"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        sweep = None
+        while time.time() < deadline and sweep is None:
+            time.sleep(0.5)
+            items = json.loads(ok(facegrad(service, "sweep", "list", "--json")))["items"]
+            sweep = next((s for s in items if s["name"] == "cli-long-sweep"
+                          and s["progress"]["running"]), None)
+        assert sweep is not None, "the sweep never started"
+        out = ok(facegrad(service, "sweep", "cancel", sweep["id"]))
+        assert sweep["id"] in out and "cancel" in out
+        ok(facegrad(service, "sweep", "cancel", sweep["id"]))  # idempotent
+        stdout, stderr = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 1, (stdout, stderr)
+    assert f"sweep {sweep['id']} cancelled" in stderr
+    doc = json.loads(ok(facegrad(service, "sweep", "show", sweep["id"], "--json")))
+    assert doc["status"] == "cancelled" and doc["progress"]["cancelled"] == 4

@@ -1,6 +1,6 @@
 /* facegrad console: plain JS over the v1 REST API (no build step, no network beyond this server).
  *
- * Views are picked by the URL hash: #datasets, #jobs, #job/<id>, #identify. Every API call sends
+ * Views are picked by the URL hash: #datasets, #jobs, #job/<id>, #sweeps, #sweep/<id>, #identify. Every API call sends
  * the X-API-Key kept in localStorage. The job form is built from the server's OpenAPI schema
  * (defaults and bounds come from facegrad/config.py), with one-line explanations added here.
  */
@@ -8,9 +8,11 @@
 
 const KEY_STORE = "facegrad.apiKey";
 const TERMINAL = ["succeeded", "failed", "cancelled"];
+const SWEEP_FINAL = ["succeeded", "failed", "partial", "cancelled"];
+const SWEEP_POLL_MS = 3000;
 const POLL_MS = 1500;
 const state = { datasets: [], models: [], schema: null, jobTimer: null, jobsTimer: null,
-  jobId: null, selectedDataset: null };
+  jobId: null, selectedDataset: null, sweepTimer: null, sweepId: null, sweepsTimer: null };
 
 // --- small helpers -------------------------------------------------------------------------
 
@@ -121,11 +123,13 @@ function failed(e) {
 function route() {
   const [view, arg] = (location.hash.slice(1) || "datasets").split("/");
   stopJobPolling();
+  stopSweepPolling();
   clearInterval(state.jobsTimer);
-  const page = view === "job" && arg ? "job" : (["datasets", "jobs", "identify"].includes(view)
-    ? view : "datasets");
+  clearInterval(state.sweepsTimer);
+  const page = (view === "job" || view === "sweep") && arg ? view
+    : (["datasets", "jobs", "sweeps", "identify"].includes(view) ? view : "datasets");
   for (const s of document.querySelectorAll(".view")) s.hidden = s.id !== `view-${page}`;
-  const tab = page === "job" ? "jobs" : page;
+  const tab = page === "job" ? "jobs" : page === "sweep" ? "sweeps" : page;
   for (const a of document.querySelectorAll("#tabs a")) {
     a.classList.toggle("active", a.dataset.tab === tab);
   }
@@ -139,6 +143,17 @@ function route() {
   if (page === "job") {
     if (!state.datasets.length) loadDatasets().catch(() => {});
     openJob(arg);
+  }
+  if (page === "sweeps") {
+    loadDatasets().catch(failed);
+    loadSweeps().catch(failed);
+    state.sweepsTimer = setInterval(() => {
+      if (!document.hidden) loadSweeps().catch(() => {});
+    }, 3000);
+  }
+  if (page === "sweep") {
+    if (!state.datasets.length) loadDatasets().catch(() => {});
+    openSweep(arg);
   }
   if (page === "identify") loadModels().catch(failed);
 }
@@ -283,11 +298,12 @@ async function loadDatasets() {
     fill(body, el("tr", {}, el("td", { colspan: 8, class: "muted",
       text: "no datasets yet: upload one above" })));
   }
-  const sel = $("#job-dataset");
-  const keep = state.selectedDataset || sel.value;
-  fill(sel, ...doc.items.map((d) => el("option", { value: d.id,
-    text: `${d.name} — ${d.num_identities} identities, ${d.num_images} images (${short(d.id)})` })));
-  if (keep && doc.items.some((d) => d.id === keep)) sel.value = keep;
+  for (const sel of [$("#job-dataset"), $("#sw-dataset")]) {
+    const keep = state.selectedDataset || sel.value;
+    fill(sel, ...doc.items.map((d) => el("option", { value: d.id,
+      text: `${d.name} — ${d.num_identities} identities, ${d.num_images} images (${short(d.id)})` })));
+    if (keep && doc.items.some((d) => d.id === keep)) sel.value = keep;
+  }
   return doc.items;
 }
 
@@ -680,6 +696,440 @@ function renderEpochTable(history) {
   }));
 }
 
+// --- sweeps: a grid of jobs, its leaderboard and per-setting curves ------------------------
+
+const SWEEP_METRICS = ["val_acc", "best_val_loss", "final_val_loss", "epochs_to_90pct",
+  "known_named", "strangers_rejected", "tpir_at_fpir_0.05", "skipped_steps", "clip_fraction",
+  "grad_norm_pre", "grad_norm_post", "wall_seconds"];
+const METRIC_NAMES = { val_acc: "val acc", best_val_loss: "best val loss",
+  final_val_loss: "final val loss", epochs_to_90pct: "epochs to 90%", known_named: "known named",
+  strangers_rejected: "strangers rejected", "tpir_at_fpir_0.05": "TPIR @ FPIR 0.05",
+  skipped_steps: "skipped steps", clip_fraction: "steps clipped", grad_norm_pre: "norm pre",
+  grad_norm_post: "norm post", wall_seconds: "seconds" };
+const PCT_METRICS = ["val_acc", "known_named", "strangers_rejected", "tpir_at_fpir_0.05",
+  "clip_fraction"];
+// each mode's main parameter in the form (norm also has its scope)
+const SWEEP_CLIPS = [
+  { mode: "none", checked: true },
+  { mode: "value", param: "clip_value", value: 1.0 },
+  { mode: "norm", param: "max_norm", value: 5.0, scope: true, checked: true },
+  { mode: "threshold", param: "alpha", value: 0.9, min: 0, max: 1 },
+  { mode: "agc", param: "clip_factor", value: 0.01 },
+  { mode: "autoclip", param: "percentile", value: 10, min: 0, max: 100 },
+];
+const PALETTE = ["#2f6fde", "#d9534f", "#1f8a4c", "#b7791f", "#7b4fd0", "#0f9aa8", "#c2417d",
+  "#5a6b86", "#8a9a1f", "#e07b00"];
+const sweepCache = { histories: {}, configs: {}, colors: {}, board: null, sweep: null };
+
+/** A setting's colour: fixed the first time the page sees it, so re-ranking keeps colours. */
+function settingColor(label) {
+  const c = sweepCache.colors;
+  if (!(label in c)) c[label] = PALETTE[Object.keys(c).length % PALETTE.length];
+  return c[label];
+}
+
+function settingText(setting, label) {
+  if (label) return label;  // the server's compact text: clip=norm:max_norm=5,scope=per_tensor
+  return Object.entries(setting || {}).map(([k, v]) => {
+    if (k === "clip") return clipText(v);
+    if (k === "learning_rate") return `lr ${v}`;
+    return `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`;
+  }).join(", ") || "–";
+}
+
+function statText(name, s) {
+  if (!s || s.mean === null || s.mean === undefined) return "–";
+  const f = PCT_METRICS.includes(name) ? pct : (x) => fmt(x);
+  return f(s.mean) + (s.sd !== null && s.sd !== undefined && (s.n || 0) > 1 ? ` ± ${f(s.sd)}`
+    : "");
+}
+
+function sweepDone(p) {
+  return (p.succeeded || 0) + (p.failed || 0) + (p.cancelled || 0);
+}
+
+function sweepCounts(p) {
+  return ["queued", "running", "succeeded", "failed", "cancelled"].filter((k) => p[k])
+    .map((k) => `${p[k]} ${k}`).join(" · ");
+}
+
+function metricOptions(select, chosen) {
+  fill(select, ...SWEEP_METRICS.map((m) => el("option", { value: m,
+    text: METRIC_NAMES[m] || m })));
+  select.value = chosen || "val_acc";
+}
+
+function setupSweeps() {
+  metricOptions($("#sw-metric"), "val_acc");
+  fill($("#sw-clips"), ...SWEEP_CLIPS.map((c) => el("div", { class: "clip-choice" },
+    el("label", { title: CLIP_HELP[c.mode] },
+      el("input", { type: "checkbox", id: `sw-clip-${c.mode}`, checked: !!c.checked }), c.mode),
+    c.param ? el("label", { class: "muted", for: `sw-clip-${c.mode}-${c.param}` },
+      c.param.replace(/_/g, " ")) : el("span", { class: "muted", text: "baseline" }),
+    c.param ? el("input", { type: "number", step: "any", id: `sw-clip-${c.mode}-${c.param}`,
+      value: c.value, min: c.min, max: c.max, title: CLIP_PARAM_HELP[c.param] }) : null,
+    c.scope ? el("select", { id: `sw-clip-${c.mode}-scope`, title: CLIP_PARAM_HELP.scope },
+      el("option", { value: "global", text: "global" }),
+      el("option", { value: "per_tensor", text: "per_tensor" })) : null)));
+  $("#sweep-form").addEventListener("submit", submitSweep);
+  $("#sweeps-refresh").addEventListener("click", () => loadSweeps().catch(failed));
+  $("#sweep-metric").addEventListener("change", () => {
+    if (state.sweepId) refreshSweep(state.sweepId, true).catch(failed);
+  });
+}
+
+function readSweepForm() {
+  const num = (id) => ($(id).value === "" ? null : Number($(id).value));
+  const base = { dataset_id: $("#sw-dataset").value, architecture: $("#sw-architecture").value };
+  for (const [key, id] of [["epochs", "#sw-epochs"], ["image_size", "#sw-image_size"],
+    ["batch_size", "#sw-batch_size"]]) {
+    if (num(id) !== null) base[key] = num(id);
+  }
+  const lrs = $("#sw-lrs").value.split(/[\s,;]+/).filter(Boolean).map(Number);
+  if (lrs.some((x) => Number.isNaN(x))) throw new Error("learning rates: numbers separated by commas");
+  if (!lrs.length && num("#sw-lr") !== null) base.learning_rate = num("#sw-lr");
+  const clips = [];
+  for (const c of SWEEP_CLIPS) {
+    if (!$(`#sw-clip-${c.mode}`).checked) continue;
+    const clip = { mode: c.mode };
+    if (c.param) {
+      const v = $(`#sw-clip-${c.mode}-${c.param}`).value;
+      if (v !== "") clip[c.param] = Number(v);
+    }
+    if (c.scope) clip.scope = $(`#sw-clip-${c.mode}-scope`).value;
+    clips.push(clip);
+  }
+  if (!clips.length) throw new Error("tick at least one clip mode to compare");
+  const seeds = Math.max(1, num("#sw-seeds") || 1);
+  const grid = { clip: clips, seed: [...Array(seeds).keys()] };
+  if (lrs.length) grid.learning_rate = lrs;
+  const name = $("#sw-name").value.trim() || [
+    `clip ${clips.map((c) => c.mode + (SWEEP_CLIPS.find((x) => x.mode === c.mode).param
+      ? ` ${c[SWEEP_CLIPS.find((x) => x.mode === c.mode).param]}` : "")).join(", ")}`,
+    lrs.length ? `lr ${lrs.join(", ")}` : null,
+    `${seeds} seed${seeds > 1 ? "s" : ""}`].filter(Boolean).join("; ");
+  return { name: name.slice(0, 200), base, grid, metric: $("#sw-metric").value };
+}
+
+async function submitSweep(e) {
+  e.preventDefault();
+  const status = $("#sweep-form-status");
+  status.className = "muted";
+  if (!$("#sw-dataset").value) {
+    notify("upload a dataset first (Datasets tab)", "error");
+    return;
+  }
+  let body;
+  try {
+    body = readSweepForm();
+  } catch (err) {
+    status.className = "error";
+    status.textContent = err.message;
+    return;
+  }
+  $("#sweep-submit").disabled = true;
+  status.textContent = "queueing …";
+  try {
+    const sweep = await post("/v1/sweeps", body);
+    status.textContent = "";
+    notify(`sweep ${sweep.name || short(sweep.id)} queued: ${(sweep.job_ids || []).length} jobs`);
+    location.hash = `#sweep/${sweep.id}`;
+  } catch (err) {
+    status.className = "error";
+    status.textContent = err.message;
+    failed(err);
+  } finally {
+    $("#sweep-submit").disabled = false;
+  }
+}
+
+async function loadSweeps() {
+  const doc = await get("/v1/sweeps?limit=100");
+  const body = $("#sweeps-table tbody");
+  fill(body, ...doc.items.map((s) => {
+    const p = s.progress || {};
+    const jobs = p.jobs || (s.job_ids || []).length;
+    return el("tr", { class: "click", onclick: () => { location.hash = `#sweep/${s.id}`; } },
+      el("td", { text: s.name || "–" }),
+      el("td", {}, el("span", { class: `badge ${s.status}`, text: s.status })),
+      el("td", {}, el("span", { class: "minibar" },
+        el("div", { style: `width:${Math.round(100 * (p.fraction || 0))}%` })),
+      `${sweepDone(p)}/${jobs} jobs`),
+      el("td", { text: METRIC_NAMES[s.metric] || s.metric || "–" }),
+      el("td", { text: when(s.created_at) }),
+      el("td", {}, el("a", { href: `#sweep/${s.id}` }, el("code", { text: short(s.id) }))));
+  }));
+  if (!doc.items.length) {
+    fill(body, el("tr", {}, el("td", { colspan: 6, class: "muted",
+      text: "no sweeps yet: start one above" })));
+  }
+}
+
+function stopSweepPolling() {
+  clearTimeout(state.sweepTimer);
+  state.sweepTimer = null;
+  state.sweepId = null;
+}
+
+function openSweep(id) {
+  state.sweepId = id;
+  sweepCache.histories = {};
+  sweepCache.configs = {};
+  sweepCache.colors = {};
+  sweepCache.board = null;
+  sweepCache.sweep = null;
+  $("#sweep-id").textContent = short(id);
+  $("#sweep-id").title = id;
+  $("#sweep-name").textContent = "";
+  $("#sweep-status").textContent = "…";
+  $("#sweep-status").className = "badge";
+  $("#sweep-cancel").hidden = true;
+  fill($("#sweep-summary"));
+  fill($("#sweep-board thead"));
+  fill($("#sweep-board tbody"));
+  fill($("#sweep-jobs tbody"));
+  $("#sweep-metric").dataset.sweep = "";
+  for (const c of document.querySelectorAll("#view-sweep .chart")) {
+    if (window.Plotly) Plotly.purge(c);
+    fill(c);
+  }
+  $("#sweep-cancel").onclick = async () => {
+    try {
+      const s = await post(`/v1/sweeps/${id}/cancel`);
+      notify(`sweep cancelled: queued jobs dropped, a running one stops at its next step`);
+      renderSweep(s);
+    } catch (e) { failed(e); }
+  };
+  $("#sweep-csv").onclick = () => downloadCsv(id).catch(failed);
+  const tick = async () => {
+    if (state.sweepId !== id) return;
+    let final = false;
+    try {
+      final = await refreshSweep(id, false);
+    } catch (e) {
+      failed(e);
+      if (e.status === 404) return;
+    }
+    if (state.sweepId !== id || final) return;
+    state.sweepTimer = setTimeout(tick, SWEEP_POLL_MS);
+  };
+  tick();
+}
+
+/** Fetch the sweep, its leaderboard and the histories of its jobs; draw. True when final. */
+async function refreshSweep(id, boardOnly) {
+  const select = $("#sweep-metric");
+  let sweep = sweepCache.sweep;
+  if (!boardOnly || !sweep) {
+    sweep = await get(`/v1/sweeps/${id}`);
+    if (state.sweepId !== id) return true;
+    if (select.dataset.sweep !== id) {  // the first answer: rank by the sweep's own metric
+      metricOptions(select, sweep.metric);
+      select.dataset.sweep = id;
+    }
+  }
+  const board = await get(`/v1/sweeps/${id}/leaderboard?metric=` +
+    encodeURIComponent(select.value || sweep.metric || "val_acc"));
+  if (state.sweepId !== id) return true;
+  sweepCache.sweep = sweep;
+  sweepCache.board = board;
+  renderSweep(sweep);
+  renderBoard(board);
+  if (boardOnly) return SWEEP_FINAL.includes(sweep.status);
+  // a finished job's history never changes: fetch it once
+  const want = (sweep.job_ids || []).filter((j) => !(sweepCache.histories[j] &&
+    TERMINAL.includes(sweepCache.histories[j].status)));
+  const got = await Promise.all(want.map((j) => get(`/v1/jobs/${j}/metrics`)
+    .catch(() => null)));
+  const unknown = (sweep.job_ids || []).filter((j) => !sweepCache.configs[j]);
+  const jobs = await Promise.all(unknown.map((j) => get(`/v1/jobs/${j}`).catch(() => null)));
+  if (state.sweepId !== id) return true;
+  want.forEach((j, i) => { if (got[i]) sweepCache.histories[j] = got[i]; });
+  unknown.forEach((j, i) => { if (jobs[i]) sweepCache.configs[j] = jobs[i].config || {}; });
+  renderSweepJobs(sweep, board);
+  renderSweepCharts(sweep, board);
+  return SWEEP_FINAL.includes(sweep.status);
+}
+
+async function downloadCsv(id) {
+  const headers = {};
+  const key = localStorage.getItem(KEY_STORE);
+  if (key) headers["X-API-Key"] = key;
+  const metric = $("#sweep-metric").value || "val_acc";
+  const r = await fetch(`/v1/sweeps/${id}/leaderboard?format=csv&metric=` +
+    encodeURIComponent(metric), { headers });
+  const text = await r.text();
+  if (!r.ok) {
+    let doc = null;
+    try { doc = JSON.parse(text); } catch { doc = null; }
+    throw new ApiError(r.status, detailText(doc, text, r.status));
+  }
+  const a = el("a", { href: URL.createObjectURL(new Blob([text], { type: "text/csv" })),
+    download: `sweep-${short(id)}-${metric}.csv` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+function renderSweep(sweep) {
+  const status = $("#sweep-status");
+  status.textContent = sweep.status;
+  status.className = `badge ${sweep.status}`;
+  $("#sweep-name").textContent = sweep.name || "";
+  $("#sweep-cancel").hidden = SWEEP_FINAL.includes(sweep.status);
+  const p = sweep.progress || {};
+  const jobs = p.jobs || (sweep.job_ids || []).length;
+  $("#sweep-bar").style.width = `${Math.round(100 * (p.fraction || 0))}%`;
+  const base = sweep.base || {};
+  const ds = state.datasets.find((d) => d.id === sweep.dataset_id);
+  const grid = sweep.grid || {};
+  const item = (label, ...value) => el("div", {}, el("b", { text: label }), ...value);
+  fill($("#sweep-summary"),
+    item("progress", el("span", { id: "sweep-progress",
+      text: `${sweepDone(p)} of ${jobs} jobs finished` }),
+    sweepCounts(p) ? ` (${sweepCounts(p)})` : ""),
+    item("dataset", ds ? `${ds.name} ` : "", el("code", { text: short(sweep.dataset_id) })),
+    item("base", Object.entries(base).filter(([k]) => k !== "dataset_id")
+      .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ") || "–"),
+    item("grid", Object.entries(grid).map(([k, vs]) => `${(vs || []).length} × ${k}`)
+      .join(" · ") || "–"),
+    item("clip modes", (grid.clip || []).map(clipText).join(" | ") || "–"),
+    item("ranked by", METRIC_NAMES[sweep.metric] || sweep.metric || "–"),
+    item("created", when(sweep.created_at)),
+    item("finished", when(sweep.finished_at)),
+  );
+}
+
+function renderBoard(board) {
+  const metric = board.metric;
+  const others = SWEEP_METRICS.filter((m) => m !== metric);
+  const best = board.direction === "min" ? "lowest first" : "highest first";
+  fill($("#sweep-board thead"), el("tr", {},
+    el("th", { text: "#" }), el("th", { text: "setting" }),
+    el("th", { class: "num", text: "runs" }), el("th", { class: "num", text: "succeeded" }),
+    el("th", { class: "num", text: "failed" }),
+    el("th", { class: "num metric", text: `${METRIC_NAMES[metric] || metric} (${best})` }),
+    ...others.map((m) => el("th", { class: "num", text: METRIC_NAMES[m] || m }))));
+  const rows = board.rows || [];
+  fill($("#sweep-board tbody"), ...rows.map((r, i) => {
+    const ms = r.metrics || {};
+    return el("tr", {},
+      el("td", { text: i + 1 }),
+      el("td", { class: "setting" }, el("span", { class: "swatch",
+        style: `background:${settingColor(settingText(r.setting, r.label))}` }),
+      settingText(r.setting, r.label)),
+      el("td", { class: "num", text: r.runs }), el("td", { class: "num", text: r.succeeded }),
+      el("td", { class: "num", text: r.failed }),
+      el("td", { class: "num metric", text: statText(metric, ms[metric]) }),
+      ...others.map((m) => el("td", { class: "num", text: statText(m, ms[m]) })));
+  }));
+  if (!rows.length) {
+    fill($("#sweep-board tbody"), el("tr", {}, el("td", { colspan: 6 + others.length,
+      class: "muted", text: "no settings yet" })));
+  }
+}
+
+/** Each job's setting label and colour, from the leaderboard's rows (ranked order). */
+function jobSettings(board) {
+  const out = {};
+  for (const r of board.rows || []) {
+    const label = settingText(r.setting, r.label);
+    for (const j of r.job_ids || []) out[j] = { label, color: settingColor(label) };
+  }
+  return out;
+}
+
+function renderSweepJobs(sweep, board) {
+  const settings = jobSettings(board);
+  fill($("#sweep-jobs tbody"), ...(sweep.job_ids || []).map((j) => {
+    const h = sweepCache.histories[j] || { history: [], status: "…" };
+    const s = settings[j] || { label: "–" };
+    const cfg = sweepCache.configs[j] || {};
+    const last = h.history[h.history.length - 1] || {};
+    return el("tr", { class: "click", onclick: () => { location.hash = `#job/${j}`; } },
+      el("td", {}, el("span", { class: `badge ${h.status}`, text: h.status })),
+      el("td", {}, s.color ? el("span", { class: "swatch", style: `background:${s.color}` })
+        : null, s.label),
+      el("td", { text: cfg.seed ?? "–" }),
+      el("td", { text: `${h.history.length}/${cfg.epochs ?? "?"}` }),
+      el("td", { class: "num", text: pct(last.val_acc) }),
+      el("td", {}, el("a", { href: `#job/${j}` }, el("code", { text: short(j) }))));
+  }));
+}
+
+/** Mean over runs, epoch by epoch (runs without that epoch left out). */
+function meanCurve(runs, value) {
+  const byEpoch = new Map();
+  for (const hist of runs) {
+    for (const r of hist) {
+      const v = value(r);
+      if (typeof v !== "number" || !Number.isFinite(v)) continue;
+      if (!byEpoch.has(r.epoch)) byEpoch.set(r.epoch, []);
+      byEpoch.get(r.epoch).push(v);
+    }
+  }
+  const x = [...byEpoch.keys()].sort((a, b) => a - b);
+  return { x, y: x.map((e) => byEpoch.get(e).reduce((a, b) => a + b, 0) / byEpoch.get(e).length) };
+}
+
+function renderSweepCharts(sweep, board) {
+  const ids = ["sweep-chart-acc", "sweep-chart-loss", "sweep-chart-pre", "sweep-chart-post"];
+  if (!window.Plotly) {
+    for (const c of ids) {
+      fill($(`#${c}`), el("p", { class: "muted", text: "charts need plotly.js: the server " +
+        "serves it from the 'plotly' Python package (pip install plotly)" }));
+    }
+    return;
+  }
+  const clip = (r) => r.clipping || {};
+  const groups = (board.rows || []).map((r) => ({
+    name: settingText(r.setting, r.label), color: settingColor(settingText(r.setting, r.label)),
+    runs: (r.job_ids || []).map((j) => (sweepCache.histories[j] || {}).history || [])
+      .filter((h) => h.length) }));
+  const any = groups.some((g) => g.runs.length);
+  const waiting = any ? [] : [{ text: sweep.status === "queued" ? "queued …"
+    : "waiting for the first epoch …", showarrow: false, xref: "paper", yref: "paper",
+  x: 0.5, y: 0.5, font: { size: 13, color: "#6b7383" } }];
+  const maxEpoch = Math.max(0, ...groups.flatMap((g) => g.runs.map((h) => h.length)));
+  const layout = (extra) => ({ ...LAYOUT, annotations: waiting, showlegend: true, ...extra,
+    xaxis: { ...LAYOUT.xaxis, ...(maxEpoch > 20 ? { dtick: undefined } : {}) } });
+  const chart = (id, value, yaxis, extraTraces = () => []) => {
+    const traces = [];
+    for (const g of groups) {
+      if (!g.runs.length) continue;
+      if (g.runs.length > 1) {  // each run thin, under the mean
+        for (const h of g.runs) {
+          traces.push(line(h.map((r) => r.epoch), h.map((r) => value(r) ?? null), g.name, {
+            mode: "lines", legendgroup: g.name, showlegend: false, hoverinfo: "skip",
+            opacity: 0.3, line: { color: g.color, width: 1 } }));
+        }
+      }
+      const m = meanCurve(g.runs, value);
+      traces.push(line(m.x, m.y, g.runs.length > 1 ? `${g.name} (mean of ${g.runs.length})`
+        : g.name, { legendgroup: g.name, line: { color: g.color, width: 2.5 } }));
+      traces.push(...extraTraces(g));
+    }
+    Plotly.react(id, traces, layout({ yaxis }), CONFIG);
+  };
+  chart("sweep-chart-acc", (r) => r.val_acc,
+    { title: { text: "validation accuracy" }, tickformat: ".0%", range: [0, 1.02] });
+  chart("sweep-chart-loss", (r) => r.val_loss, { title: { text: "validation cross-entropy" } });
+  const pre = (r) => (clip(r).grad_norm_pre || {}).mean;
+  const post = (r) => (clip(r).grad_norm_post || {}).mean;
+  const all = groups.flatMap((g) => g.runs.flat()).flatMap((r) => [pre(r), post(r),
+    clip(r).threshold]).filter((v) => typeof v === "number" && v > 0);
+  const logY = all.length && Math.max(...all) / Math.min(...all) > 30;
+  const normAxis = { title: { text: "global L2 norm" }, type: logY ? "log" : "linear" };
+  const threshold = (g) => {
+    const t = meanCurve(g.runs, (r) => clip(r).threshold);
+    return t.x.length ? [line(t.x, t.y, `${g.name}: threshold`, { legendgroup: g.name,
+      line: { color: g.color, dash: "dash", width: 1.5 }, marker: { size: 4, symbol: "x" } })]
+      : [];
+  };
+  chart("sweep-chart-pre", pre, normAxis, threshold);
+  chart("sweep-chart-post", post, normAxis, threshold);
+}
+
 // --- identify ------------------------------------------------------------------------------
 
 async function loadModels() {
@@ -770,6 +1220,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setupKey();
   setupDatasets();
   setupIdentify();
+  setupSweeps();
   checkReady();
   setInterval(() => { if (!document.hidden) checkReady(); }, 15000);
   route();
