@@ -19,7 +19,7 @@ All three step one shared model and optimizer, one step of each in turn (rotatin
 step timed on its own; the ratio is the bare loop's median step time over the variant's. Single
 steps taken in turn see the same machine: on this project's 2-core VMs a step's time flips
 between two speeds every few seconds, and runs of a dozen steps per variant, compared round by
-round, missed or met the bar by chance (docs/benchmarks.md, "Session 3"). Bar: ratio >= 0.95.
+round, missed or met the bar by chance. Bar: ratio >= 0.95.
 """
 
 from __future__ import annotations

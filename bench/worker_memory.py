@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/worker_memory.py [--threads N] [--arch facenet_s] [--sizes 1000 10000]
 
-Datasets are synthesised from the 400 ORL faces (stored 128x128 RGB crops) by horizontal flips
+Datasets are synthesised from the 400 ORL faces (stored 150x150 RGB chips) by horizontal flips
 and shifts of up to 12 px (edge-replicated), labelled with their 40 identities, and written as
 the service stores a dataset (images.npy, labels.npy, names.json) in a temporary folder. Each
 run is a fresh subprocess doing what a worker does for a job: ``FaceArrays.load`` (memory-mapped)

@@ -1,5 +1,5 @@
 """The ``facegrad`` command: run the service (serve, worker, up) and talk to it (client commands
-from :mod:`facegrad.client_cli`: dataset, train, jobs, identify, models)."""
+from :mod:`facegrad.client_cli`: dataset, train, jobs, sweep, identify, models)."""
 
 from __future__ import annotations
 
