@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = 10.0
     identify_batch_wait_ms: float = 2.0
     identify_max_batch: int = Field(
-        8, ge=1, le=1024,
+        16, ge=1, le=1024,
         description="Most faces one identify forward pass describes. On a CPU a face costs no "
         "less in a batch of 32 than in one of 16, while every request queued behind a batch "
         "waits for all of it: smaller batches keep the slowest requests close to the typical. "
