@@ -32,6 +32,7 @@ from _common import ORL, footer, header, median, table
 import cv2  # isort: skip
 import numpy as np  # isort: skip
 from PIL import Image  # isort: skip
+from tests.scenes import paste  # isort: skip
 
 W, H = 640, 480
 HEIGHTS = (60, 100, 160)
@@ -50,22 +51,6 @@ def backdrop(rng: np.random.Generator) -> np.ndarray:
                       cv2.NORM_MINMAX)
     tint = rng.uniform(0.7, 1.0, 3).astype(np.float32)
     return np.clip(g[:, :, None] * tint, 0, 255).astype(np.uint8)
-
-
-def place(canvas: np.ndarray, face: np.ndarray, height: int, turn: float, cx: float,
-          cy: float) -> None:
-    """Paste ``face`` scaled to ``height``, turned ``turn`` degrees anticlockwise, centred at
-    (cx, cy)."""
-    s = height / face.shape[0]
-    f = cv2.resize(face, None, fx=s, fy=s,
-                   interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-    fh, fw = f.shape[:2]
-    m = cv2.getRotationMatrix2D((fw / 2, fh / 2), turn, 1.0)
-    m[:, 2] += (cx - fw / 2, cy - fh / 2)
-    warped = cv2.warpAffine(f, m, (canvas.shape[1], canvas.shape[0]), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.full((fh, fw), 255, np.uint8), m, (canvas.shape[1], canvas.shape[0]),
-                          flags=cv2.INTER_NEAREST) > 0
-    canvas[mask] = warped[mask]
 
 
 def hit(box, cx: float, cy: float, height: int) -> bool:
@@ -128,7 +113,7 @@ def main() -> None:
                 img = backdrop(rng)
                 m = height * 0.8
                 cx, cy = rng.uniform(m, W - m), rng.uniform(m, H - m)
-                place(img, orl(s, i), height, turn, cx, cy)
+                paste(img, orl(s, i), height, cx, cy, turn)
                 if height == 100 and turn == 0:
                     t, c = time.perf_counter(), time.process_time()
                     detect.crop_faces(img)
@@ -156,8 +141,8 @@ def main() -> None:
         a, b = 1 + k, 21 + k
         big_left = k % 2 == 0
         xa, xb = (160, 470) if big_left else (470, 160)
-        place(img, orl(a, 1), 160, 0, xa, 240)
-        place(img, orl(b, 1), 100, 0, xb, 240)
+        paste(img, orl(a, 1), 160, xa, 240)
+        paste(img, orl(b, 1), 100, xb, 240)
         boxes = detect.find_faces(img)
         ok = (len(boxes) == 2 and hit(boxes[0], xa, 240, 160) and hit(boxes[1], xb, 240, 100))
         both += ok

@@ -11,9 +11,9 @@ ORL, so these generators put ORL faces into such pictures:
 - :func:`two_faces`: two faces side by side in one picture;
 - :func:`photo_set`: a whole set of photos, ``in_photo`` of each of a person's 10 ORL images.
 
-Everything is deterministic given the ``numpy.random.Generator`` (or seed) passed in, and uses
-numpy and PIL only, so tests and bench/ scripts can share it. Pictures are RGB uint8 (grey in
-all three channels, as ORL is grey).
+Everything is deterministic given the ``numpy.random.Generator`` (or seed) passed in, so tests
+and bench/ scripts can share it; :func:`paste` puts a face at an exact size, place and turn.
+Pictures are RGB uint8 (grey in all three channels, as ORL is grey).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -195,3 +196,20 @@ def photo_set(identities, rng_seed: int, root: Path = ORL, **kwargs) -> dict[str
             raise FileNotFoundError(f"no ORL images in {Path(root) / ident}")
         out[ident] = [in_photo(Image.open(p), rng, **kwargs) for p in paths]
     return out
+
+
+def paste(canvas: np.ndarray, face: np.ndarray, height: int, cx: float, cy: float,
+          turn: float = 0.0) -> None:
+    """Paste ``face`` scaled to ``height`` px, turned ``turn`` degrees anticlockwise, centred at
+    (cx, cy)."""
+    s = height / face.shape[0]
+    f = cv2.resize(face, None, fx=s, fy=s,
+                   interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    fh, fw = f.shape[:2]
+    m = cv2.getRotationMatrix2D((fw / 2, fh / 2), turn, 1.0)
+    m[:, 2] += (cx - fw / 2, cy - fh / 2)
+    size = (canvas.shape[1], canvas.shape[0])
+    warped = cv2.warpAffine(f, m, size, flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.full((fh, fw), 255, np.uint8), m, size,
+                          flags=cv2.INTER_NEAREST) > 0
+    canvas[mask] = warped[mask]

@@ -13,6 +13,7 @@ from facegrad import detect
 from facegrad.detect import CROP_MAX_SIDE, crop_faces, crop_one, find_faces
 from facegrad.preprocess import STORE_SIZE, prepare_face
 from tests.harness import ORL, orl_folder
+from tests.scenes import paste as place
 
 needs_orl = pytest.mark.skipif(not ORL.is_dir(), reason=f"shared ORL data not at {ORL}")
 
@@ -32,23 +33,6 @@ def backdrop(seed: int = 0, w: int = W, h: int = H) -> np.ndarray:
     g = cv2.normalize(fine / fine.std() + 2 * coarse / coarse.std(), None, 0, 255,
                       cv2.NORM_MINMAX)
     return np.clip(g[:, :, None] * np.array([1.0, 0.9, 0.8], np.float32), 0, 255).astype(np.uint8)
-
-
-def place(canvas: np.ndarray, face: np.ndarray, height: int, cx: float, cy: float,
-          turn: float = 0.0) -> None:
-    """Paste ``face`` scaled to ``height`` px, turned ``turn`` degrees anticlockwise, centred at
-    (cx, cy)."""
-    s = height / face.shape[0]
-    f = cv2.resize(face, None, fx=s, fy=s,
-                   interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-    fh, fw = f.shape[:2]
-    m = cv2.getRotationMatrix2D((fw / 2, fh / 2), turn, 1.0)
-    m[:, 2] += (cx - fw / 2, cy - fh / 2)
-    size = (canvas.shape[1], canvas.shape[0])
-    warped = cv2.warpAffine(f, m, size, flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.full((fh, fw), 255, np.uint8), m, size,
-                          flags=cv2.INTER_NEAREST) > 0
-    canvas[mask] = warped[mask]
 
 
 def contains(box, x: float, y: float) -> bool:
