@@ -69,8 +69,11 @@ def up(host: str = typer.Option(None, help="Address the API listens on (default 
        port: int = typer.Option(None, help="API port (default 8000)."),
        workers: int = typer.Option(1, help="Training workers to start.")):
     """Run the API and training worker(s) together (the quick-start command)."""
+    from worker.queue import declare_queue
+
     env = _env_with(host, port)
     exe = [sys.executable, "-m", "facegrad.cli"]
+    declare_queue()  # before the processes that would race to create it
     procs = [subprocess.Popen(exe + ["serve"], env=env)]
     metrics_port = env.get("FACEGRAD_WORKER_METRICS_PORT", "").strip()
     for i in range(workers):  # worker i serves its metrics on FACEGRAD_WORKER_METRICS_PORT + i

@@ -24,6 +24,16 @@ def publish_job(job_id: str) -> None:
         raise BrokerUnavailable(f"the job broker does not answer ({type(e).__name__})") from e
 
 
+def declare_queue() -> None:
+    """Create the job queue on the broker, once, before several processes start using it: the
+    embedded SQLite transport adds the queue's row on first use, and two workers started
+    together both inserted it (a UNIQUE constraint failure stopped one of them)."""
+    from kombu import Exchange, Queue
+
+    with celery_app.connection_for_write() as conn:
+        Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)(conn.default_channel).declare()
+
+
 def broker_ok() -> tuple[bool, str]:
     try:
         with celery_app.connection_for_write() as conn:
