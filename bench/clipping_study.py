@@ -25,16 +25,11 @@ The sentences in the doc are written from the numbers, so the doc stays true whe
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
-import platform
-import random
 import statistics
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -46,9 +41,10 @@ except ImportError:
              ".venv/bin/pip install matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from _common import ROOT, cpu_model  # noqa: E402  (puts the repository root on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
-ORL = ROOT.parent / "shared" / "data" / "att_faces"
+from tests.harness import orl_split, zip_of  # noqa: E402
+
 CHANCE = 1 / 40
 TERMINAL = ("succeeded", "failed", "cancelled", "partial")
 
@@ -65,30 +61,6 @@ SETTINGS = [
 ORIGIN = "norm 5 per_tensor"
 SEED_PROBE = [0.5, 1.0, 2.0]
 DLIB_PROBE = [0.3, 1.0, 3.0]
-
-
-# --- data -------------------------------------------------------------------------------------
-
-def orl_split(k_test: int = 3, seed: int = 1234):
-    """tests/harness.py orl_split: per identity, shuffle with random.Random(1234), first 3 test."""
-    rng = random.Random(seed)
-    train, test = {}, {}
-    for d in sorted(ORL.iterdir()):
-        if not d.is_dir():
-            continue
-        p = sorted(x for x in d.iterdir() if x.suffix == ".png")
-        rng.shuffle(p)
-        test[d.name], train[d.name] = p[:k_test], p[k_test:]
-    return train, test
-
-
-def zip_of(folder: dict[str, list[Path]]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for lab, paths in folder.items():
-            for p in paths:
-                z.write(p, f"{lab}/{p.name}")
-    return buf.getvalue()
 
 
 # --- API --------------------------------------------------------------------------------------
@@ -372,17 +344,6 @@ def chart(panels: list[tuple[str, list[dict], str, bool]], path: Path) -> None:
 
 
 # --- main -------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
 
 def torch_version() -> str:
     try:
