@@ -1,9 +1,10 @@
-"""Open-set identification on ORL (issue 5), with the training code itself (no service).
+"""Open-set identification on ORL, with the training code itself (no service).
 
-    .venv/bin/python bench/open_set.py [--threads N] [--image-size 64] [--epochs 30]
+    .venv/bin/python bench/open_set.py [--threads N] [--image-size N] [--epochs N]
                                        [--known 30] [--out DIR]
 
-Trains the default model on the first ``--known`` ORL subjects (tests/harness.py's split: 7
+Trains the default model (``--epochs 0``: the pretrained network as it is) on the first
+``--known`` ORL subjects (tests/harness.py's split: 7
 training images each) and reports, at the threshold the run calibrated itself:
 
 - known: the held-out images (3 per subject) identified correctly;
@@ -58,7 +59,7 @@ def main() -> None:
     cfg = {"device": device.type}
     if args.image_size:
         cfg["image_size"] = args.image_size
-    if args.epochs:
+    if args.epochs is not None:  # 0: the pretrained network as it is
         cfg["epochs"] = args.epochs
     cfg = TrainConfig.model_validate(cfg)
     out = args.out or Path(tempfile.mkdtemp(prefix="open-set-"))
