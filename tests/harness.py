@@ -185,15 +185,20 @@ def upload(client: httpx.Client, folder, name="orl", **form) -> dict:
     return r.json()
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 600,
-             until=("succeeded", "failed", "cancelled")) -> dict:
+def wait_status(client: httpx.Client, path: str, until, timeout: float = 600) -> dict:
+    """GET ``path`` every half second until its ``status`` is one of ``until``."""
     end = time.time() + timeout
     while time.time() < end:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in until:
-            return job
+        doc = client.get(path).json()
+        if doc["status"] in until:
+            return doc
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not reach {until} in {timeout}s: {job}")
+    raise AssertionError(f"{path} did not reach {until} in {timeout}s: {doc}")
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 600,
+             until=("succeeded", "failed", "cancelled")) -> dict:
+    return wait_status(client, f"/v1/jobs/{job_id}", until, timeout)
 
 
 def identify_all(client: httpx.Client, paths: list[Path], model_id: str, chunk: int = 10,

@@ -7,7 +7,6 @@ import csv
 import io
 import math
 import statistics
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from facegrad import sweeps
 from facegrad.sweeps import SweepError, expand, leaderboard, setting_of, sweep_status, to_csv
-from tests.harness import ORL, Service, orl_split, upload, wait_job
+from tests.harness import ORL, Service, orl_split, upload, wait_job, wait_status
 
 DS = "00000000-0000-0000-0000-000000000000"
 BASE = {"dataset_id": DS, "architecture": "seed_cnn", "image_size": 32, "epochs": 5,
@@ -324,13 +323,7 @@ def parse(t: str) -> datetime:
 
 
 def wait_sweep(c, sweep_id, timeout, until=("succeeded", "failed", "cancelled", "partial")):
-    end = time.time() + timeout
-    while time.time() < end:
-        sw = c.get(f"/v1/sweeps/{sweep_id}").json()
-        if sw["status"] in until:
-            return sw
-        time.sleep(1)
-    raise AssertionError(f"sweep {sweep_id} did not end in {timeout}s: {sw}")
+    return wait_status(c, f"/v1/sweeps/{sweep_id}", until, timeout)
 
 
 def test_service_sweep_runs_side_by_side(svc2, c2, six):
