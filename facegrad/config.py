@@ -175,6 +175,18 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int | None = Field(
+        None, ge=1, le=64,
+        description="Processes that train this one job together, one per device "
+        "(DistributedDataParallel: NCCL on GPUs, gloo on the CPU). Unset: every GPU the worker "
+        "has, or 1 on a CPU worker. Each step's global batch (batch_size) is split between "
+        "them and clipping applies to the all-reduced gradients.")
+    data_loading: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory': the training split is resized once and held on the training "
+        "device; 'stream': batches are read from the stored dataset as training goes, so "
+        "memory does not grow with the dataset; 'auto': memory when the resized split fits "
+        "in 1 GiB, else stream.")
     augment: bool = Field(
         True, description="Random affine (scale 0.8-1.25, shift, rotation), flip, gamma/contrast "
         "and greyscale, batched on the training device.")
