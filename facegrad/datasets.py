@@ -1,11 +1,13 @@
 """Turning an uploaded archive (.zip of identity folders, or .npz arrays) into stored FaceArrays.
 
-Each image is decoded once, cropped to its face (when detection is on) and kept as a uint8 crop;
-unreadable files are reported per file rather than failing the whole upload.
+Each image is decoded once, cropped to its face (when detection is on) and appended as a uint8
+crop to the images.npy being written, so the API process holds one face at a time, not the
+dataset; unreadable files are reported per file rather than failing the whole upload.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from facegrad.archive import (
     iter_zip_images,
     read_npz_dataset,
 )
-from facegrad.data import FaceArrays
+from facegrad.data import FaceArrays, NpyRowWriter
 from facegrad.imageio import ImageError, decode_image
 from facegrad.preprocess import STORE_SIZE, prepare_face
 
@@ -36,28 +38,69 @@ class BuildReport:
 
 
 def build_from_zip(path: Path, limits: Limits, crop: FaceCropper = prepare_face) -> BuildReport:
-    images: list[np.ndarray] = []
+    """The faces of a .zip of identity folders; images.npy is written beside ``path`` face by
+    face as they are decoded (:class:`ImagesFile`), never held together in memory."""
     labels: list[str] = []
     rejected: dict[str, str] = {}
-    for label, member, data in iter_zip_images(path, limits):
-        try:  # a cropper may refuse an image too (ImageError: no face found)
-            face = crop(decode_image(data, max_pixels=limits.max_pixels, filename=member))
-        except ImageError as e:
-            rejected[member] = e.reason
-            continue
-        images.append(face)
-        labels.append(label)
-    return _finish(images, labels, rejected, limits)
+    with ImagesFile(path) as out:
+        for label, member, data in iter_zip_images(path, limits):
+            try:  # a cropper may refuse an image too (ImageError: no face found)
+                face = crop(decode_image(data, max_pixels=limits.max_pixels, filename=member))
+            except ImageError as e:
+                rejected[member] = e.reason
+                continue
+            out.append(face)
+            labels.append(label)
+        return _finish(out, labels, rejected, limits)
 
 
 def build_from_npz(path: Path, limits: Limits, crop: FaceCropper = prepare_face) -> BuildReport:
     raw, labels = read_npz_dataset(path, limits)
-    images = [crop(img) for img in raw]
-    return _finish(images, [str(x) for x in labels], {}, limits)
+    with ImagesFile(path) as out:
+        for img in raw:
+            out.append(crop(img))
+        return _finish(out, [str(x) for x in labels], {}, limits)
 
 
-def _finish(images, labels, rejected, limits: Limits) -> BuildReport:
-    if not images:
+class ImagesFile:
+    """An upload's stored crops, written to ``<upload>.images.npy`` one face at a time
+    (:class:`facegrad.data.NpyRowWriter`: header fixed up at the end, then an atomic rename).
+
+    A build that fails leaves no file. A finished one is handed on memory-mapped; the file is
+    removed when the last reference to that array goes, by which time ``FaceArrays.save`` has
+    linked (or copied) it into the dataset's folder.
+    """
+
+    def __init__(self, upload: Path):
+        self.path = Path(upload).with_name(Path(upload).name + ".images.npy")
+        self.writer: NpyRowWriter | None = None
+        self.count = 0
+
+    def append(self, face: np.ndarray) -> None:
+        face = np.asarray(face, dtype=np.uint8)
+        if self.writer is None:
+            self.writer = NpyRowWriter(self.path, face.shape, np.uint8)
+        self.writer.append(face)
+        self.count += 1
+
+    def finish(self) -> np.ndarray:
+        if self.writer is None:
+            raise ValueError("no faces were written")
+        path = self.writer.finish()
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        weakref.finalize(images, path.unlink, True)  # missing_ok: gone once it is moved
+        return images
+
+    def __enter__(self) -> ImagesFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)  # not finished: the part file goes
+
+
+def _finish(out: ImagesFile, labels, rejected, limits: Limits) -> BuildReport:
+    if not out.count:
         examples = "; ".join(why if m in why else f"'{m}': {why}"
                              for m, why in list(rejected.items())[:3])
         raise DatasetError("the upload holds no readable face images"
@@ -70,7 +113,7 @@ def _finish(images, labels, rejected, limits: Limits) -> BuildReport:
         counts[lab] += 1
     check_identities(counts, limits.min_identities)
     index = {n: i for i, n in enumerate(names)}
-    arrays = FaceArrays(np.stack(images).astype(np.uint8),
+    arrays = FaceArrays(out.finish(),
                         np.array([index[lab] for lab in labels], dtype=np.int64), names)
     small = sorted(n for n, c in counts.items() if c < 3)
     info = {"store_size": STORE_SIZE}

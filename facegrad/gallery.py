@@ -11,30 +11,41 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from facegrad.data import rows_source
 from facegrad.preprocess import normaliser, resize_uint8
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
+def embed(model: torch.nn.Module, images, image_size: int,
           device: torch.device | str = "cpu", batch_size: int = 256,
           index: np.ndarray | None = None,
           normalisation: str = "per_image_standardise") -> torch.Tensor:
     """uint8 (N, S, S, 3) stored crops → (N, D) normalised embeddings on the CPU.
 
     ``model`` is a face model, or any module whose output (or its first element) is the
-    normalised embedding; ``index`` picks rows (of a memory-mapped dataset, say), read one batch
-    at a time.
+    normalised embedding; ``index`` picks rows, read one batch at a time. A stored dataset (its
+    ``images.npy`` path, or the array memory-mapped from it) is read with ``pread`` into one
+    reused buffer (:class:`facegrad.data.NpyRows`), not through the mapping, whose touched
+    pages would count in this process's memory: embedding every image of a large gallery then
+    costs a batch of memory, not the dataset.
     """
     model.eval()
     normalise = normaliser(normalisation)
+    if not torch.is_tensor(images):
+        images = rows_source(images)
     rows = np.arange(len(images)) if index is None else np.asarray(index)
     out = None  # filled a batch at a time: a large gallery is not copied by a final cat
+    buf = None
     for i in range(0, len(rows), batch_size):
-        chunk = images[rows[i:i + batch_size]]
-        if isinstance(chunk, np.ndarray):
-            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        if torch.is_tensor(images):
+            chunk = images[torch.as_tensor(rows[i:i + batch_size])]
+        else:
+            part = rows[i:i + batch_size]
+            if buf is None or buf.shape[0] != len(part):
+                buf = np.empty((len(part), *images.row_shape), images.dtype)
+            chunk = torch.from_numpy(images.read(part, out=buf))
         d = _embedding(model, normalise(resize_uint8(chunk.to(device), image_size)))
         if out is None:
             out = torch.empty(len(rows), d.shape[1])

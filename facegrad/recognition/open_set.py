@@ -88,20 +88,80 @@ def threshold_at(stranger: torch.Tensor, target_fpir: float) -> float:
     return min(1.0, max(emp, normal))
 
 
+# verification pairs: every pair of images while there are at most VERIFY_EXACT_PAIRS of them
+# (2000 images), else a seeded sample of VERIFY_SAMPLE_PAIRS per kind (same person, different
+# people). The balanced accuracy weighs the two kinds equally, so sampling each kind on its own
+# leaves it unbiased, and with a million pairs of a kind the share of either kind on one side of
+# a threshold is known to +-0.001 (two standard errors, sqrt(0.25 / 1e6) each); the memory is
+# that of 2 million pairs (tens of MB) however large the gallery
+VERIFY_EXACT_PAIRS = 2_000_000
+VERIFY_SAMPLE_PAIRS = 1_000_000
+
+
 def verify_threshold(emb: torch.Tensor, labels: torch.Tensor,
-                     max_images: int = 3000) -> tuple[float, float, int]:
+                     max_pairs: int = VERIFY_EXACT_PAIRS,
+                     sample_pairs: int = VERIFY_SAMPLE_PAIRS) -> tuple[float, float, int]:
     """(threshold, balanced accuracy, pairs) best separating same/different-person pairs.
 
-    All pairs of at most ``max_images`` images (a seeded sample beyond that); the threshold is
-    the middle of the best-separating gap.
+    Every pair of images when there are at most ``max_pairs``, else a seeded sample of
+    ``sample_pairs`` same-person pairs (all of them when there are no more) and as many
+    different-person pairs (:func:`_sample_pairs`); the threshold is the middle of the
+    best-separating gap.
     """
-    if emb.shape[0] > max_images:
-        keep = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))
-        emb, labels = emb[keep[:max_images]], labels[keep[:max_images]]
     n = emb.shape[0]
-    iu = torch.triu_indices(n, n, 1)
-    sims = (emb @ emb.t())[iu[0], iu[1]].double()
-    same = labels[iu[0]] == labels[iu[1]]
+    if n * (n - 1) // 2 <= max_pairs:
+        iu = torch.triu_indices(n, n, 1)
+        sims = (emb @ emb.t())[iu[0], iu[1]].double()
+        same = labels[iu[0]] == labels[iu[1]]
+    else:
+        i, j = _sample_pairs(labels, sample_pairs)
+        sims = torch.cat([(emb[a] * emb[b]).sum(1) for a, b in
+                          zip(i.split(1 << 14), j.split(1 << 14))]).double()
+        same = labels[i] == labels[j]
+    return _best_cut(sims, same)
+
+
+def _sample_pairs(labels: torch.Tensor, per_kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pairs (i, j), i != j: every same-person pair when there are at most ``per_kind``,
+    else ``per_kind`` drawn with replacement (a person in proportion to their pairs, then two
+    of their images), and ``per_kind`` different-person pairs drawn uniformly (two images
+    drawn, pairs of one person drawn again). Seeded: the same gallery gives the same pairs."""
+    g = torch.Generator().manual_seed(0)
+    labels = labels.long()
+    order = torch.argsort(labels, stable=True)
+    ids, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pairs_of = counts * (counts - 1) // 2
+    if int(pairs_of.sum()) <= per_kind:
+        parts = [torch.triu_indices(int(c), int(c), 1) + int(s)
+                 for c, s in zip(counts.tolist(), starts.tolist()) if c > 1]
+        same = torch.cat(parts, 1) if parts else torch.zeros(2, 0, dtype=torch.long)
+        si, sj = order[same[0]], order[same[1]]
+    else:
+        who = torch.multinomial(pairs_of.double(), per_kind, replacement=True, generator=g)
+        c = counts[who]
+        a = (torch.rand(per_kind, generator=g, dtype=torch.float64) * c).long().clamp_(max=c - 1)
+        b = (torch.rand(per_kind, generator=g, dtype=torch.float64) * (c - 1)).long()
+        b = torch.minimum(b, c - 2)
+        b = b + (b >= a).long()  # a second, different image of the same person
+        si, sj = order[starts[who] + a], order[starts[who] + b]
+    n = labels.numel()
+    di, dj, got = [], [], 0
+    while got < per_kind and len(ids) > 1:
+        i = torch.randint(n, (per_kind,), generator=g)
+        j = torch.randint(n, (per_kind,), generator=g)
+        keep = labels[i] != labels[j]
+        take = min(int(keep.sum()), per_kind - got)
+        di.append(i[keep][:take])
+        dj.append(j[keep][:take])
+        got += take
+    empty = torch.zeros(0, dtype=torch.long)
+    return (torch.cat([si] + di) if di else si.clone() if len(si) else empty,
+            torch.cat([sj] + dj) if dj else sj.clone() if len(sj) else empty)
+
+
+def _best_cut(sims: torch.Tensor, same: torch.Tensor) -> tuple[float, float, int]:
+    """The threshold between sorted pair scores with the best balanced accuracy."""
     n_same, n_diff = int(same.sum()), int((~same).sum())
     if not n_same or not n_diff:
         return 0.5, float("nan"), 0
@@ -129,6 +189,13 @@ def identity_best(sims: torch.Tensor, owner: torch.Tensor, num_identities: int
     return a, v
 
 
+# probes are scored against the gallery in chunks of at most this many similarities (rows x N),
+# so calibration's working memory (the chunk's similarities, their masked copy, the per-identity
+# maxima: ~16 MB each at most) does not grow with the gallery; every row is scored on its own,
+# so the chunking changes no figure
+SCORE_CELLS = 1 << 22
+
+
 def leave_out_scores(emb: torch.Tensor, owner: torch.Tensor, num_identities: int,
                      honest: torch.Tensor, known_rows: torch.Tensor | None = None,
                      chunk: int = 1024) -> dict[str, torch.Tensor]:
@@ -136,8 +203,10 @@ def leave_out_scores(emb: torch.Tensor, owner: torch.Tensor, num_identities: int
 
     ``honest``: the identities that are strangers in turn; ``known_rows``: the rows probed as
     known faces (default: every row of an honest identity). Returns ``known_ok`` (the best
-    identity is the right one), ``known_score`` and ``stranger_score``.
+    identity is the right one), ``known_score`` and ``stranger_score``. Probes go ``chunk``
+    rows at a time, fewer for a large gallery (``SCORE_CELLS``).
     """
+    chunk = max(1, min(chunk, SCORE_CELLS // max(1, emb.shape[0], num_identities)))
     owner = owner.long()
     is_honest = torch.isin(owner, honest.long())
     if known_rows is None:
