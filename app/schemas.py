@@ -97,6 +97,9 @@ class JobOut(BaseModel):
     resumed_from_epoch: int | None
     cancel_requested: bool
     worker: str | None
+    info: dict = Field(default_factory=dict, description="Notes on the run: identities too "
+                       "small to split for validation, the failure of an earlier attempt that "
+                       "was retried, the processes it trained on.")
 
 
 class JobList(BaseModel):

@@ -22,6 +22,7 @@ from facegrad.checkpoint import CheckpointError
 from facegrad.config import TrainConfig
 from facegrad.data import FaceArrays
 from facegrad.db import Dataset, Job, JobEpoch, Model, session_scope, utcnow
+from facegrad.distributed import RankFailed
 from facegrad.logging_setup import job_id_var
 from facegrad.settings import Settings
 from facegrad.training import Cancelled, Hooks, TrainingError, train
@@ -54,7 +55,7 @@ class Heartbeat(threading.Thread):
         self.settings, self.job_id, self.owner = settings, job_id, owner
         self.cancelled = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
+        self._done = threading.Event()  # not _stop: that is a Thread method (run after fork)
         self._context = contextvars.copy_context()  # its log lines carry the job id too
 
     def beat(self) -> None:
@@ -72,14 +73,14 @@ class Heartbeat(threading.Thread):
 
     def _run(self) -> None:
         interval = min(1.0, self.settings.job_lease_seconds / 4)
-        while not self._stop.wait(interval):
+        while not self._done.wait(interval):
             try:
                 self.beat()
             except Exception:  # a database hiccup must not kill the training thread
                 log.exception("lease renewal for job %s failed", self.job_id)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
 
 
 def _update_job(settings: Settings, job_id: str, **values) -> None:
@@ -93,7 +94,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_job(settings: Settings, job_id: str, owner: str) -> str:
-    """Train job ``job_id`` if it is ours to run; returns its final (or current) status."""
+    """Train job ``job_id`` if it is ours to run; returns its final (or current) status, or
+    "retry" when the attempt failed in a way another attempt may not (a training process of a
+    multi-device job died): the job is queued again and the caller re-publishes it."""
     token = job_id_var.set(job_id)
     worker_metrics.BUSY.set(1)
     t0 = time.perf_counter()
@@ -132,15 +135,28 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
     heartbeat.start()
     try:
         resume = latest_checkpoint(run_dir)
-        data = FaceArrays.load(storage.dataset_dir(settings, dataset_id))
+        dataset_dir = storage.dataset_dir(settings, dataset_id)
+        data = FaceArrays.load(dataset_dir)
         hooks = _hooks(settings, job_id, heartbeat)
         pretrained = storage.pretrained_dir(settings)
         try:
-            result = train(cfg, data, run_dir, hooks, resume=resume, pretrained_dir=pretrained)
+            result = train(cfg, data, run_dir, hooks, resume=resume, pretrained_dir=pretrained,
+                           dataset_dir=dataset_dir)
         except CheckpointError as e:
             log.warning("job %s: checkpoint %s unusable (%s); starting over", job_id, resume, e)
-            result = train(cfg, data, run_dir, hooks, resume=None, pretrained_dir=pretrained)
+            result = train(cfg, data, run_dir, hooks, resume=None, pretrained_dir=pretrained,
+                           dataset_dir=dataset_dir)
         return _finish(settings, job_id, dataset_id, cfg, result)
+    except RankFailed as e:
+        if attempt < settings.job_max_attempts:
+            # back to the queue: the caller re-publishes it, and it resumes from its checkpoint
+            log.warning("job %s: attempt %d failed (%s); queued again", job_id, attempt, e)
+            _update_job(settings, job_id, status="queued", lease_owner=None, enqueued_at=None,
+                        error=f"attempt {attempt} failed and is retried: {e}")
+            return "retry"
+        _update_job(settings, job_id, status="failed", finished_at=utcnow(), lease_owner=None,
+                    error=f"failed on each of {attempt} attempts; the last: {e}")
+        return "failed"
     except Cancelled:
         _update_job(settings, job_id, status="cancelled", finished_at=utcnow(),
                     lease_owner=None)
@@ -219,6 +235,9 @@ def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, 
         job.clipping = result.clipping
         job.progress = dict(job.progress or {}) | {"fraction": 1.0}
         job.info = dict(job.info or {}) | result.info
+        if job.error:  # an earlier attempt's failure, retried: kept as history, not as an error
+            job.info = job.info | {"earlier_attempt": job.error}
+            job.error = None
     return "succeeded"
 
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         120, description="A running job whose worker has not renewed its lease for this long is "
         "considered dead and may be taken over by another worker."
     )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts a job gets when one of its training processes "
+        "dies (a rank of a multi-device job); each resumes from the last checkpoint."
+    )
     reconcile_interval_seconds: float = 10.0
     identify_batch_wait_ms: float = 2.0
     identify_max_batch: int = Field(

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from facegrad import checkpoint as ckpt
+from facegrad import distributed
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.config import PRETRAINED, TrainConfig
 from facegrad.data import DeviceBatches, FaceArrays, stratified_split
+from facegrad.distributed import Rank
 from facegrad.gallery import embed, holdout_identities
 from facegrad.models import build_model, forward_logits
 from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
@@ -126,19 +128,37 @@ class StepParts:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     device: torch.device
+    forward: torch.nn.Module  # (x, y) -> (embedding, logits); DistributedDataParallel on a group
+
+
+class TrainForward(torch.nn.Module):
+    """The model's training forward, ``(x, y) -> (embedding, logits)`` with the head's margin,
+    as one module that DistributedDataParallel can wrap."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return forward_logits(self.model, x, y)
 
 
 def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
-                    pretrained_dir: Path | None = None) -> StepParts:
+                    pretrained_dir: Path | None = None, rank: Rank = Rank()) -> StepParts:
     """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run.
 
     A pretrained architecture starts from its weights (converted once into ``pretrained_dir``,
     default ``<data dir>/pretrained``) with its first ``freeze_stages`` stages frozen (all of
-    them when ``backbone_lr_scale`` is 0)."""
+    them when ``backbone_lr_scale`` is 0). On a process group (``rank.world`` > 1) the training
+    forward is wrapped in DistributedDataParallel, which starts every rank from rank 0's weights
+    and averages the gradients in backward; batch norm becomes SyncBatchNorm on GPUs (PyTorch's
+    SyncBatchNorm runs on CUDA only: on the CPU each rank normalises its own share)."""
     model = build_model(cfg.architecture, num_classes, cfg.image_size)
     if cfg.architecture in PRETRAINED:
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))
         model.freeze(cfg.freeze_stages if cfg.backbone_lr_scale > 0 else 6)
+    if rank.world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -147,7 +167,8 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
     return StepParts(model=model, params=params, opt=make_optimizer(cfg, model),
                      clipper=build_clipper(cfg.clip, model), telemetry=ClipTelemetry(),
                      scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-                     amp_dtype=amp_dtype, device=device)
+                     amp_dtype=amp_dtype, device=device,
+                     forward=distributed.wrap(TrainForward(model), rank))
 
 
 def pretrained_state(pretrained_dir: Path | None = None) -> dict[str, torch.Tensor]:
@@ -165,15 +186,19 @@ def pretrained_state(pretrained_dir: Path | None = None) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def imprint_head(model: torch.nn.Module, batches: DeviceBatches, batch_size: int) -> None:
+def imprint_head(model: torch.nn.Module, batches: DeviceBatches, batch_size: int,
+                 rank: Rank = Rank()) -> None:
     """Set each class's weight in a cosine head to the mean of its training embeddings (weight
     imprinting, Qi et al. 2018): fine-tuning then starts from a head that already separates the
-    classes, and the pretrained backbone is not pushed around by a random one."""
+    classes, and the pretrained backbone is not pushed around by a random one. On a process
+    group each rank embeds its share and the sums are added up."""
     model.eval()
     w = model.classifier.weight
     sums = torch.zeros_like(w)
-    for xb, yb in batches.epoch(batch_size, None, augment=False, drop_last=False):
+    for xb, yb in batches.epoch(batch_size, None, augment=False, drop_last=False,
+                                shard=rank.shard):
         sums.index_add_(0, yb, model(xb)[0].float())
+    distributed.all_reduce(sums, rank)
     seen = sums.norm(dim=1) > 0
     w[seen] = F.normalize(sums[seen], dim=1)
 
@@ -191,7 +216,7 @@ def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
         g["lr"] = lr * g.get("lr_scale", 1.0)
     amp_dtype = parts.amp_dtype
     with torch.autocast(parts.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        _, logits = forward_logits(parts.model, xb, yb)
+        _, logits = parts.forward(xb, yb)
         loss = F.cross_entropy(logits.float(), yb)
     parts.opt.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
@@ -206,12 +231,17 @@ def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
     return loss, logits, result, True
 
 
+STOP_CHECK_STEPS = 8
+
+
 def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: int,
-                total_steps: int, hooks: Hooks, progress: dict):
+                total_steps: int, hooks: Hooks, progress: dict, rank: Rank = Rank()):
     """The inner loop over one epoch's ``(xb, yb)`` batches → ``(step, loss_sum, correct, seen)``.
 
     ``loss_sum`` and ``correct`` stay on the device (no per-step host sync); ``progress`` holds
-    ``last_report``, the monotonic time of the last ``on_progress`` call, across epochs.
+    ``last_report``, the monotonic time of the last ``on_progress`` call, across epochs. On a
+    process group a stop asked of rank 0 stops every rank at the same step, and the sums are
+    this rank's share.
     """
     device = parts.device
     parts.model.train()
@@ -219,7 +249,10 @@ def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: i
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for xb, yb in batches:
-        if hooks.should_stop():
+        # on a process group every rank must stop at the same step: rank 0's answer is shared
+        # every STOP_CHECK_STEPS steps (a collective and a host sync; one process asks each step)
+        if ((rank.world == 1 or step % STOP_CHECK_STEPS == 0)
+                and distributed.any_rank(hooks.should_stop(), rank)):
             raise Cancelled()
         loss, logits, _, ok = train_step(parts, xb, yb, lr_at(cfg, step, total_steps))
         if not ok:
@@ -243,25 +276,58 @@ def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: i
 
 
 @torch.no_grad()
-def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype) -> tuple[float, float]:
+def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype,
+             rank: Rank = Rank()) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``batches``; on a process group each rank evaluates its share
+    and the sums are added up."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for xb, yb in batches.epoch(batch_size * 2, None, augment=False, drop_last=False):
+    sums = torch.zeros(3, dtype=torch.float64, device=rank.device)  # loss, correct, n
+    for xb, yb in batches.epoch(batch_size * 2, None, augment=False, drop_last=False,
+                                shard=rank.shard):
         with torch.autocast(xb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             _, logits = forward_logits(model, xb)
-        loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-        n += yb.numel()
+        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == yb).sum()
+        sums[2] += yb.numel()
+    loss_sum, correct, n = distributed.all_reduce(sums, rank).tolist()
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
 def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None = None,
-          resume: Path | None = None, pretrained_dir: Path | None = None) -> TrainResult:
+          resume: Path | None = None, pretrained_dir: Path | None = None,
+          dataset_dir: Path | None = None) -> TrainResult:
+    """Train a job on this worker's devices: one process, or a DistributedDataParallel group of
+    ``cfg.devices`` (default: every GPU) that this process leads (:mod:`facegrad.distributed`);
+    the other ranks read the dataset from ``dataset_dir`` (``data`` is saved into the run
+    folder for them when it is not given)."""
+    device = pick_device(cfg.device)
+    try:
+        world = distributed.world_size(cfg.devices, device)
+    except distributed.DevicesError as e:
+        raise TrainingError(str(e)) from e
+    if world == 1:
+        return train_rank(cfg, data, run_dir, hooks, resume, pretrained_dir, Rank(0, 1, device))
+    run_dir = Path(run_dir)
+    if dataset_dir is None:
+        dataset_dir = run_dir / "distributed-data"
+        data.save(dataset_dir)
+    spec = {"config": cfg.model_dump(), "device": device.type, "dataset_dir": str(dataset_dir),
+            "run_dir": str(run_dir), "resume": str(resume) if resume else None,
+            "pretrained_dir": str(pretrained_dir) if pretrained_dir else None}
+    with distributed.group(world, device, spec, run_dir) as rank:
+        return train_rank(cfg, data, run_dir, hooks, resume, pretrained_dir, rank)
+
+
+def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None,
+               resume: Path | None, pretrained_dir: Path | None,
+               rank: Rank) -> TrainResult | None:
+    """The run itself, as one rank of ``rank.world`` (the whole of it when that is 1). Only rank
+    0 reports, checkpoints and writes the model; the others return None."""
     hooks = hooks or Hooks()
     pretrained = cfg.architecture in PRETRAINED
     normalise = normaliser(NORMALISATION[cfg.architecture])
     run_dir = Path(run_dir)
-    device = pick_device(cfg.device)
+    device = rank.device
     num_classes = len(data.names)
     if num_classes < 2:
         raise TrainingError("training needs at least 2 identities")
@@ -278,17 +344,22 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
-    images = np.asarray(data.images)
-    train_set = DeviceBatches(images, data.labels, cfg.image_size, device, pin=True,
-                              index=train_idx, normalise=normalise)
-    val_set = DeviceBatches(images, data.labels, cfg.image_size, device, index=val_idx,
-                            normalise=normalise)
+    # held on the device ('memory') or read from the stored file batch by batch ('stream', so
+    # the worker's memory does not grow with the dataset): cfg.data_loading, 'auto' by the
+    # training split's size; validation is loaded the same way
+    from facegrad.data import loading_mode, make_batches
+
+    loading = loading_mode(cfg.data_loading, len(train_idx), cfg.image_size)
+    train_set = make_batches(data.images, data.labels, train_idx, cfg.image_size, device,
+                             normalise, loading, pin=True)
+    val_set = make_batches(data.images, data.labels, val_idx, cfg.image_size, device,
+                           normalise, loading)
     drop_last = len(train_set) > cfg.batch_size
     steps_per_epoch = train_set.num_batches(cfg.batch_size, drop_last)
     total_steps = steps_per_epoch * cfg.epochs
 
     # --- model, optimizer, clipping -----------------------------------------------------------
-    parts = make_step_parts(cfg, num_classes, device, pretrained_dir)
+    parts = make_step_parts(cfg, num_classes, device, pretrained_dir, rank)
     model, params, opt, clipper, telemetry = (parts.model, parts.params, parts.opt,
                                               parts.clipper, parts.telemetry)
     amp_dtype = parts.amp_dtype
@@ -312,7 +383,7 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         step = meta["step"]
         hooks.on_resume(resumed_from)
     elif pretrained and cfg.epochs:
-        imprint_head(model, train_set, cfg.batch_size * 2)
+        imprint_head(model, train_set, cfg.batch_size * 2, rank)
 
     def save_checkpoint(epoch: int) -> Path:
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
@@ -332,16 +403,21 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     progress = {"last_report": 0.0}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        batches = train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last)
+        batches = train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last,
+                                  shard=rank.shard)
         step, loss_sum, correct, seen = train_epoch(cfg, parts, batches, epoch, step, total_steps,
-                                                    hooks, progress)
+                                                    hooks, progress, rank)
+        sums = torch.stack([loss_sum.double(), correct.double(),
+                            torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        loss_sum, correct, seen = distributed.all_reduce(sums, rank).tolist()
+        seen = int(seen)
 
         clip_epoch = telemetry.epoch_summary()
         if seen == 0 or not all(torch.isfinite(p).all() for p in params):
             raise TrainingError(
                 f"training diverged in epoch {epoch + 1}: every step had non-finite gradients "
                 f"({clip_epoch['skipped_steps']} skipped); lower the learning rate or clip harder")
-        val_loss, val_acc = evaluate(model, val_set, cfg.batch_size, amp_dtype)
+        val_loss, val_acc = evaluate(model, val_set, cfg.batch_size, amp_dtype, rank)
         record = {
             "epoch": epoch + 1, "step": step,
             "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
@@ -353,8 +429,10 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
         }
         history.append(record)
         hooks.on_epoch(record | {"clipping_total": telemetry.total_summary()})
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+        if rank.lead and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(epoch + 1)
+    if not rank.lead:
+        return None
 
     # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
     # the device-resident training copies go first: the gallery of a large dataset would
@@ -366,7 +444,8 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
                                   too_few, history, run_dir, pretrained_dir)
     return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
-                       resumed_from, {"too_few_to_split": meta["too_few_to_split"]}, meta)
+                       resumed_from, {"too_few_to_split": meta["too_few_to_split"],
+                                      "processes": rank.world, "device": str(device)}, meta)
 
 
 def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:

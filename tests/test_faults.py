@@ -159,3 +159,43 @@ def test_diverging_job_fails_with_a_clear_message(svc, c, small_dataset):
     done = wait_job(c, job["id"], timeout=120)
     assert done["status"] == "failed"
     assert "non-finite" in done["error"] and "step" in done["error"]
+
+
+def _rank_processes() -> list[int]:
+    """Pids of child ranks of multi-process jobs (``python -m facegrad.distributed``)."""
+    from pathlib import Path
+
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and b"facegrad.distributed" in (p / "cmdline").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_dead_rank_fails_the_attempt_and_the_job_is_retried(svc, c, small_dataset):
+    """A 2-process job (gloo on the CPU) whose second process is killed: the attempt fails at
+    once, the job goes back to the queue, and the next attempt resumes from the checkpoint."""
+    import os
+    import signal
+
+    job = post_job(c, small_dataset, epochs=12, devices=2)
+
+    def checkpointed():
+        j = c.get(f"/v1/jobs/{job['id']}").json()
+        assert j["status"] in ("queued", "running"), (j, svc.tail("worker1.log"))
+        return j if j["status"] == "running" and len(j["checkpoints"]) >= 2 else None
+
+    wait_for(checkpointed, 300, "two checkpoints of the 2-process job")
+    ranks = wait_for(_rank_processes, 30, "the job's second process")
+    os.kill(ranks[0], signal.SIGKILL)
+    done = wait_job(c, job["id"], timeout=600)
+    assert done["status"] == "succeeded", (done, svc.tail("worker1.log"))
+    assert done["attempts"] == 2
+    assert done["resumed_from_epoch"] >= 2
+    assert done["error"] is None
+    assert "rank 1 exited (SIGKILL)" in done["info"]["earlier_attempt"]
+    hist = c.get(f"/v1/jobs/{job['id']}/metrics").json()["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, 13))

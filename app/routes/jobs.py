@@ -25,7 +25,7 @@ def to_out(j: Job) -> JobOut:
                   progress=j.progress or {}, metrics=j.metrics or {}, clipping=j.clipping or {},
                   checkpoints=j.checkpoints or [], model_id=j.model_id, error=j.error,
                   attempts=j.attempts, resumed_from_epoch=j.resumed_from_epoch,
-                  cancel_requested=j.cancel_requested, worker=j.worker)
+                  cancel_requested=j.cancel_requested, worker=j.worker, info=j.info or {})
 
 
 def get_or_404(db: Session, job_id: str) -> Job:
