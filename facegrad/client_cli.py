@@ -403,6 +403,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[Device | None, typer.Option(
         help="auto (default: CUDA when the worker has it), cpu or cuda.")] = None,
+    devices: Annotated[int | None, typer.Option(
+        help="Processes that train the job together, one per GPU (default: every GPU of the "
+        "worker; 1 on a CPU worker).")] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the job with a progress bar until it ends; exit 1 unless it "
         "succeeds.")] = False,
@@ -414,7 +417,7 @@ def train(
     for key, val in (("architecture", arch.value if arch else None), ("epochs", epochs),
                      ("learning_rate", lr), ("batch_size", batch_size),
                      ("image_size", image_size), ("seed", seed),
-                     ("device", device.value if device else None)):
+                     ("device", device.value if device else None), ("devices", devices)):
         if val is not None:
             body[key] = val
     if optimizer:
@@ -485,6 +488,11 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
     if job.get("attempts", 1) > 1:
         rows.append(("attempts", f"{job['attempts']} (resumed from epoch "
                                  f"{job.get('resumed_from_epoch')})"))
+    info = job.get("info") or {}
+    if info.get("processes"):
+        rows.append(("trained on", f"{info['processes']} process(es), {info.get('device')}"))
+    if info.get("earlier_attempt"):
+        rows.append(("earlier attempt", info["earlier_attempt"]))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
