@@ -55,7 +55,7 @@ class Heartbeat(threading.Thread):
         self.settings, self.job_id, self.owner = settings, job_id, owner
         self.cancelled = threading.Event()
         self.lost = threading.Event()
-        self._done = threading.Event()  # not _stop: that is a Thread method (run after fork)
+        self._done = threading.Event()  # not _stop: a Thread method of that name runs after fork
         self._context = contextvars.copy_context()  # its log lines carry the job id too
 
     def beat(self) -> None:

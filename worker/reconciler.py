@@ -68,10 +68,10 @@ class Reconciler(threading.Thread):
     def __init__(self, settings: Settings):
         super().__init__(daemon=True, name="reconciler")
         self.settings = settings
-        self._stop = threading.Event()
+        self._done = threading.Event()  # not _stop: a Thread method of that name runs after fork
 
     def run(self) -> None:
-        while not self._stop.wait(self.settings.reconcile_interval_seconds):
+        while not self._done.wait(self.settings.reconcile_interval_seconds):
             try:
                 reconcile_once(self.settings, grace_seconds=max(
                     5.0, 1.5 * self.settings.reconcile_interval_seconds))
@@ -79,4 +79,4 @@ class Reconciler(threading.Thread):
                 log.exception("reconcile pass failed")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
