@@ -259,3 +259,7 @@ def jobs_to_requeue(settings: Settings, grace_seconds: float) -> tuple[list[str]
                 Job.status == "queued", Job.cancel_requested.is_(False),
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff))).all()
     return list(dead), list(waiting)
+
+
+def mark_enqueued(settings: Settings, job_id: str) -> None:
+    _update_job(settings, job_id, enqueued_at=utcnow())
