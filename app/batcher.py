@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from app.metrics import BATCH_FACES, BATCH_REQUESTS, BATCH_SECONDS
-from facegrad.inference import LoadedModel
+from facegrad.inference import Candidates, LoadedModel
 
 
 class Batcher:
@@ -31,15 +31,16 @@ class Batcher:
         if self._task:
             self._task.cancel()
 
-    async def embed(self, model: LoadedModel,
-                    crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(embeddings, identity scores, the gallery's identities): see
-        :meth:`LoadedModel.embed_and_score`; the scoring runs in the batch's worker thread
-        too, one matrix product for the batch, and off the event loop."""
+    async def embed(self, model: LoadedModel, crops: np.ndarray,
+                    top_k: int = 5) -> tuple[torch.Tensor, Candidates, list[str]]:
+        """(embeddings, each face's ``top_k`` best identities, the gallery's identities): see
+        :meth:`LoadedModel.embed_and_score`; the gallery search runs in the batch's worker
+        thread too, one index search for the batch (at the largest ``top_k`` asked), and off
+        the event loop."""
         if self._queue is None:  # not started (e.g. used outside the app's lifespan)
-            return await asyncio.to_thread(model.embed_and_score, crops)
+            return await asyncio.to_thread(model.embed_and_score, crops, top_k)
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((model, crops, fut))
+        await self._queue.put((model, crops, fut, top_k))
         return await fut
 
     def _drain(self, batch: list, size: int) -> int:
@@ -80,19 +81,20 @@ class Batcher:
     async def _embed_group(items) -> None:
         model = items[0][0]
         try:
-            crops = np.concatenate([c for _, c, _ in items])
+            crops = np.concatenate([c for _, c, _, _ in items])
             BATCH_FACES.observe(len(crops))
             BATCH_REQUESTS.observe(len(items))
             t0 = time.perf_counter()
-            emb, sims, labels = await asyncio.to_thread(model.embed_and_score, crops)
+            emb, sims, labels = await asyncio.to_thread(model.embed_and_score, crops,
+                                                        max(k for *_, k in items))
             BATCH_SECONDS.observe(time.perf_counter() - t0)
         except Exception as e:
-            for *_, fut in items:
+            for *_, fut, _ in items:
                 if not fut.done():
                     fut.set_exception(e)
             return
         i = 0
-        for _, crops, fut in items:
+        for _, crops, fut, _ in items:
             if not fut.done():
                 fut.set_result((emb[i:i + len(crops)], sims[i:i + len(crops)], labels))
             i += len(crops)

@@ -2,18 +2,25 @@
 
 A model folder holds ``model.safetensors/.json`` (weights, fixed once trained) and
 ``gallery.safetensors/.json`` (the normalised embedding of every enrolled image and who it
-belongs to), which enrollment rewrites atomically. A face scores each identity by its highest
-cosine similarity to one of that identity's images, and is named when the best identity's score
-clears the model's calibrated threshold. A loaded model is cached by the caller and reloads its
-gallery when it changes.
+belongs to) with ``gallery.faiss`` (the index over those embeddings,
+:mod:`facegrad.recognition.index`), which enrollment rewrites atomically under an exclusive lock
+on ``gallery.lock``, so that API processes editing one gallery apply their changes one after
+another, each to the gallery the previous one wrote. A face scores each identity by its highest
+cosine similarity to one of that identity's images, found through the index as the face's best
+few identities, and is named when the best identity's score clears the model's calibrated
+threshold. A loaded model is cached by the caller and reloads its gallery when it changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +30,58 @@ from facegrad import checkpoint as ckpt
 from facegrad.gallery import embed, identity_scores
 from facegrad.models import build_model
 from facegrad.preprocess import PREPROCESSING_VERSION
+from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
 
 log = logging.getLogger("facegrad.inference")
 
 
 class UnsupportedModel(ValueError):
     """A stored model this version cannot answer with: the message says why and what to do."""
+
+
+INDEX_FILE = "gallery.faiss"
+LOCK_FILE = "gallery.lock"
+
+
+@contextlib.contextmanager
+def gallery_file_lock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on the model folder's gallery files (``flock`` on ``gallery.lock``),
+    shared by readers and exclusive for an edit, across processes and threads (each call opens
+    its own file description). Without a writable folder nothing can edit the gallery there,
+    and reading goes unlocked."""
+    try:
+        f = open(folder / LOCK_FILE, "a+b")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class Candidates:
+    """Per face, its best identities in a gallery, best first: ``index`` (M, K) positions in
+    the gallery's labels (-1 past the identities found) and ``scores`` (M, K) their
+    nearest-image cosine similarities (-2 there)."""
+
+    index: torch.Tensor
+    scores: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> Candidates:
+        return Candidates(self.index[rows], self.scores[rows])
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    @classmethod
+    def from_dense(cls, sims: torch.Tensor, k: int) -> Candidates:
+        """From identity scores (M, C) (identities without images at -2)."""
+        vals, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+        return cls(torch.where(vals > -1.5, idx, -1), vals)
 
 
 @dataclass
@@ -38,39 +91,119 @@ class Gallery:
     owner: torch.Tensor  # (N,) index into labels of each image's identity
     counts: torch.Tensor  # (C,) images enrolled per identity
     version: int = 0
+    # (C,) each identity's key in the index, ascending; kept while the identity is enrolled
+    keys: torch.Tensor | None = None
+    sha256: str | None = None  # of the gallery file this content was loaded from or saved to
+    exact_below: int = EXACT_BELOW  # images; from this size on the index is approximate (IVF)
+    _index: GalleryIndex | None = field(default=None, repr=False, compare=False)
+    _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                        compare=False)
+    _max_images: int | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = torch.arange(len(self.labels), dtype=torch.long)
 
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(M, C) per probe and identity: the highest cosine similarity to one of its images
-        (-2 for identities without images)."""
+        (-2 for identities without images), every image scored (dense; for small galleries and
+        checks: :meth:`search` is what identification runs)."""
         return identity_scores(emb, self.emb, self.owner, len(self.labels))
 
+    @property
+    def index(self) -> GalleryIndex:
+        """The index over the embeddings, built on first use and again when the gallery has
+        outgrown its kind (:meth:`GalleryIndex.fits`)."""
+        with self._index_lock:
+            if self._index is None or not self._index.fits(self.exact_below):
+                self._index = GalleryIndex.build(self.emb, self.keys[self.owner],
+                                                 self.exact_below)
+            return self._index
+
+    def search(self, emb: torch.Tensor, k: int) -> Candidates:
+        """Each face's ``k`` best identities through the index (nearest image per identity)."""
+        if self._max_images is None:
+            # numpy's max, not torch's: at 200k identities torch splits it over its threads,
+            # and on loaded cores waiting for both cost ~8 ms per call
+            self._max_images = int(self.counts.numpy().max()) if len(self.counts) else 0
+        keys, scores = top_identities(self.index, emb, k, self._max_images)
+        pos = np.searchsorted(self.keys.numpy(), keys).clip(0, max(len(self.labels) - 1, 0))
+        return Candidates(torch.from_numpy(np.where(keys >= 0, pos, -1)),
+                          torch.from_numpy(scores))
+
+    def copy(self) -> Gallery:
+        """An independent copy to edit while this one is being served (tensors that edits
+        replace rather than change are shared; the index is cloned)."""
+        g = Gallery(list(self.labels), self.emb, self.owner, self.counts.clone(), self.version,
+                    self.keys, self.sha256, self.exact_below)
+        with self._index_lock:
+            g._index = self._index.copy() if self._index is not None else None
+        return g
+
     def save(self, folder: Path) -> None:
-        ckpt.save(folder / "gallery", {"emb": self.emb, "owner": self.owner,
-                                       "counts": self.counts},
-                  {"kind": "gallery", "labels": self.labels, "version": self.version,
-                   "scoring": "nearest_image"})
+        """Write the gallery, then its index tagged with the gallery file's sha256 and version
+        (each atomically: an index left from an interrupted save is seen as stale)."""
+        meta_path = ckpt.save(folder / "gallery",
+                              {"emb": self.emb, "owner": self.owner, "counts": self.counts,
+                               "keys": self.keys},
+                              {"kind": "gallery", "labels": self.labels,
+                               "version": self.version, "scoring": "nearest_image",
+                               "index": INDEX_FILE})
+        self.sha256 = json.loads(meta_path.read_text())["sha256"]
+        self.index.save(folder / INDEX_FILE, self._index_tag())
+
+    def _index_tag(self) -> dict:
+        return {"gallery_sha256": self.sha256, "gallery_version": self.version,
+                "entries": int(self.emb.shape[0]), "dim": int(self.emb.shape[1])}
 
     @classmethod
     def load(cls, folder: Path) -> Gallery:
+        """The gallery saved in ``folder`` with its index; an index that is missing or was
+        written for another state of the gallery is rebuilt from the embeddings and saved."""
         tensors, meta = ckpt.load(folder / "gallery.json")
-        return cls.from_tensors(meta["labels"], tensors, "", meta["version"])
+        g = cls.from_tensors(meta["labels"], tensors, "", meta["version"])
+        g.sha256 = meta["sha256"]
+        g._index = GalleryIndex.load(folder / INDEX_FILE, g._index_tag())
+        if g._index is None or not g._index.fits(g.exact_below):
+            log.info("gallery index of %s missing or stale: rebuilding it", folder)
+            try:
+                g.index.save(folder / INDEX_FILE, g._index_tag())
+            except OSError as e:  # a read-only folder: serve the rebuilt index from memory
+                log.warning("gallery index not saved (%s)", e)
+        return g
+
+    @staticmethod
+    def saved_sha256(folder: Path) -> str | None:
+        """The sha256 recorded by the gallery file in ``folder`` (None: no gallery file)."""
+        try:
+            return json.loads((folder / "gallery.json").read_text()).get("sha256")
+        except FileNotFoundError:
+            return None
 
     @classmethod
     def from_tensors(cls, labels: list[str], tensors: dict, prefix: str,
                      version: int = 0) -> Gallery:
+        keys = tensors.get(prefix + "keys")
         return cls(list(labels), tensors[prefix + "emb"].float(),
-                   tensors[prefix + "owner"].long(), tensors[prefix + "counts"].long(), version)
+                   tensors[prefix + "owner"].long(), tensors[prefix + "counts"].long(), version,
+                   None if keys is None else keys.long())
 
     def enroll(self, identity: str, emb: torch.Tensor) -> None:
         """Add embeddings (N, D) to ``identity``, creating it if new."""
         if identity not in self.labels:
             self.labels.append(identity)
             self.counts = torch.cat([self.counts, torch.zeros(1, dtype=torch.long)])
+            key = int(self.keys[-1]) + 1 if len(self.keys) else 0
+            self.keys = torch.cat([self.keys, torch.tensor([key], dtype=torch.long)])
         i = self.labels.index(identity)
         self.emb = torch.cat([self.emb, emb.float()])
         self.owner = torch.cat([self.owner, torch.full((emb.shape[0],), i, dtype=torch.long)])
         self.counts[i] += emb.shape[0]
+        self._max_images = None
+        if self._index is not None:
+            self._index.add(emb.float(), torch.full((emb.shape[0],), int(self.keys[i])))
         self.version += 1
+        self.sha256 = None
 
     def remove(self, identity: str) -> None:
         i = self.labels.index(identity)
@@ -79,7 +212,12 @@ class Gallery:
         self.emb, self.owner = self.emb[keep], self.owner[keep]
         self.owner = self.owner - (self.owner > i).long()
         self.counts = torch.cat([self.counts[:i], self.counts[i + 1:]])
+        if self._index is not None:
+            self._index.remove([int(self.keys[i])])
+        self.keys = torch.cat([self.keys[:i], self.keys[i + 1:]])
+        self._max_images = None
         self.version += 1
+        self.sha256 = None
 
 
 def gallery_from_training(model_meta_path: Path) -> Gallery:
@@ -171,12 +309,38 @@ class LoadedModel:
         self.gallery = self._load_gallery()
 
     def _load_gallery(self) -> Gallery:
-        if (self.folder / "gallery.json").exists():
-            return Gallery.load(self.folder)
-        return gallery_from_training(self.folder / "model.json")
+        with gallery_file_lock(self.folder, exclusive=False):
+            if (self.folder / "gallery.json").exists():
+                return Gallery.load(self.folder)
+        g = gallery_from_training(self.folder / "model.json")
+        g.index  # noqa: B018 (built now rather than by the first identify call)
+        return g
 
     def refresh_gallery(self) -> None:
-        self.gallery = self._load_gallery()
+        """Serve the gallery as saved now (kept when it is the one served already)."""
+        with gallery_file_lock(self.folder, exclusive=False):
+            saved = Gallery.saved_sha256(self.folder)
+        if saved is None or saved != self.gallery.sha256:
+            self.gallery = self._load_gallery()
+
+    @contextlib.contextmanager
+    def edit_gallery(self) -> Iterator[Gallery]:
+        """Edit the gallery: yields a private copy of it as saved now, under an exclusive lock
+        on the gallery files; the caller changes it, saves it and records its version before
+        the block ends, and the edited gallery is served from then on.
+
+        Reloaded from the files when another process saved a gallery since this one was
+        loaded, so that no process's change is lost; the served gallery is never changed in
+        place, so identify calls in flight finish on the one they started with.
+        """
+        with gallery_file_lock(self.folder, exclusive=True):
+            current = self.gallery
+            if current.sha256 == Gallery.saved_sha256(self.folder):
+                g = current.copy()
+            else:
+                g = Gallery.load(self.folder)
+            yield g
+            self.gallery = g
 
     def embed(self, crops: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
@@ -184,29 +348,35 @@ class LoadedModel:
             return embed(self._embedder, crops, self.image_size, self.device,
                          normalisation=self.normalisation)
 
-    def embed_and_score(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(embeddings, identity scores against the gallery, the gallery's identities then)."""
+    def embed_and_score(self, crops: np.ndarray,
+                        top_k: int = 5) -> tuple[torch.Tensor, Candidates, list[str]]:
+        """(embeddings, each face's ``top_k`` best identities in the gallery, the gallery's
+        identities then). The labels are the served gallery's own list, which edits never
+        change (:meth:`edit_gallery` works on a copy)."""
         emb = self.embed(crops)
         g = self.gallery
-        return emb, g.scores(emb), list(g.labels)
+        return emb, g.search(emb, top_k), g.labels
 
     def match(self, emb: torch.Tensor, top_k: int = 5, threshold: float | None = None):
         """Per embedding: (identity or None, confidence, [(identity, confidence)...])."""
         g = self.gallery
-        return self.match_scores(g.scores(emb), list(g.labels), top_k, threshold)
+        return self.match_scores(g.search(emb, top_k), g.labels, top_k, threshold)
 
-    def match_scores(self, sims: torch.Tensor, labels: list[str], top_k: int = 5,
+    def match_scores(self, sims: Candidates | torch.Tensor, labels: list[str], top_k: int = 5,
                      threshold: float | None = None):
-        """:meth:`match` from identity scores (M, C) already computed against ``labels``.
+        """:meth:`match` from each face's best identities (:class:`Candidates`) or from
+        identity scores (M, C), already computed against ``labels``.
 
         A candidate's confidence is its identity score; the face's is the best identity's, which
         the threshold applies to. Both are clamped to 0-1.
         """
         thr = self.threshold if threshold is None else threshold
+        if not isinstance(sims, Candidates):
+            sims = Candidates.from_dense(sims, top_k)
         if not labels:
-            return [(None, 0.0, []) for _ in range(sims.shape[0])]
-        k = min(top_k, sims.shape[1])  # identities without images score -2
-        vals, idx = sims.topk(k, dim=1)
+            return [(None, 0.0, []) for _ in range(len(sims))]
+        k = min(top_k, sims.scores.shape[1])  # -1 / -2 past the identities with images
+        vals, idx = sims.scores[:, :k], sims.index[:, :k]
         out = []
         for v, i in zip(vals.tolist(), idx.tolist()):
             cands = [(labels[j], _clamp(s)) for s, j in zip(v, i) if s > -1.5]
@@ -216,10 +386,10 @@ class LoadedModel:
             out.append((cands[0][0] if v[0] >= thr else None, cands[0][1], cands))
         return out
 
-    def verify_scores(self, emb: torch.Tensor, sims: torch.Tensor, labels: list[str],
+    def verify_scores(self, emb: torch.Tensor, sims: Candidates | torch.Tensor, labels: list[str],
                       threshold: float | None = None, compare: str = "auto") -> dict:
-        """Do two faces show the same person? ``emb`` (2, D) and their identity scores ``sims``
-        (2, C) against ``labels``, as :meth:`LoadedModel.embed_and_score` gives them.
+        """Do two faces show the same person? ``emb`` (2, D) and their best identities ``sims``
+        against ``labels``, as :meth:`LoadedModel.embed_and_score` gives them.
 
         With ``compare`` "auto", when both faces are identified (each clears the model's
         identify threshold) the answer follows the two identities: the gallery holds several

@@ -95,7 +95,7 @@ async def identify(
     crops = [crop for _, faces, _ in per_file for _, crop in faces]
     matches = []
     if crops:
-        _, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops))
+        _, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops), top_k)
         matches = lm.match_scores(sims, labels, top_k, threshold)
     results, i = [], 0
     for name, faces, note in per_file:
@@ -135,5 +135,5 @@ async def verify(
         if not faces:
             raise HTTPException(422, f"no face found in {name!r}")
         crops.append(faces[0][1])
-    emb, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops))
+    emb, sims, labels = await request.app.state.batcher.embed(lm, np.stack(crops), 1)
     return VerifyOut(model_id=m.id, **lm.verify_scores(emb, sims, labels, threshold, compare))

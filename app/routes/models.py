@@ -100,9 +100,10 @@ def enroll(request: Request, model_id: str = uuid_path("model"),
         raise HTTPException(413, f"at most {settings.max_identify_files} images per call "
                             "(FACEGRAD_MAX_IDENTIFY_FILES)")
     emb = lm.embed(np.stack(crops))
-    with request.app.state.gallery_lock:
+    # the gallery as saved, edited under its files' lock; the row's version is committed
+    # before the lock is released, so processes see versions in the order they were written
+    with request.app.state.gallery_lock, lm.edit_gallery() as g:
         db.refresh(m)
-        g = lm.gallery
         g.enroll(identity.strip(), emb)
         g.save(Path(m.path).parent)
         m.gallery_version = g.version
@@ -118,8 +119,7 @@ def remove_identity(request: Request, identity: str, model_id: str = uuid_path("
                     db: Session = Depends(get_db)) -> IdentityList:
     m = get_or_404(db, model_id)
     lm = loaded(request, m)
-    with request.app.state.gallery_lock:
-        g = lm.gallery
+    with request.app.state.gallery_lock, lm.edit_gallery() as g:
         if identity not in g.labels:
             raise HTTPException(404, f"model {m.id} has no identity {identity!r}")
         g.remove(identity)
