@@ -21,11 +21,13 @@ inner product over unit vectors:
 Each vector's id in the index is its identity's *key*, a number the gallery keeps for the
 identity as long as it is enrolled, so removing a person is one ``remove_ids`` call and a search
 answers identities directly. The sizes were chosen by ``bench/gallery_scale.py`` on synthetic
-galleries built like face descriptors (docs/benchmarks.md, "Gallery scale"): an exact scan costs
-about 0.06 us per image for one face on this project's 2-core machine (3 ms at 50k, 56 ms at 1M),
-while IVF with ``nlist`` ~ sqrt(N) and ``nprobe`` = max(32, nlist/16) answers in about 1-2 ms
-at 1M with recall@1 >= 0.99 against the exact scan; ``nlist`` = 4 sqrt(N) recalled as well per
-millisecond but took 8x as long to build (k-means and filing 1M images: 46 s against 6 s).
+galleries built like face descriptors (docs/benchmarks.md, "Gallery scale"), one face per search
+on this project's 2-core machine: an exact scan costs about 0.025 us per image (0.3 ms at 10k,
+2.6 ms at 100k, 25 ms at 1M), so below 50k it stays near 1 ms and recalls everything; IVF with
+``nlist`` ~ sqrt(N) and ``nprobe`` = max(32, nlist/16) answered in 0.5 ms at 100k and 2.4 ms at
+1M, with the exact scan's best identity for 999 and 1000 of 1000 faces (nprobe 16 gave 0.993 and
+0.980); ``nlist`` = 4 sqrt(N) searched as fast but took 7x as long to build (k-means and filing
+1M images: 73 s against 10 s), a cost paid again at every rebuild.
 
 The index is persisted beside the gallery in one file (a JSON header, then
 ``faiss.serialize_index``'s bytes; nothing is unpickled), written atomically and tagged with the
@@ -47,7 +49,7 @@ import numpy as np
 
 from facegrad.checkpoint import _atomic_write
 
-EXACT_BELOW = 50_000  # images; below this every image is scored (about 3 ms for one face)
+EXACT_BELOW = 50_000  # images; below this every image is scored (about 1.3 ms for one face)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
 REBUILD_GROWTH = 4  # an IVF index is rebuilt when the gallery grows past 4x what it was built on
 FORMAT = "facegrad-gallery-index/1"
