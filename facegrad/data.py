@@ -9,11 +9,14 @@ grow with the dataset; :func:`make_batches` picks one (``TrainConfig.data_loadin
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import platform
 import queue
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,30 @@ class FaceArrays:
         return cls(images, labels, names)
 
 
+_HEAP_FIXED = False
+
+
+def keep_heap_flat(threshold: int = 1 << 20) -> None:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``), once per process.
+
+    glibc raises the threshold, up to 32 MB, each time a block above it is freed; after that,
+    the batch-sized buffers of a pass over a dataset (a few MB each) come from the heap, whose
+    fragmentation then grows with the number of batches: embedding 10k more stored images
+    grew a worker by about 110 MB (bench/dataset_scale.py), with the threshold fixed at 1 MB
+    by 4.5 MB (their embeddings). Blocks of 1 MB or more are then mapped and unmapped each
+    time, which costs a page fault per page, small beside the work on a batch. A no-op on other
+    C libraries."""
+    global _HEAP_FIXED
+    if _HEAP_FIXED:
+        return
+    _HEAP_FIXED = True
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL(None).mallopt(-3, int(threshold))  # -3: M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 def _place_file(src: Path, dst: Path) -> None:
     """``src``'s bytes at ``dst``, atomically (a temp beside ``dst``, then rename)."""
     tmp = dst.with_name(dst.name + ".tmp")
@@ -115,6 +142,17 @@ class NpyRows:
             raise ValueError(f"{self.path}: truncated ({size} bytes for {self.shape})")
         self._fd = os.open(self.path, os.O_RDONLY)
         self._local = threading.local()  # a staging buffer per reading thread
+
+    @classmethod
+    def over_fd(cls, fd: int, shape: tuple[int, ...], dtype, name: str) -> NpyRows:
+        """Rows of a headerless file of C-ordered rows open as ``fd`` (the reader owns it)."""
+        self = cls.__new__(cls)
+        self.path, self.offset = Path(name), 0
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd, self._local = fd, threading.local()
+        return self
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -381,14 +419,21 @@ class StreamBatches:
     A background thread reads each batch's rows (:class:`NpyRows`: ``pread``, no mapping),
     moves them to the device (through pinned memory on CUDA) and resizes them there, one or
     two batches ahead of training (a bounded queue: memory holds ``prefetch`` batches, not the
-    split). Augmentation and normalisation run in the consuming thread, so every draw from the
-    epoch's generator happens in the order :class:`DeviceBatches` makes it. The thread stops
-    when the epoch's generator ends, is closed or is garbage-collected.
+    split). On the CPU the split is instead resized once, as :class:`DeviceBatches` does, into
+    an unlinked temporary file beside the dataset (3 x size^2 bytes a row, 12 KB at 64 px;
+    gone when the batches are), and batches are read from it: resizing every batch again
+    cost a CPU worker about a tenth of a seed_cnn step (bench/dataset_scale.py).
+    Augmentation and normalisation run in the consuming thread, so every draw from the epoch's
+    generator happens in the order :class:`DeviceBatches` makes it. The thread stops when the
+    epoch's generator ends, is closed or is garbage-collected.
     """
 
     def __init__(self, images, labels: np.ndarray, image_size: int, device: torch.device,
                  pin: bool = False, index: np.ndarray | None = None, normalise=standardise,
-                 prefetch: int = 2):
+                 prefetch: int = 2, resize_once: bool | None = None):
+        """``resize_once``: resize the split once into a temporary file (default: on the CPU)
+        rather than every batch on the device."""
+        keep_heap_flat()
         self.reader = rows_source(images)
         self.rows = (np.arange(len(self.reader)) if index is None
                      else np.asarray(index, dtype=np.int64))
@@ -397,6 +442,11 @@ class StreamBatches:
         self.pin = pin and self.device.type == "cuda"
         self.normalise = normalise
         self.prefetch = max(1, prefetch)
+        self.resized = None
+        if resize_once is None:
+            resize_once = self.device.type == "cpu"
+        if resize_once and self.reader.row_shape[:2] != (image_size, image_size):
+            self.resized = _resized_rows(self.reader, self.rows, image_size)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -407,6 +457,9 @@ class StreamBatches:
 
     def _load(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows at ``positions`` of the split → uint8 (n, 3, size, size) on the device."""
+        if self.resized is not None:  # resized once (CPU): rows of the split, in its order
+            host = torch.empty((len(positions), *self.resized.row_shape), dtype=torch.uint8)
+            return torch.from_numpy(self.resized.read(positions.numpy(), out=host.numpy()))
         rows = self.rows[positions.numpy()]
         shape = (len(rows), *self.reader.row_shape)
         host = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
@@ -464,6 +517,30 @@ class StreamBatches:
                         return
         except BaseException as e:  # handed to the consumer, raised in its thread
             put(e)
+
+
+def _resized_rows(reader, rows: np.ndarray, image_size: int, chunk: int = 512) -> NpyRows:
+    """``rows`` of ``reader`` resized (uint8 (n, 3, size, size), as ``DeviceBatches`` holds
+    them) into a temporary file, unlinked at once so that it goes with its reader; beside the
+    stored dataset (a data volume), else in the system's temp folder. One chunk in memory."""
+    where = [reader.path.parent] if isinstance(reader, NpyRows) else []
+    for folder in where + [None]:
+        try:
+            fd, name = tempfile.mkstemp(prefix=".resized-", suffix=".u8", dir=folder)
+            break
+        except OSError:
+            continue
+    os.unlink(name)
+    try:
+        for start in range(0, len(rows), chunk):
+            x = torch.from_numpy(reader.read(rows[start:start + chunk]))
+            view = memoryview(resize_uint8(x, image_size).contiguous().numpy().reshape(-1))
+            while len(view):
+                view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return NpyRows.over_fd(fd, (len(rows), 3, image_size, image_size), np.uint8, name)
 
 
 def loading_mode(mode: str, n_rows: int, image_size: int) -> str:

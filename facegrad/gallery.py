@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from facegrad.data import rows_source
+from facegrad.data import keep_heap_flat, rows_source
 from facegrad.preprocess import normaliser, resize_uint8
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
@@ -35,6 +35,7 @@ def embed(model: torch.nn.Module, images, image_size: int,
     normalise = normaliser(normalisation)
     if not torch.is_tensor(images):
         images = rows_source(images)
+        keep_heap_flat()  # batch buffers do not pile up in the heap over a large gallery
     rows = np.arange(len(images)) if index is None else np.asarray(index)
     out = None  # filled a batch at a time: a large gallery is not copied by a final cat
     buf = None

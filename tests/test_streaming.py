@@ -78,13 +78,18 @@ def _batches(b, seed, augment, drop_last, shard=(0, 1), batch_size=16):
 
 @pytest.mark.parametrize("source", ["mapped", "path", "array"])
 @pytest.mark.parametrize("augment,drop_last", [(True, True), (True, False), (False, False)])
-def test_stream_yields_the_batches_of_memory(stored, source, augment, drop_last):
+@pytest.mark.parametrize("resize_once", [True, False])
+def test_stream_yields_the_batches_of_memory(stored, source, augment, drop_last, resize_once):
     folder, images, labels = stored
     src = {"mapped": FaceArrays.load(folder).images, "path": folder / "images.npy",
            "array": images}[source]
     index = np.arange(3, 120, 2)
     mem = DeviceBatches(images, labels, 48, CPU, index=index)
-    stream = StreamBatches(src, labels, 48, CPU, index=index)
+    stream = StreamBatches(src, labels, 48, CPU, index=index, resize_once=resize_once)
+    assert (stream.resized is not None) == resize_once
+    # the resized copy is an unlinked file: nothing is left in the dataset's folder
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "labels.npy",
+                                                        "names.json"]
     assert len(mem) == len(stream) == len(index)
     assert mem.num_batches(16, drop_last) == stream.num_batches(16, drop_last)
     a, b = _batches(mem, 5, augment, drop_last), _batches(stream, 5, augment, drop_last)
@@ -103,8 +108,9 @@ def test_stream_yields_the_batches_of_memory(stored, source, augment, drop_last)
 @pytest.mark.parametrize("world", [2, 3])
 def test_shards_together_are_the_one_process_batch(stored, cls, world):
     folder, images, labels = stored
+    kw = {"resize_once": world == 2} if cls is StreamBatches else {}
     b = cls(folder / "images.npy" if cls is StreamBatches else images, labels, 40, CPU,
-            index=np.arange(100))
+            index=np.arange(100), **kw)
     whole = _batches(b, 9, True, False, batch_size=32)  # 4 batches, the last of 4 rows
     shards = [_batches(b, 9, True, False, (r, world), 32) for r in range(world)]
     for r in range(world):
@@ -147,7 +153,7 @@ def test_reading_errors_reach_the_training_thread(stored, tmp_path):
     folder, images, labels = stored
     path = tmp_path / "images.npy"
     path.write_bytes((folder / "images.npy").read_bytes())
-    b = StreamBatches(path, labels, 32, CPU)
+    b = StreamBatches(path, labels, 32, CPU, resize_once=False)
     with open(path, "r+b") as f:  # truncated after it was opened
         f.truncate(path.stat().st_size // 2)
     with pytest.raises(OSError):
