@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from app.metrics import BATCH_FACES, BATCH_REQUESTS, BATCH_SECONDS
-from facegrad.inference import Candidates, LoadedModel
+from facegrad.recognition.inference import Candidates, LoadedModel
 
 
 class Batcher:

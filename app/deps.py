@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from facegrad.db import session_scope
-from facegrad.settings import Settings
+from facegrad.service.db import session_scope
+from facegrad.service.settings import Settings
 
 
 async def get_settings_dep(request: Request) -> Settings:

@@ -6,9 +6,9 @@ import numpy as np
 from fastapi import HTTPException, UploadFile
 
 from app.uploads import read_bounded
-from facegrad.detect import crop_faces
-from facegrad.imageio import ImageError, decode_image
-from facegrad.settings import Settings
+from facegrad.data.imageio import ImageError, decode_image
+from facegrad.recognition.detect import crop_faces
+from facegrad.service.settings import Settings
 
 
 def faces_of_upload(file: UploadFile, settings: Settings, detect: str, max_faces: int = 10

@@ -20,9 +20,9 @@ from app.batcher import Batcher
 from app.model_cache import ModelCache, RecentRows
 from app.routes import console, datasets, health, identify, jobs, models, sweeps
 from app.uploads import BodyLimit
-from facegrad.db import get_engine
-from facegrad.inference import UnsupportedModel
-from facegrad.settings import Settings, get_settings
+from facegrad.recognition.inference import UnsupportedModel
+from facegrad.service.db import get_engine
+from facegrad.service.settings import Settings, get_settings
 
 log = logging.getLogger("facegrad.api")
 API_VERSION = "1.0.0"

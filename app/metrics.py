@@ -8,7 +8,7 @@
   (``LLEN`` of the Celery queue on Redis; jobs queued in the database with the embedded broker).
 
 One API process per set of numbers: with ``serve --workers N`` each process answers for itself.
-Training step times are the workers' (see :mod:`facegrad.worker_metrics`).
+Training step times are the workers' (see :mod:`facegrad.service.worker_metrics`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from facegrad.settings import Settings
+from facegrad.service.settings import Settings
 
 log = logging.getLogger("facegrad.metrics")
 
@@ -112,7 +112,7 @@ class StateCollector:
         return int(self._redis.llen(QUEUE))
 
     def collect(self):
-        from facegrad.db import Dataset, Job, Model, get_engine
+        from facegrad.service.db import Dataset, Job, Model, get_engine
 
         db_up = GaugeMetricFamily("facegrad_database_up",
                                   "1 when the database answered this scrape")

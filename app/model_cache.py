@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from facegrad.inference import LoadedModel
+from facegrad.recognition.inference import LoadedModel
 
 T = TypeVar("T")
 

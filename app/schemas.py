@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from facegrad.config import TrainConfig
-from facegrad.sweeps import DEFAULT_METRIC, METRICS
+from facegrad.service.sweeps import DEFAULT_METRIC, METRICS
+from facegrad.training.config import TrainConfig
 
 
 def _utc(v: datetime) -> datetime:

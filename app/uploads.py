@@ -10,8 +10,8 @@ from fastapi import HTTPException, UploadFile
 from fastapi import Path as PathParam
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from facegrad.settings import Settings
-from facegrad.storage import upload_tmp_dir
+from facegrad.service.settings import Settings
+from facegrad.service.storage import upload_tmp_dir
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 

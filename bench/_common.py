@@ -171,8 +171,8 @@ def orl_split(k_test: int = 3, seed: int = 1234):
 
 def crops_of(paths: list[Path]) -> np.ndarray:
     """Stored-format uint8 crops (N, 128, 128, 3), made as dataset building makes them."""
-    from facegrad.detect import crop_one
-    from facegrad.imageio import decode_image
+    from facegrad.data.imageio import decode_image
+    from facegrad.recognition.detect import crop_one
 
     return np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name), "auto")
                      for p in paths])
@@ -180,7 +180,7 @@ def crops_of(paths: list[Path]) -> np.ndarray:
 
 def face_arrays(folder: dict[str, list[Path]]):
     """A FaceArrays from {identity: [png paths]} (identities sorted, as dataset building does)."""
-    from facegrad.data import FaceArrays
+    from facegrad.data.store import FaceArrays
 
     names = sorted(folder)
     paths = [p for n in names for p in folder[n]]

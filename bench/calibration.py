@@ -3,7 +3,8 @@
     .venv/bin/python bench/calibration.py [--threads N] [--draws 10] [--no-finetune]
 
 Faces: ORL, and the same people's faces placed uncropped in harsh-light photos
-(tests/scenes.py), through ``facegrad.detect.crop_one``; descriptors of the pretrained network.
+(tests/scenes.py), through ``facegrad.recognition.detect.crop_one``; descriptors of the
+pretrained network.
 People s01-s20 are where the calibration rule was chosen, s21-s40 confirm it; each draw takes
 10 known people (7 photos in the gallery, 3 asked about) and 5 strangers (all 10 photos asked
 about) from one half.
@@ -37,10 +38,10 @@ import torch  # isort: skip
 
 
 def describe_sets(device):
-    from facegrad.detect import crop_one
-    from facegrad.gallery import embed
-    from facegrad.models import PretrainedFace
-    from facegrad.training import pretrained_state
+    from facegrad.recognition.detect import crop_one
+    from facegrad.recognition.gallery import embed
+    from facegrad.recognition.models import PretrainedFace
+    from facegrad.training.loop import pretrained_state
     from tests.harness import orl_folder
     from tests.scenes import photo_set
 
@@ -50,7 +51,7 @@ def describe_sets(device):
     net.backbone.load_state_dict(pretrained_state())
     net = net.to(device)
     photos = photo_set(names, 2026)
-    from facegrad.imageio import decode_image
+    from facegrad.data.imageio import decode_image
 
     sets = {"orl": [decode_image(p.read_bytes(), filename=p.name)
                     for n in names for p in folder[n]],
@@ -175,14 +176,14 @@ def main() -> None:
 
     # 3. fine-tuning and the gap
     if not args.no_finetune:
-        from facegrad.config import TrainConfig
-        from facegrad.data import FaceArrays
-        from facegrad.inference import LoadedModel
+        from facegrad.data.store import FaceArrays
+        from facegrad.recognition.inference import LoadedModel
+        from facegrad.training.config import TrainConfig
 
         x, lab = chips_of["orl"]
         keep = lab < 30
         data = FaceArrays(x[keep], lab[keep], names[:30])
-        from facegrad.training import train
+        from facegrad.training.loop import train
 
         with tempfile.TemporaryDirectory() as d:
             res = train(TrainConfig(device=device.type), data, Path(d) / "run")

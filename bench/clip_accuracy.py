@@ -4,8 +4,8 @@
 
 ORL with 3 images per identity held out (tests/harness.py orl_split: random.Random(1234)
 shuffle per identity, the first 3 for test): 280 training images, 120 held-out. Models are
-trained in this process by ``facegrad.training.train`` (as a worker does, with its validation
-split and checkpoints) and scored through ``facegrad.inference.LoadedModel``: embed the
+trained in this process by ``facegrad.training.loop.train`` (as a worker does, with its validation
+split and checkpoints) and scored through ``facegrad.recognition.inference.LoadedModel``: embed the
 held-out crops, match against the training-image gallery, threshold -1 (closed set).
 
 (a) the default config (dlib_resnet fine-tuned: SGD 0.01, cosine, 4 epochs, norm clipping 5
@@ -55,8 +55,8 @@ TIME_BAR_S = 300.0
 
 
 def run(cfg, data, test_crops, truth, workdir: Path) -> dict:
-    from facegrad.inference import LoadedModel
-    from facegrad.training import TrainingError, train
+    from facegrad.recognition.inference import LoadedModel
+    from facegrad.training.loop import TrainingError, train
 
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def main() -> None:
     device = setup(args)
     header("clip_accuracy: held-out ORL accuracy per clip configuration", device)
 
-    from facegrad.config import TrainConfig
+    from facegrad.training.config import TrainConfig
 
     train_split, test_split = orl_split()
     data = face_arrays(train_split)

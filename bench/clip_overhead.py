@@ -4,7 +4,7 @@
 
 For facenet_s and seed_cnn (batch 32, 64x64, ORL faces, AdamW), one model and optimizer shared by
 every clip mode (only the clipper and its telemetry differ), stepped with
-``facegrad.training.train_step`` on the same batches, every timed run starting from the same
+``facegrad.training.loop.train_step`` on the same batches, every timed run starting from the same
 weights and optimizer state. Within a round every mode runs
 ``--steps`` steps (rotating order); ``x none`` is the median over rounds of the mode's time over
 mode none's time in the same round. ``clip-only`` is a second, less noisy estimate of the same
@@ -57,9 +57,9 @@ def main() -> None:
 
     from facegrad.clipping import build_clipper
     from facegrad.clipping.telemetry import ClipTelemetry
-    from facegrad.config import TrainConfig
-    from facegrad.data import DeviceBatches
-    from facegrad.training import make_step_parts, train_step
+    from facegrad.data.batches import DeviceBatches
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import make_step_parts, train_step
 
     data = orl_all()
     src = DeviceBatches(data.images, data.labels, 64, device)

@@ -5,7 +5,7 @@
 The 400 ORL faces in a ``DeviceBatches`` (uint8, resized once, on the device), default
 training config (batch 32, 64x64, norm clipping) with augmentation on:
 
-- epoch: ``facegrad.training.train_epoch`` over ``DeviceBatches.epoch(..., augment=True)``:
+- epoch: ``facegrad.training.loop.train_epoch`` over ``DeviceBatches.epoch(..., augment=True)``:
   index, augment (batched random affine, gamma, contrast, greyscale), standardise, step.
 - compute: the same ``train_epoch`` over the very same batches, assembled beforehand (same
   generator seed, so the same order and augmentation draws): steps only.
@@ -64,9 +64,9 @@ def main() -> None:
     device = setup(args)
     header("data_pipeline: epoch wall time vs pure compute of the same steps", device)
 
-    from facegrad.config import TrainConfig
-    from facegrad.data import DeviceBatches
-    from facegrad.training import Hooks, make_step_parts, train_epoch
+    from facegrad.data.batches import DeviceBatches
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import Hooks, make_step_parts, train_epoch
 
     data = orl_all()
     src = DeviceBatches(data.images, data.labels, 64, device)

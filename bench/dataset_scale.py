@@ -9,12 +9,12 @@ makes them): copy c of the 400 is mirrored when c is odd, shifted by (dx, dy) of
 (edge-replicated; the shift cycles through 25 offsets with c // 2) and scaled in brightness by
 0.80-1.20 (a factor cycling with c // 50). Every copy is a new set of 40 people ("c0007-s12"),
 so n images hold n / 10 identities of 10 images each, as ORL's. The rows are written straight
-into the stored format (images.npy a copy at a time with ``facegrad.data.NpyRowWriter``,
+into the stored format (images.npy a copy at a time with ``facegrad.data.store.NpyRowWriter``,
 labels.npy, names.json) under a temporary data folder, never held in memory whole.
 
 Peak RSS: a fresh subprocess per run does what a worker does for a job:
-``FaceArrays.load`` (memory-mapped), then ``facegrad.training.train`` with seed_cnn, 1 epoch cut
-to its first ``--steps`` steps (250 of batch 32: 8000 images, about the whole epoch at 10k),
+``FaceArrays.load`` (memory-mapped), then ``facegrad.training.loop.train`` with seed_cnn, 1 epoch
+cut to its first ``--steps`` steps (250 of batch 32: 8000 images, about the whole epoch at 10k),
 data_loading 'stream', device cpu, 5 % of the people held out for calibration
 (``calibration_identities`` 0.05, the job default is 0.2), everything else the job defaults
 (10 % of each person's images for validation, 64 px) - including the end of the job: the
@@ -86,7 +86,7 @@ def copy_of(base_images: np.ndarray, c: int) -> np.ndarray:
 def synthesise(base, n: int, folder: Path) -> None:
     """``n`` images (a whole number of copies of the base, the last cut short) as a stored
     dataset in ``folder``; each copy's 40 people are new identities."""
-    from facegrad.data import NpyRowWriter
+    from facegrad.data.store import NpyRowWriter
 
     folder.mkdir(parents=True)
     k = len(base.images)
@@ -117,9 +117,9 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from facegrad import training
-    from facegrad.config import TrainConfig
-    from facegrad.data import FaceArrays
+    from facegrad.data.store import FaceArrays
+    from facegrad.training import loop as training
+    from facegrad.training.config import TrainConfig
 
     epoch = training.train_epoch
 
@@ -129,7 +129,7 @@ def child(args) -> None:
     training.train_epoch = first_steps
 
     folder = Path(args.child)
-    data = FaceArrays.load(folder)  # memory-mapped, as facegrad.jobs does
+    data = FaceArrays.load(folder)  # memory-mapped, as facegrad.service.jobs does
     out = {"images": int(len(data.labels)), "identities": len(data.names),
            "import_load_kb": status_kb("self", "VmHWM")}
     cfg = TrainConfig(architecture="seed_cnn", epochs=1, device="cpu",
@@ -174,11 +174,12 @@ def throughput(folder: Path, rounds: int) -> dict:
     """Training images/s of one epoch over the job's training split, memory vs stream."""
     import itertools
 
-    from facegrad.config import TrainConfig
-    from facegrad.data import FaceArrays, make_batches, stratified_split
-    from facegrad.gallery import holdout_identities
-    from facegrad.preprocess import normaliser
-    from facegrad.training import (
+    from facegrad.data.batches import make_batches, stratified_split
+    from facegrad.data.preprocess import normaliser
+    from facegrad.data.store import FaceArrays
+    from facegrad.recognition.gallery import holdout_identities
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import (
         NORMALISATION,
         Hooks,
         make_step_parts,

@@ -4,7 +4,7 @@ Weak scaling, as data-parallel training is used: every process takes ``--per-dev
 rows of each step, so a world of W trains a global batch W times as large. Each world size trains
 the same synthetic dataset (``--images`` faces: copies of the ORL faces, mirrored, shifted and
 brightness-scaled, each copy's people new identities, as bench/dataset_scale.py makes them) for
-2 epochs through ``facegrad.training.train``; the figure is the second epoch's training images
+2 epochs through ``facegrad.training.loop.train``; the figure is the second epoch's training images
 per second (the first includes start-up). Baseline: the same job on one process, in the same
 run. On the CPU (gloo) the processes share the machine's cores, so this measures the cost of the
 process group, not a speed-up; on a machine with W GPUs it measures the scaling.
@@ -28,9 +28,9 @@ import torch  # isort: skip
 
 
 def run(folder: Path, work: Path, device: torch.device, world: int, args) -> dict:
-    from facegrad.config import TrainConfig
-    from facegrad.data import FaceArrays
-    from facegrad.training import train
+    from facegrad.data.store import FaceArrays
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import train
 
     arch = args.arch or ("dlib_resnet" if device.type == "cuda" else "seed_cnn")
     cfg = TrainConfig(architecture=arch, epochs=2, device=device.type, devices=world,

@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/descriptor_speed.py [--device cuda] [--threads N] [--rounds 5]
 
-The same 32 aligned 150x150 chips (ORL faces through ``facegrad.detect.crop_one``) are described
-by:
+The same 32 aligned 150x150 chips (ORL faces through
+``facegrad.recognition.detect.crop_one``) are described by:
 
 - dlib: ``dlib.face_recognition_model_v1(...).compute_face_descriptor`` one chip per call, and
   the 32 chips in one call (its batch form);
-- facegrad: the network as identify runs it (``facegrad.inference._compiled_embedding``: traced
-  and frozen), at batch 1, 8 and 32, on the CPU or ``--device cuda``.
+- facegrad: the network as identify runs it
+  (``facegrad.recognition.inference._compiled_embedding``: traced and frozen), at batch 1, 8
+  and 32, on the CPU or ``--device cuda``.
 
 Reported: milliseconds per face (median over rounds, rounds interleaved) and the ratio to dlib
 one chip per call. No bar: the figure is recorded in docs/benchmarks.md beside dlib's.
@@ -34,13 +35,13 @@ def main() -> None:
 
     import dlib
 
-    from facegrad.detect import crop_one
-    from facegrad.imageio import decode_image
-    from facegrad.inference import _compiled_embedding
-    from facegrad.models import PretrainedFace
-    from facegrad.preprocess import to_unit
+    from facegrad.data.imageio import decode_image
+    from facegrad.data.preprocess import to_unit
+    from facegrad.recognition.detect import crop_one
     from facegrad.recognition.dlib_resnet import dlib_model_path
-    from facegrad.training import pretrained_state
+    from facegrad.recognition.inference import _compiled_embedding
+    from facegrad.recognition.models import PretrainedFace
+    from facegrad.training.loop import pretrained_state
     from tests.harness import orl_folder
 
     folder = orl_folder()

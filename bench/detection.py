@@ -1,4 +1,5 @@
-"""Face detection rates and cost of facegrad.detect (dlib HOG + 5 landmarks), on ORL faces.
+"""Face detection rates and cost of facegrad.recognition.detect (dlib HOG + 5 landmarks), on
+ORL faces.
 
     .venv/bin/python bench/detection.py [--per-cell 40] [--seed 0]
                                         [--detect-side 960] [--max-upscale 2.0]
@@ -19,7 +20,8 @@
   and this process's CPU time (dlib runs on one thread; CPU time is what the figure would be on
   an idle machine).
 
-``--detect-side`` / ``--max-upscale`` override ``facegrad.detect``'s constants, to compare.
+``--detect-side`` / ``--max-upscale`` override ``facegrad.recognition.detect``'s constants, to
+compare.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def main() -> None:
     if not ORL.is_dir():
         raise SystemExit(f"shared face data not found at {ORL}")
     header("detection: dlib HOG + 5 landmarks on ORL faces")
-    from facegrad import detect
+    from facegrad.recognition import detect
 
     if args.detect_side:
         detect.DETECT_SIDE = args.detect_side

@@ -4,7 +4,7 @@
                                             [--timed 200] [--threads N]
 
 What runs per identify call after the embedding is ``Gallery.search(face, top_k)``
-(facegrad.inference): the index search (facegrad.recognition.index), the best ``top_k``
+(facegrad.recognition.inference): the index search (facegrad.recognition.index), the best ``top_k``
 distinct identities read off the nearest images, and their positions in the labels. This
 benchmark times it for one face at ``top_k`` 5 (identify's default) on synthetic galleries of
 each size, with the index the service picks for that size (exact below ``EXACT_BELOW`` images,
@@ -90,8 +90,8 @@ def timer(probes: torch.Tensor, fn):
 
 def measure(n: int, args) -> tuple[list, list, tuple | None]:
     """(table rows, nprobe sweep rows, (p50 ms, recall@1) of the service's search) at size n."""
-    from facegrad.inference import Candidates, Gallery
     from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, ivf_params
+    from facegrad.recognition.inference import Candidates, Gallery
 
     t0 = time.perf_counter()
     emb, owner, centres = synthetic(n, args.seed)

@@ -209,7 +209,7 @@ def main() -> None:
     header("identify_load: POST /v1/identify under 1/8/32 clients vs LoadedModel.embed",
            torch.device("cpu"))
 
-    from facegrad.inference import LoadedModel
+    from facegrad.recognition.inference import LoadedModel
 
     workdir = Path(args.reuse or tempfile.mkdtemp(prefix="facegrad-bench-identify-"))
     redis, svc, worker = start_service(workdir, args.embedded, threads, args.service_path)

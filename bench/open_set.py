@@ -49,9 +49,9 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args)
     header("open-set identification (ORL)", device)
-    from facegrad.config import TrainConfig
-    from facegrad.inference import LoadedModel
-    from facegrad.training import train
+    from facegrad.recognition.inference import LoadedModel
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import train
 
     tr, te = orl_split()
     names = sorted(tr)

@@ -13,9 +13,10 @@ Two pipelines, the same images and splits:
   less (its shorter side: a face crop, such as bare ORL) where no face is found is described
   with the whole image as the face box, as a caller of ``face_recognition`` passes
   ``known_face_locations`` for crops; a bigger picture with no face found has no descriptor.
-- facegrad: its public functions only. ``facegrad.detect.crop_one(rgb, "auto")`` per image,
-  ``facegrad.training.train`` (default TrainConfig, or ``--epochs``/``--arch``) on the
-  training images, ``facegrad.inference.LoadedModel`` to embed and ``match``, and
+- facegrad: its public functions only.
+  ``facegrad.recognition.detect.crop_one(rgb, "auto")`` per image,
+  ``facegrad.training.loop.train`` (default TrainConfig, or ``--epochs``/``--arch``) on the
+  training images, ``facegrad.recognition.inference.LoadedModel`` to embed and ``match``, and
   ``lm.gallery.enroll`` for strangers, as bench/open_set.py does.
 
 For both, an image with no face (no crop, no descriptor) is left out of training/enrolment and
@@ -167,11 +168,11 @@ class Facegrad:
 
     def __init__(self, overrides: dict):
         try:
-            from facegrad.config import TrainConfig
-            from facegrad.data import FaceArrays
-            from facegrad.detect import crop_one
-            from facegrad.inference import LoadedModel
-            from facegrad.training import train
+            from facegrad.data.store import FaceArrays
+            from facegrad.recognition.detect import crop_one
+            from facegrad.recognition.inference import LoadedModel
+            from facegrad.training.config import TrainConfig
+            from facegrad.training.loop import train
         except Exception as e:
             raise SideFailed(f"importing facegrad failed: {type(e).__name__}: {e}") from e
         self.TrainConfig, self.FaceArrays, self.crop_one = TrainConfig, FaceArrays, crop_one

@@ -9,9 +9,9 @@ at 150x150 with a quarter of the steps:
 - bare: a plain forward / cross-entropy / backward / step of the same model and optimizer
   (the architecture's default) over float batches already normalised in memory (no clipping,
   telemetry or LR schedule).
-- service step: ``facegrad.training.train_step`` (what ``train`` runs per batch: LR set,
+- service step: ``facegrad.training.loop.train_step`` (what ``train`` runs per batch: LR set,
   autocast, unscale, clipper, telemetry, finiteness check, optimizer step) on the same batches.
-- service loop: ``facegrad.training.train_epoch`` over a one-batch slice of
+- service loop: ``facegrad.training.loop.train_epoch`` over a one-batch slice of
   ``DeviceBatches.epoch`` with augmentation off: the inner loop of ``train`` including batch
   assembly and running metrics (augmentation is bench/data_pipeline.py's subject).
 
@@ -49,7 +49,7 @@ BATCH = 32
 def bare_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
               amp_dtype):
     """A plain training step on ``model`` and ``opt``: forward, cross-entropy, backward, step."""
-    from facegrad.models import FaceNetS, PretrainedFace
+    from facegrad.recognition.models import FaceNetS, PretrainedFace
 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     # their training forward takes the target (CosFace margin)
@@ -74,10 +74,16 @@ def main() -> None:
     device = setup(args)
     header("train_throughput: service training step vs bare PyTorch loop", device)
 
-    from facegrad.config import TrainConfig
-    from facegrad.data import DeviceBatches
-    from facegrad.preprocess import normaliser
-    from facegrad.training import NORMALISATION, Hooks, make_step_parts, train_epoch, train_step
+    from facegrad.data.batches import DeviceBatches
+    from facegrad.data.preprocess import normaliser
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import (
+        NORMALISATION,
+        Hooks,
+        make_step_parts,
+        train_epoch,
+        train_step,
+    )
 
     data = orl_all()
     print(f"{len(data.names)} identities, {len(data.labels)} images, batch {BATCH}; "

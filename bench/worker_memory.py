@@ -6,7 +6,7 @@ Datasets are synthesised from the 400 ORL faces (stored 150x150 RGB chips) by ho
 and shifts of up to 12 px (edge-replicated), labelled with their 40 identities, and written as
 the service stores a dataset (images.npy, labels.npy, names.json) in a temporary folder. Each
 run is a fresh subprocess doing what a worker does for a job: ``FaceArrays.load`` (memory-mapped)
-then ``facegrad.training.train`` for 1 epoch with the default config (plus --arch); it reports
+then ``facegrad.training.loop.train`` for 1 epoch with the default config (plus --arch); it reports
 ``VmHWM`` from its /proc/<pid>/status as it ends, while this process samples its VmRSS. A third
 subprocess only imports and loads (the baseline: what any worker holds before training).
 
@@ -44,7 +44,7 @@ def shifted(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
 
 
 def synthesise(base, n: int, folder: Path) -> None:
-    from facegrad.data import FaceArrays
+    from facegrad.data.store import FaceArrays
 
     variants = [(flip, dx, dy) for dx, dy in SHIFTS for flip in (False, True)]
     need = -(-n // len(base.images))
@@ -72,12 +72,12 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from facegrad.config import TrainConfig
-    from facegrad.data import FaceArrays
-    from facegrad.training import train
+    from facegrad.data.store import FaceArrays
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import train
 
     folder = Path(args.child)
-    data = FaceArrays.load(folder)  # memory-mapped, as facegrad.jobs does
+    data = FaceArrays.load(folder)  # memory-mapped, as facegrad.service.jobs does
     out = {"images": int(len(data.labels)), "import_load_kb": status_kb("self", "VmHWM")}
     if not args.no_train:
         cfg = TrainConfig(architecture=args.arch, epochs=1, device="cpu")

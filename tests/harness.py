@@ -100,7 +100,7 @@ class Service:
         workdir.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "facegrad.cli", *args], env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "facegrad.service.cli", *args], env=self.env,
                                 cwd=ROOT, stdout=open(self.workdir / log, "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 

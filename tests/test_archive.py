@@ -1,4 +1,4 @@
-"""Tests for facegrad.archive: ZIP identity-folder archives and .npz datasets.
+"""Tests for facegrad.data.archive: ZIP identity-folder archives and .npz datasets.
 
 Every malicious or malformed input is built here in tmp_path with zipfile / numpy / Pillow.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegrad.archive import (
+from facegrad.data.archive import (
     DatasetError,
     Limits,
     check_identities,
@@ -24,7 +24,7 @@ from facegrad.archive import (
     read_npz_dataset,
     summarise,
 )
-from facegrad.imageio import decode_image
+from facegrad.data.imageio import decode_image
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ORL = DATA / "att_faces"

@@ -62,7 +62,14 @@ def save_docs_screenshot(page) -> None:
 
 
 def test_console(browser, service, client, orl, tmp_path):
-    from facegrad.config import ClipAGC, ClipAutoClip, ClipNone, ClipNorm, ClipThreshold, ClipValue
+    from facegrad.training.config import (
+        ClipAGC,
+        ClipAutoClip,
+        ClipNone,
+        ClipNorm,
+        ClipThreshold,
+        ClipValue,
+    )
 
     ARTIFACTS.mkdir(exist_ok=True)
     train, test = orl

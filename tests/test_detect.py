@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegrad import detect
-from facegrad.detect import CROP_MAX_SIDE, crop_faces, crop_one, find_faces
-from facegrad.preprocess import STORE_SIZE, prepare_face
+from facegrad.data.preprocess import STORE_SIZE, prepare_face
+from facegrad.recognition import detect
+from facegrad.recognition.detect import CROP_MAX_SIDE, crop_faces, crop_one, find_faces
 from tests.harness import ORL, orl_folder
 from tests.scenes import paste as place
 

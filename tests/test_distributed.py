@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from facegrad import checkpoint as ckpt
-from facegrad.config import TrainConfig
-from facegrad.distributed import RankFailed
-from facegrad.training import Cancelled, Hooks, train
+from facegrad.training import checkpoint as ckpt
+from facegrad.training.config import TrainConfig
+from facegrad.training.distributed import RankFailed
+from facegrad.training.loop import Cancelled, Hooks, train
 from tests.test_training import _orl_faces
 
 # A 2-process run computes the same batches and the same augmentations as a 1-process run (each
@@ -111,7 +111,7 @@ def test_a_checkpoint_resumes_on_the_other_number_of_processes(faces, one_proces
 
 
 def _rank_pids() -> list[int]:
-    """Child ranks of this test process (``python -m facegrad.distributed``)."""
+    """Child ranks of this test process (``python -m facegrad.training.distributed``)."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -121,7 +121,7 @@ def _rank_pids() -> list[int]:
             ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if b"facegrad.distributed" in cmd and ppid == os.getpid():
+        if b"facegrad.training.distributed" in cmd and ppid == os.getpid():
             pids.append(int(p.name))
     return pids
 

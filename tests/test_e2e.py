@@ -42,7 +42,8 @@ def test_facegrad_up_on_embedded_defaults(tmp_path, orl):
     env = {k: v for k, v in __import__("os").environ.items()
            if not k.startswith("FACEGRAD_")}
     env.update(FACEGRAD_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "facegrad.cli", "up", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "facegrad.service.cli", "up", "--port",
+                             str(port)],
                             cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -66,7 +67,7 @@ def test_facegrad_up_on_embedded_defaults(tmp_path, orl):
             acc = accuracy(c, test, job["model_id"])
             print(f"accuracy on the 120 unseen ORL images (embedded path): {acc:.3f}")
             assert acc >= 0.90
-            assert (tmp_path / "data" / "facegrad.db").exists()
+            assert (tmp_path / "data" / "facegrad.service.db").exists()
             assert (tmp_path / "data" / "broker.db").exists()
     finally:
         import os

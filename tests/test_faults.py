@@ -162,13 +162,14 @@ def test_diverging_job_fails_with_a_clear_message(svc, c, small_dataset):
 
 
 def _rank_processes() -> list[int]:
-    """Pids of child ranks of multi-process jobs (``python -m facegrad.distributed``)."""
+    """Pids of child ranks of multi-process jobs (``python -m facegrad.training.distributed``)."""
     from pathlib import Path
 
     pids = []
     for p in Path("/proc").iterdir():
         try:
-            if p.name.isdigit() and b"facegrad.distributed" in (p / "cmdline").read_bytes():
+            cmd = (p / "cmdline").read_bytes() if p.name.isdigit() else b""
+            if b"facegrad.training.distributed" in cmd:
                 pids.append(int(p.name))
         except OSError:
             continue

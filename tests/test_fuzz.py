@@ -47,7 +47,7 @@ def _operations() -> list[tuple[str, str]]:
     import tempfile
 
     from app.main import create_app
-    from facegrad.settings import Settings
+    from facegrad.service.settings import Settings
 
     with tempfile.TemporaryDirectory() as d:
         doc = create_app(Settings(data_dir=d, api_keys="", cors_origins=""),

@@ -1,7 +1,7 @@
-"""The gallery's vector index (facegrad.recognition.index) and its use by facegrad.inference:
-top-k identities as the dense nearest-image scoring gives them, the approximate index against
-the exact one, add/remove, persistence (reload, stale or corrupt index rebuilt), and enrolment
-seen across LoadedModel instances and processes."""
+"""The gallery's vector index (facegrad.recognition.index) and its use by
+facegrad.recognition.inference: top-k identities as the dense nearest-image scoring gives them, the
+approximate index against the exact one, add/remove, persistence (reload, stale or corrupt index
+rebuilt), and enrolment seen across LoadedModel instances and processes."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from facegrad import checkpoint as ckpt
-from facegrad.inference import INDEX_FILE, Candidates, Gallery, LoadedModel
-from facegrad.models import build_model
-from facegrad.preprocess import PREPROCESSING_VERSION
+from facegrad.data.preprocess import PREPROCESSING_VERSION
 from facegrad.recognition import index as gi
 from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
+from facegrad.recognition.inference import INDEX_FILE, Candidates, Gallery, LoadedModel
+from facegrad.recognition.models import build_model
+from facegrad.training import checkpoint as ckpt
 
 D = 128
 

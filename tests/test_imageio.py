@@ -1,4 +1,4 @@
-"""Tests for facegrad.imageio.decode_image / image_size. Every bad input is generated here."""
+"""Tests for facegrad.data.imageio.decode_image / image_size. Every bad input is generated here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from facegrad.imageio import BACKGROUND_GREY, ImageError, decode_image, image_size
+from facegrad.data.imageio import BACKGROUND_GREY, ImageError, decode_image, image_size
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FACE_PNG = DATA / "att_faces" / "s01" / "01.png"

@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import create_engine, text
 
-from facegrad.db import Dataset, Job, get_engine, session_scope, utcnow
-from facegrad.jobs import Heartbeat, acquire_lease, jobs_to_requeue
-from facegrad.settings import Settings
+from facegrad.service.db import Dataset, Job, get_engine, session_scope, utcnow
+from facegrad.service.jobs import Heartbeat, acquire_lease, jobs_to_requeue
+from facegrad.service.settings import Settings
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 

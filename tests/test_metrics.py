@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from facegrad.logging_setup import job_id_var, setup_logging
+from facegrad.service.logging_setup import job_id_var, setup_logging
 from tests.harness import upload, wait_job
 
 
@@ -120,7 +120,7 @@ def test_json_log_lines_carry_the_job_id():
     try:
         setup_logging(as_json=True)
         root.handlers[0].setStream(buf)
-        log = logging.getLogger("facegrad.jobs")
+        log = logging.getLogger("facegrad.service.jobs")
         token = job_id_var.set("job-123")
         try:
             log.info("epoch %d done", 1)
@@ -136,6 +136,6 @@ def test_json_log_lines_carry_the_job_id():
         root.setLevel(saved_level)
     docs = [json.loads(line) for line in buf.getvalue().splitlines()]
     assert docs[0]["msg"] == "epoch 1 done" and docs[0]["job_id"] == "job-123"
-    assert docs[0]["logger"] == "facegrad.jobs" and docs[0]["level"] == "INFO"
+    assert docs[0]["logger"] == "facegrad.service.jobs" and docs[0]["level"] == "INFO"
     assert docs[1]["job_id"] == "job-123"
     assert "job_id" not in docs[2]

@@ -11,9 +11,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from facegrad import checkpoint as ckpt
-from facegrad.inference import LoadedModel, UnsupportedModel
-from facegrad.models import build_model
+from facegrad.recognition.inference import LoadedModel, UnsupportedModel
+from facegrad.recognition.models import build_model
+from facegrad.training import checkpoint as ckpt
 
 LABELS = ["ann", "bob"]
 
@@ -79,8 +79,8 @@ def test_a_current_model_loads_and_answers(tmp_path):
 
 def test_the_api_answers_409_with_the_message(tmp_path):
     from app.main import create_app
-    from facegrad.db import Model, session_scope
-    from facegrad.settings import Settings
+    from facegrad.service.db import Model, session_scope
+    from facegrad.service.settings import Settings
 
     settings = Settings(data_dir=tmp_path, api_keys="", cors_origins="")
     folder = tmp_path / "runs" / "old"

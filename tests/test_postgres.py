@@ -13,8 +13,8 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from facegrad.db import Dataset, Job, get_engine, session_scope
-from facegrad.settings import Settings
+from facegrad.service.db import Dataset, Job, get_engine, session_scope
+from facegrad.service.settings import Settings
 from tests.harness import ORL, ROOT, RedisServer, Service, orl_folder, upload, wait_job
 from tests.test_jobs_lease import PG_ADMIN, _postgres_url
 from worker.reconciler import claim
@@ -45,7 +45,7 @@ def pg_url():
 def db_url(request, tmp_path):
     """A URL of an empty database of each kind."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'facegrad.db'}"
+        yield f"sqlite:///{tmp_path / 'facegrad.service.db'}"
         return
     url = _postgres_url()
     if url is None:
@@ -57,7 +57,7 @@ def db_url(request, tmp_path):
 # each process imports what it needs, waits for the agreed moment, then opens the database
 CREATE_TABLES = """
 import sys, time
-from facegrad.db import get_engine
+from facegrad.service.db import get_engine
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 get_engine(sys.argv[1])
 """

@@ -10,16 +10,16 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from facegrad.config import TrainConfig
-from facegrad.data import FaceArrays
-from facegrad.detect import crop_one
-from facegrad.imageio import decode_image
-from facegrad.inference import LoadedModel
+from facegrad.data.imageio import decode_image
+from facegrad.data.store import FaceArrays
+from facegrad.recognition.detect import crop_one
+from facegrad.recognition.inference import LoadedModel
 from facegrad.recognition.open_set import (
     equal_error_threshold,
     leave_out_scores,
 )
-from facegrad.training import pretrained_state, train
+from facegrad.training.config import TrainConfig
+from facegrad.training.loop import pretrained_state, train
 from tests.harness import ORL, orl_split
 
 N_IDS = 12  # people trained / enrolled; the next 4 are strangers

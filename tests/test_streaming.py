@@ -14,22 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from facegrad.archive import DatasetError, Limits
-from facegrad.data import (
-    DeviceBatches,
-    FaceArrays,
-    NpyRows,
-    NpyRowWriter,
-    StreamBatches,
-    loading_mode,
-    make_batches,
-    rows_source,
-)
-from facegrad.datasets import build_from_zip
-from facegrad.gallery import embed
-from facegrad.models import build_model
+from facegrad.data.archive import DatasetError, Limits
+from facegrad.data.batches import DeviceBatches, StreamBatches, loading_mode, make_batches
+from facegrad.data.datasets import build_from_zip
+from facegrad.data.store import FaceArrays, NpyRows, NpyRowWriter, rows_source
 from facegrad.recognition import open_set
-from facegrad.training import train
+from facegrad.recognition.gallery import embed
+from facegrad.recognition.models import build_model
+from facegrad.training.loop import train
 from tests.test_training import _orl_faces, cfg
 
 CPU = torch.device("cpu")

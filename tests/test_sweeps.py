@@ -12,8 +12,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fastapi.testclient import TestClient
 
-from facegrad import sweeps
-from facegrad.sweeps import SweepError, expand, leaderboard, setting_of, sweep_status, to_csv
+from facegrad.service import sweeps
+from facegrad.service.sweeps import (
+    SweepError,
+    expand,
+    leaderboard,
+    setting_of,
+    sweep_status,
+    to_csv,
+)
 from tests.harness import ORL, Service, orl_split, upload, wait_job, wait_status
 
 DS = "00000000-0000-0000-0000-000000000000"
@@ -186,8 +193,8 @@ def test_sweep_status():
 def inproc(tmp_path, monkeypatch):
     from app.main import create_app
     from app.routes import jobs as jobs_route
-    from facegrad.db import Dataset, session_scope
-    from facegrad.settings import Settings
+    from facegrad.service.db import Dataset, session_scope
+    from facegrad.service.settings import Settings
 
     settings = Settings(data_dir=tmp_path, api_keys="", cors_origins="", max_sweep_jobs=8)
     sent: list[str] = []
@@ -276,7 +283,7 @@ def test_api_in_process(inproc):
 
     # one job ended already (as a worker leaves it), the rest queued: a cancel ends those at
     # once and leaves the succeeded one; again: 200, nothing changes
-    from facegrad.db import Job, session_scope
+    from facegrad.service.db import Job, session_scope
     with session_scope(c.app.state.settings.db_url) as s:
         done = s.get(Job, sw["job_ids"][0])
         done.status, done.finished_at = "succeeded", datetime.now(timezone.utc)
@@ -405,7 +412,7 @@ def test_sweeps_are_admin_only(tmp_path):
     import hashlib
 
     from app.main import create_app
-    from facegrad.settings import Settings
+    from facegrad.service.settings import Settings
 
     def sha(k: str) -> str:
         return hashlib.sha256(k.encode()).hexdigest()

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from facegrad import checkpoint as ckpt
-from facegrad.config import TrainConfig
-from facegrad.data import AUG_SCALE, FaceArrays, augment_batch, stratified_split
-from facegrad.gallery import embed, identity_scores
-from facegrad.inference import LoadedModel
-from facegrad.models import build_model
-from facegrad.preprocess import normaliser, prepare_face, resize_uint8
-from facegrad.training import NORMALISATION, Cancelled, Hooks, TrainingError, train
+from facegrad.data.batches import AUG_SCALE, augment_batch, stratified_split
+from facegrad.data.preprocess import normaliser, prepare_face, resize_uint8
+from facegrad.data.store import FaceArrays
+from facegrad.recognition.gallery import embed, identity_scores
+from facegrad.recognition.inference import LoadedModel
+from facegrad.recognition.models import build_model
+from facegrad.training import checkpoint as ckpt
+from facegrad.training.config import TrainConfig
+from facegrad.training.loop import NORMALISATION, Cancelled, Hooks, TrainingError, train
 from tests.harness import ORL
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from facegrad.settings import get_settings
+from facegrad.service.settings import get_settings
 
 QUEUE = "facegrad"
 TASK_RUN_JOB = "facegrad.run_job"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from facegrad.settings import get_settings
+from facegrad.service.settings import get_settings
 from worker.celery_app import QUEUE, TASK_RUN_JOB, celery_app
 
 

@@ -13,9 +13,9 @@ from datetime import timedelta
 
 from sqlalchemy import or_, update
 
-from facegrad.db import Job, session_scope, utcnow
-from facegrad.jobs import jobs_to_requeue
-from facegrad.settings import Settings
+from facegrad.service.db import Job, session_scope, utcnow
+from facegrad.service.jobs import jobs_to_requeue
+from facegrad.service.settings import Settings
 from worker.queue import BrokerUnavailable, broker_holds, publish_job
 
 log = logging.getLogger("facegrad.reconciler")

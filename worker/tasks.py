@@ -1,12 +1,12 @@
-"""Celery tasks: thin glue from a broker message to facegrad.jobs.run_job."""
+"""Celery tasks: thin glue from a broker message to facegrad.service.jobs.run_job."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from facegrad.jobs import mark_enqueued, run_job
-from facegrad.settings import get_settings
+from facegrad.service.jobs import mark_enqueued, run_job
+from facegrad.service.settings import get_settings
 from worker.celery_app import TASK_RUN_JOB, celery_app
 from worker.queue import BrokerUnavailable, publish_job
 

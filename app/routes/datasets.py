@@ -14,13 +14,13 @@ from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
 from app.schemas import DatasetList, DatasetOut, Error
 from app.uploads import spool_upload, uuid_path
-from facegrad import storage
-from facegrad.archive import DatasetError, Limits
-from facegrad.datasets import build_from_npz, build_from_zip
-from facegrad.db import Dataset, Job
-from facegrad.detect import crop_one
-from facegrad.imageio import ImageError
-from facegrad.settings import Settings
+from facegrad.data.archive import DatasetError, Limits
+from facegrad.data.datasets import build_from_npz, build_from_zip
+from facegrad.data.imageio import ImageError
+from facegrad.recognition.detect import crop_one
+from facegrad.service import storage
+from facegrad.service.db import Dataset, Job
+from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(admin_only)])
 ERRORS = {400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from facegrad.db import get_engine
+from facegrad.service.db import get_engine
 from worker.queue import broker_ok
 
 router = APIRouter(tags=["health"])

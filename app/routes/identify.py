@@ -15,8 +15,8 @@ from app.auth import identify_or_admin
 from app.deps import get_settings_dep
 from app.faces import faces_of_upload
 from app.schemas import Error, IdentifyOut, IdentifyResult, VerifyOut
-from facegrad.db import Model, session_scope
-from facegrad.settings import Settings
+from facegrad.service.db import Model, session_scope
+from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(identify_or_admin)])
 # 409: the model was written by an earlier version and must be retrained (app.main)

@@ -12,8 +12,8 @@ from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
 from app.schemas import Error, JobCreate, JobList, JobMetrics, JobOut, JobStatus
 from app.uploads import uuid_path
-from facegrad.db import Dataset, Job, JobEpoch, new_id, utcnow
-from facegrad.settings import Settings
+from facegrad.service.db import Dataset, Job, JobEpoch, new_id, utcnow
+from facegrad.service.settings import Settings
 from worker.queue import BrokerUnavailable, publish_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(admin_only)])

@@ -15,8 +15,8 @@ from app.deps import get_db, get_settings_dep
 from app.faces import faces_of_upload
 from app.schemas import Error, IdentityList, ModelList, ModelOut
 from app.uploads import uuid_path
-from facegrad.db import Model
-from facegrad.settings import Settings
+from facegrad.service.db import Model
+from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

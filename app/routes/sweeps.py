@@ -14,9 +14,9 @@ from app.deps import get_db, get_settings_dep
 from app.routes.jobs import dataset_or_404, queue_jobs, request_cancel
 from app.schemas import Error, JobCreate, Leaderboard, SweepCreate, SweepList, SweepOut
 from app.uploads import uuid_path
-from facegrad import sweeps
-from facegrad.db import Job, JobEpoch, Sweep, utcnow
-from facegrad.settings import Settings
+from facegrad.service import sweeps
+from facegrad.service.db import Job, JobEpoch, Sweep, utcnow
+from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[Depends(admin_only)])
 COUNTS = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -2,7 +2,7 @@
  *
  * Views are picked by the URL hash: #datasets, #jobs, #job/<id>, #sweeps, #sweep/<id>, #identify. Every API call sends
  * the X-API-Key kept in localStorage. The job form is built from the server's OpenAPI schema
- * (defaults and bounds come from facegrad/config.py), with one-line explanations added here.
+ * (defaults and bounds come from facegrad/training/config.py), with one-line explanations added here.
  */
 "use strict";
 

@@ -14,7 +14,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import ClipAGC, ClipAutoClip, ClipNone, ClipNorm, ClipThreshold, ClipValue
+from facegrad.training.config import (
+    ClipAGC,
+    ClipAutoClip,
+    ClipNone,
+    ClipNorm,
+    ClipThreshold,
+    ClipValue,
+)
+
 from .agc import clip_agc_
 from .autoclip import AutoClip
 from .base import Clipper, ClipResult
@@ -134,7 +142,7 @@ def output_layer_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def build_clipper(cfg, model: nn.Module) -> Clipper:
-    """The Clipper for one of the ``facegrad.config`` clip configs."""
+    """The Clipper for one of the ``facegrad.training.config`` clip configs."""
     if isinstance(cfg, ClipNone):
         return Clipper()
     if isinstance(cfg, ClipValue):

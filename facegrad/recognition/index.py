@@ -47,7 +47,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from facegrad.checkpoint import _atomic_write
+from facegrad.training.checkpoint import _atomic_write
 
 EXACT_BELOW = 50_000  # images; below this every image is scored (about 1.3 ms for one face)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)

@@ -18,19 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facegrad import checkpoint as ckpt
-from facegrad import distributed
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
-from facegrad.config import PRETRAINED, TrainConfig
-from facegrad.data import DeviceBatches, FaceArrays, stratified_split
-from facegrad.distributed import Rank
-from facegrad.gallery import embed, holdout_identities
-from facegrad.models import build_model, forward_logits
-from facegrad.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
+from facegrad.data.batches import DeviceBatches, loading_mode, make_batches, stratified_split
+from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
+from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set
+from facegrad.recognition.gallery import embed, holdout_identities
+from facegrad.recognition.models import build_model, forward_logits
+from facegrad.training import checkpoint as ckpt
+from facegrad.training import distributed
+from facegrad.training.config import PRETRAINED, TrainConfig
+from facegrad.training.distributed import Rank
 
-# how each architecture's input is prepared (facegrad.preprocess.NORMALISERS)
+# how each architecture's input is prepared (facegrad.data.preprocess.NORMALISERS)
 NORMALISATION = {"dlib_resnet": "rgb_unit", "facenet_s": "per_image_standardise",
                  "seed_cnn": "per_image_standardise"}
 
@@ -178,8 +179,8 @@ def pretrained_state(pretrained_dir: Path | None = None) -> dict[str, torch.Tens
     from facegrad.recognition.dlib_resnet import pretrained_weights
 
     if pretrained_dir is None:
-        from facegrad.settings import get_settings
-        from facegrad.storage import pretrained_dir as default_dir
+        from facegrad.service.settings import get_settings
+        from facegrad.service.storage import pretrained_dir as default_dir
 
         pretrained_dir = default_dir(get_settings())
     return load_file(str(pretrained_weights(Path(pretrained_dir))))
@@ -297,7 +298,8 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
           resume: Path | None = None, pretrained_dir: Path | None = None,
           dataset_dir: Path | None = None) -> TrainResult:
     """Train a job on this worker's devices: one process, or a DistributedDataParallel group of
-    ``cfg.devices`` (default: every GPU) that this process leads (:mod:`facegrad.distributed`);
+    ``cfg.devices`` (default: every GPU) that this process leads
+    (:mod:`facegrad.training.distributed`);
     the other ranks read the dataset from ``dataset_dir`` (``data`` is saved into the run
     folder for them when it is not given)."""
     device = pick_device(cfg.device)
@@ -347,8 +349,6 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     # held on the device ('memory') or read from the stored file batch by batch ('stream', so
     # the worker's memory does not grow with the dataset): cfg.data_loading, 'auto' by the
     # training split's size; validation is loaded the same way
-    from facegrad.data import loading_mode, make_batches
-
     loading = loading_mode(cfg.data_loading, len(train_idx), cfg.image_size)
     train_set = make_batches(data.images, data.labels, train_idx, cfg.image_size, device,
                              normalise, loading, pin=True)

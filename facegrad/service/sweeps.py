@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from facegrad.config import (
+from facegrad.training.config import (
     ClipAGC,
     ClipAutoClip,
     ClipNone,

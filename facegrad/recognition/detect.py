@@ -73,7 +73,7 @@ import cv2
 import dlib
 import numpy as np
 
-from facegrad.preprocess import STORE_SIZE, prepare_face
+from facegrad.data.preprocess import STORE_SIZE, prepare_face
 
 __all__ = [
     "CHIP_PADDING",
@@ -302,7 +302,7 @@ def crop_faces(rgb: np.ndarray, detect: str = "auto", max_faces: int = 10
     ``detect="auto"``: one aligned chip per face found (at most ``max_faces``) with its box;
     an image taken as a face crop by the tight-crop rule gives one chip with box None; a bigger
     image with no face gives []. ``detect="none"``: the image's centred square, resized
-    (:func:`facegrad.preprocess.prepare_face`), box None.
+    (:func:`facegrad.data.preprocess.prepare_face`), box None.
     """
     _check(detect, max_faces)
     rgb = _as_rgb(rgb)

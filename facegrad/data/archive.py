@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from facegrad.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from facegrad.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 __all__ = [
     "ENV_VARS",
@@ -341,7 +341,7 @@ def iter_zip_images(
     identity: they are not yielded but appended to ``skipped`` (if given) for the caller to
     report. ``__MACOSX/``, dotfiles, ``Thumbs.db``/``desktop.ini`` and files without an image
     extension (README, .txt, .tsv, ...) are ignored. The bytes are not decoded here: pass them to
-    ``facegrad.imageio.decode_image(data, max_pixels=limits.max_pixels)``.
+    ``facegrad.data.imageio.decode_image(data, max_pixels=limits.max_pixels)``.
 
     The archive is opened and checked eagerly (DatasetError is raised by this call, before any
     member is read): upload size, member count, unsafe members anywhere in the archive ('..',

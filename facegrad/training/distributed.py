@@ -2,13 +2,13 @@
 Distributed: Experiences on Accelerating Data Parallel Training"), one process per device.
 
 The process that runs the job (the Celery worker) is rank 0: it starts ranks 1..W-1 as child
-processes (``python -m facegrad.distributed SPEC RANK``), joins them in a process group (NCCL on
-GPUs, gloo on the CPU) and alone reports progress, writes checkpoints and writes the model. The
-other ranks train their share of every batch and exit. Every rank walks the same global batches
-(same seed, same augmentation draws) and takes its slice; DDP averages the gradients in backward,
-so the clipping that follows sees the whole batch's gradient of the whole model, as on one
-device. A rank that dies breaks the group's next collective on the others (gloo: at once; NCCL:
-within the group's timeout); rank 0 then raises :class:`RankFailed` and the job is retried.
+processes (``python -m facegrad.training.distributed SPEC RANK``), joins them in a process group
+(NCCL on GPUs, gloo on the CPU) and alone reports progress, writes checkpoints and writes the model.
+The other ranks train their share of every batch and exit. Every rank walks the same global batches
+(same seed, same augmentation draws) and takes its slice; DDP averages the gradients in backward, so
+the clipping that follows sees the whole batch's gradient of the whole model, as on one device. A
+rank that dies breaks the group's next collective on the others (gloo: at once; NCCL: within the
+group's timeout); rank 0 then raises :class:`RankFailed` and the job is retried.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("facegrad.distributed")
+log = logging.getLogger("facegrad.training.distributed")
 
 # how long a rank waits for the others at start-up and in any one collective
 TIMEOUT = timedelta(seconds=float(os.environ.get("FACEGRAD_DISTRIBUTED_TIMEOUT_S", 300)))
@@ -142,7 +142,7 @@ def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterat
             err = Path(tempfile.mkstemp(prefix=f"rank{r}-", suffix=".log", dir=run_dir)[1])
             with open(err, "wb") as f:
                 children.append((subprocess.Popen(
-                    [sys.executable, "-m", "facegrad.distributed", str(spec_path), str(r)],
+                    [sys.executable, "-m", "facegrad.training.distributed", str(spec_path), str(r)],
                     stdout=subprocess.DEVNULL, stderr=f, preexec_fn=_die_with_parent), err))
         try:
             _init(0, world, device, port)
@@ -200,10 +200,10 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """A child rank: ``python -m facegrad.distributed SPEC RANK``."""
-    from facegrad.config import TrainConfig
-    from facegrad.data import FaceArrays
-    from facegrad.training import Cancelled, TrainingError, train_rank
+    """A child rank: ``python -m facegrad.training.distributed SPEC RANK``."""
+    from facegrad.data.store import FaceArrays
+    from facegrad.training.config import TrainConfig
+    from facegrad.training.loop import Cancelled, TrainingError, train_rank
 
     spec = json.loads(Path(argv[0]).read_text())
     r = int(argv[1])

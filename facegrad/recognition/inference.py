@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facegrad import checkpoint as ckpt
-from facegrad.gallery import embed, identity_scores
-from facegrad.models import build_model
-from facegrad.preprocess import PREPROCESSING_VERSION
+from facegrad.data.preprocess import PREPROCESSING_VERSION
+from facegrad.recognition.gallery import embed, identity_scores
 from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
+from facegrad.recognition.models import build_model
+from facegrad.training import checkpoint as ckpt
 
-log = logging.getLogger("facegrad.inference")
+log = logging.getLogger("facegrad.recognition.inference")
 
 
 class UnsupportedModel(ValueError):

@@ -12,7 +12,7 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-log = logging.getLogger("facegrad.worker_metrics")
+log = logging.getLogger("facegrad.service.worker_metrics")
 
 STEP_SECONDS = Histogram(
     "facegrad_train_step_seconds", "Mean time of one training step over an epoch (epoch wall "

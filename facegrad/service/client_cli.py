@@ -195,7 +195,14 @@ def parse_clip(spec: str) -> dict:
     """``norm:5``, ``norm:5:per_tensor``, ``value:1``, ``threshold:0.9``, ``agc:0.01``,
     ``autoclip:10``, ``none``; any field also as ``key=value`` (``norm:5:norm_type=inf``) and
     ``skip``/``fail`` for on_nonfinite. The first bare number is the mode's main parameter."""
-    from facegrad.config import ClipAGC, ClipAutoClip, ClipNone, ClipNorm, ClipThreshold, ClipValue
+    from facegrad.training.config import (
+        ClipAGC,
+        ClipAutoClip,
+        ClipNone,
+        ClipNorm,
+        ClipThreshold,
+        ClipValue,
+    )
 
     modes = {"none": ClipNone, "value": ClipValue, "norm": ClipNorm, "threshold": ClipThreshold,
              "agc": ClipAGC, "autoclip": ClipAutoClip}

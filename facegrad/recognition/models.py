@@ -110,7 +110,7 @@ class FaceNetS(nn.Module):
 class PretrainedFace(nn.Module):
     """A pretrained face network fine-tuned with a CosFace head (Wang et al. 2018, "CosFace:
     Large Margin Cosine Loss", s = 30, m = 0.35 as there). Input: RGB in [0, 1]
-    (:func:`facegrad.preprocess.to_unit`); the network applies its own normalisation."""
+    (:func:`facegrad.data.preprocess.to_unit`); the network applies its own normalisation."""
 
     output_layer_names = ["classifier."]
 

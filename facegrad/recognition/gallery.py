@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from facegrad.data import keep_heap_flat, rows_source
-from facegrad.preprocess import normaliser, resize_uint8
+from facegrad.data.preprocess import normaliser, resize_uint8
+from facegrad.data.store import keep_heap_flat, rows_source
 
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
 
@@ -27,7 +27,7 @@ def embed(model: torch.nn.Module, images, image_size: int,
     ``model`` is a face model, or any module whose output (or its first element) is the
     normalised embedding; ``index`` picks rows, read one batch at a time. A stored dataset (its
     ``images.npy`` path, or the array memory-mapped from it) is read with ``pread`` into one
-    reused buffer (:class:`facegrad.data.NpyRows`), not through the mapping, whose touched
+    reused buffer (:class:`facegrad.data.store.NpyRows`), not through the mapping, whose touched
     pages would count in this process's memory: embedding every image of a large gallery then
     costs a batch of memory, not the dataset.
     """

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from facegrad.archive import (
+from facegrad.data.archive import (
     DatasetError,
     Limits,
     check_identities,
     iter_zip_images,
     read_npz_dataset,
 )
-from facegrad.data import FaceArrays, NpyRowWriter
-from facegrad.imageio import ImageError, decode_image
-from facegrad.preprocess import STORE_SIZE, prepare_face
+from facegrad.data.imageio import ImageError, decode_image
+from facegrad.data.preprocess import STORE_SIZE, prepare_face
+from facegrad.data.store import FaceArrays, NpyRowWriter
 
 # (rgb) -> stored crop; the detection module provides one that finds and crops the face.
 FaceCropper = Callable[[np.ndarray], np.ndarray]
@@ -64,7 +64,7 @@ def build_from_npz(path: Path, limits: Limits, crop: FaceCropper = prepare_face)
 
 class ImagesFile:
     """An upload's stored crops, written to ``<upload>.images.npy`` one face at a time
-    (:class:`facegrad.data.NpyRowWriter`: header fixed up at the end, then an atomic rename).
+    (:class:`facegrad.data.store.NpyRowWriter`: header fixed up at the end, then an atomic rename).
 
     A build that fails leaves no file. A finished one is handed on memory-mapped; the file is
     removed when the last reference to that array goes, by which time ``FaceArrays.save`` has

@@ -1,5 +1,5 @@
 """The ``facegrad`` command: run the service (serve, worker, up) and talk to it (client commands
-from :mod:`facegrad.client_cli`: dataset, train, jobs, sweep, identify, models)."""
+from :mod:`facegrad.service.client_cli`: dataset, train, jobs, sweep, identify, models)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import typer
 
-from facegrad.client_cli import register as register_client_commands
+from facegrad.service.client_cli import register as register_client_commands
 
 cli = typer.Typer(help="facegrad: face-recognition training with controlled gradient clipping.",
                   no_args_is_help=True, add_completion=False)
@@ -34,8 +34,8 @@ def serve(host: str = typer.Option(None, help="Address to listen on (default 127
     """Run the HTTP API."""
     import uvicorn
 
-    from facegrad.logging_setup import setup_logging
-    from facegrad.settings import get_settings
+    from facegrad.service.logging_setup import setup_logging
+    from facegrad.service.settings import get_settings
 
     os.environ.update(_env_with(host, port))
     get_settings.cache_clear()
@@ -49,12 +49,12 @@ def serve(host: str = typer.Option(None, help="Address to listen on (default 127
 def worker(name: str = typer.Option("facegrad@%h", help="Celery node name."),
            loglevel: str = typer.Option("INFO")):
     """Run one Celery training worker (one per GPU)."""
-    from facegrad.logging_setup import setup_logging
-    from facegrad.settings import get_settings
+    from facegrad.service.logging_setup import setup_logging
+    from facegrad.service.settings import get_settings
 
     settings = get_settings()
     setup_logging(settings.log_json)
-    from facegrad.worker_metrics import serve as serve_metrics
+    from facegrad.service.worker_metrics import serve as serve_metrics
     from worker.celery_app import QUEUE, celery_app
 
     serve_metrics(settings.worker_metrics_port, settings.host)
@@ -72,7 +72,7 @@ def up(host: str = typer.Option(None, help="Address the API listens on (default 
     from worker.queue import declare_queue
 
     env = _env_with(host, port)
-    exe = [sys.executable, "-m", "facegrad.cli"]
+    exe = [sys.executable, "-m", "facegrad.service.cli"]
     declare_queue()  # before the processes that would race to create it
     procs = [subprocess.Popen(exe + ["serve"], env=env)]
     metrics_port = env.get("FACEGRAD_WORKER_METRICS_PORT", "").strip()

@@ -17,17 +17,17 @@ from pathlib import Path
 
 from sqlalchemy import or_, update
 
-from facegrad import storage, worker_metrics
-from facegrad.checkpoint import CheckpointError
-from facegrad.config import TrainConfig
-from facegrad.data import FaceArrays
-from facegrad.db import Dataset, Job, JobEpoch, Model, session_scope, utcnow
-from facegrad.distributed import RankFailed
-from facegrad.logging_setup import job_id_var
-from facegrad.settings import Settings
-from facegrad.training import Cancelled, Hooks, TrainingError, train
+from facegrad.data.store import FaceArrays
+from facegrad.service import storage, worker_metrics
+from facegrad.service.db import Dataset, Job, JobEpoch, Model, session_scope, utcnow
+from facegrad.service.logging_setup import job_id_var
+from facegrad.service.settings import Settings
+from facegrad.training.checkpoint import CheckpointError
+from facegrad.training.config import TrainConfig
+from facegrad.training.distributed import RankFailed
+from facegrad.training.loop import Cancelled, Hooks, TrainingError, train
 
-log = logging.getLogger("facegrad.jobs")
+log = logging.getLogger("facegrad.service.jobs")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -14,7 +14,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./var"), description="All files: datasets, runs, SQLite files.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; unset = SQLite file in data_dir/facegrad.db."
+        None, description="SQLAlchemy URL; unset = SQLite file in data_dir/facegrad.service.db."
     )
     broker_url: str | None = Field(
         None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded SQLite."
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return _sqlite_url(self.data_dir / "facegrad.db")
+        return _sqlite_url(self.data_dir / "facegrad.service.db")
 
     @property
     def celery_broker_url(self) -> str:

@@ -1,0 +1,2 @@
+"""Face datasets: uploads read and checked, images decoded and prepared, stored arrays,
+training batches."""

@@ -1,0 +1,1 @@
+"""Training a face model: configuration, the loop, several devices, checkpoints."""
