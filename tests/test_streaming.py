@@ -285,6 +285,21 @@ def test_calibration_in_chunks_is_calibration_at_once(monkeypatch):
                                                                              owner[is_h])
 
 
+def test_calibration_samples_the_probes_of_a_large_gallery(monkeypatch):
+    """Past MAX_PROBES probes of a kind, a seeded sample of them is scored: the cost stays
+    linear in the gallery, and the threshold read off the sample is close to the full one's."""
+    emb, owner = _gallery(n_ids=40, per=30, seed=5)  # 1200 images
+    honest = torch.arange(0, 40, 2)  # 20 people, 600 images: 600 known and 600 stranger probes
+    full = open_set.calibrate(emb, owner, 40, honest, None, None)
+    monkeypatch.setattr(open_set, "MAX_PROBES", 300)
+    scores = open_set.leave_out_scores(emb, owner, 40, honest)
+    assert len(scores["known_score"]) == len(scores["stranger_score"]) == 300
+    sampled = open_set.calibrate(emb, owner, 40, honest, None, None)
+    assert sampled["calibrated_on"] == 300 and full["calibrated_on"] == 600
+    assert abs(sampled["threshold"] - full["threshold"]) < 0.03
+    assert open_set.calibrate(emb, owner, 40, honest, None, None) == sampled  # seeded
+
+
 def test_verify_threshold_samples_pairs_of_a_large_gallery():
     emb, owner = _gallery(n_ids=40, per=30, seed=3)  # 1200 images, 719400 pairs
     exact = open_set.verify_threshold(emb, owner)
