@@ -83,6 +83,26 @@ def test_two_processes_match_one(faces, one_process, tmp_path):
     assert not list(tmp_path.glob("rank*.log")) and not (tmp_path / "distributed.json").exists()
 
 
+@pytest.mark.parametrize("clip", [
+    {"mode": "threshold", "alpha": 0.5, "scope": "global"},  # the origin's T = alpha * max|g|
+    {"mode": "agc", "clip_factor": 0.01},
+])
+def test_every_clip_mode_sees_the_whole_models_gradient(faces, tmp_path, clip):
+    """The rules that look at the whole model (its largest gradient, each unit's weights) give
+    2 processes what they give one: they run on the all-reduced gradients."""
+    data, folder = faces
+    runs = [train(_cfg(devices=n, epochs=2, clip=clip), data, tmp_path / str(n),
+                  dataset_dir=folder) for n in (1, 2)]
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert abs(a["train_loss"] - b["train_loss"]) <= LOSS_TOL * max(1.0, a["train_loss"])
+        ca, cb = a["clipping"], b["clipping"]
+        assert ca["clipped_steps"] == cb["clipped_steps"] > 0
+        assert ca.get("zeroed") == cb.get("zeroed")
+        assert ca["grad_norm_post"]["mean"] == pytest.approx(cb["grad_norm_post"]["mean"],
+                                                             rel=1e-3)
+    assert _close(_weights(runs[1]), _weights(runs[0])) <= WEIGHT_TOL
+
+
 def _interrupted(cfg: TrainConfig, data, folder, run_dir: Path) -> Path:
     """Train ``cfg`` until it has written the epoch-2 checkpoint, cancel; the last checkpoint."""
     epochs = []
