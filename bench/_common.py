@@ -7,11 +7,13 @@ repetitions and comparing medians, because the machine's CPUs are shared and tim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -195,3 +197,39 @@ def orl_all():
     if not ORL.is_dir():
         raise SystemExit(f"shared face data not found at {ORL}")
     return face_arrays(orl_folder())
+
+
+# --- memory of a child process ----------------------------------------------------------------
+
+def status_kb(pid: int | str, key: str) -> int:
+    """A /proc/<pid>/status figure in kB (VmRSS, VmHWM, ...); 0 when absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run ``cmd``, a child that prints ``RESULT <json>`` last; its JSON, plus
+    ``sampled_rss_kb``: its VmRSS sampled every 0.1 s, the peak (a check on its own VmHWM)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"rss": 0}
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                peak["rss"] = max(peak["rss"], status_kb(proc.pid, "VmRSS"))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    t.join()
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"child failed ({proc.returncode}):\n{out[-3000:]}")
+    res = json.loads(lines[-1][7:])
+    res["sampled_rss_kb"] = peak["rss"]
+    return res

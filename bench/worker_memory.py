@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import device_parser, footer, header, orl_all, setup, table, verdict
+from _common import (
+    device_parser,
+    footer,
+    header,
+    orl_all,
+    run_measured,
+    setup,
+    status_kb,
+    table,
+    verdict,
+)
 
 import numpy as np  # isort: skip
 
@@ -59,13 +67,6 @@ def synthesise(base, n: int, folder: Path) -> None:
                base.names).save(folder)
 
 
-def status_kb(pid: int | str, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def child(args) -> None:
     """A worker's job, as far as memory goes: load the dataset, train, report VmHWM."""
     import torch
@@ -91,27 +92,7 @@ def child(args) -> None:
 def run_child(folder: Path, args, train: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", str(folder), "--arch", args.arch,
            "--threads", str(args.threads)] + ([] if train else ["--no-train"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"rss": 0}
-
-    def sample():
-        while proc.poll() is None:
-            try:
-                peak["rss"] = max(peak["rss"], status_kb(proc.pid, "VmRSS"))
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.1)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out, _ = proc.communicate()
-    t.join()
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"child failed ({proc.returncode}):\n{out[-3000:]}")
-    res = json.loads(lines[-1][7:])
-    res["sampled_rss_kb"] = peak["rss"]
-    return res
+    return run_measured(cmd)
 
 
 def main() -> None:
