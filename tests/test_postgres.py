@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from facegrad.service.db import Dataset, Job, get_engine, session_scope
 from facegrad.service.settings import Settings
 from tests.harness import ORL, ROOT, RedisServer, Service, orl_folder, upload, wait_job
-from tests.test_jobs_lease import PG_ADMIN, _postgres_url
+from tests.test_jobs_lease import PG_ADMIN, _postgres_url, make_job
 from worker.reconciler import claim
 
 JOB = {"architecture": "seed_cnn", "image_size": 32, "batch_size": 16, "epochs": 3,
@@ -93,14 +93,7 @@ def test_one_of_several_reconcilers_claims_a_job(db_url, tmp_path):
     """Every API process runs a reconciler; when they all find the same dead job, only one may
     publish it again."""
     settings = Settings(data_dir=tmp_path, database_url=db_url)
-    with session_scope(db_url) as s:
-        ds = Dataset(name="d", num_images=1, num_identities=1, source_format="zip")
-        s.add(ds)
-        s.flush()
-        job = Job(dataset_id=ds.id, config={})
-        s.add(job)
-        s.flush()
-        job_id = job.id
+    job_id = make_job(settings)
     barrier, wins = threading.Barrier(6), []
 
     def reconciler():
