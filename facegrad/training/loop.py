@@ -297,11 +297,10 @@ def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype,
 def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None = None,
           resume: Path | None = None, pretrained_dir: Path | None = None,
           dataset_dir: Path | None = None) -> TrainResult:
-    """Train a job on this worker's devices: one process, or a DistributedDataParallel group of
-    ``cfg.devices`` (default: every GPU) that this process leads
-    (:mod:`facegrad.training.distributed`);
-    the other ranks read the dataset from ``dataset_dir`` (``data`` is saved into the run
-    folder for them when it is not given)."""
+    """Train a job on this worker's devices: one process, or a DistributedDataParallel group
+    of ``cfg.devices`` (default: every GPU) that this process leads
+    (:mod:`facegrad.training.distributed`); the other ranks read the dataset from
+    ``dataset_dir`` (``data`` is saved into the run folder for them when it is not given)."""
     device = pick_device(cfg.device)
     try:
         world = distributed.world_size(cfg.devices, device)
@@ -342,7 +341,7 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
         data = without_identities(full, held)
         num_classes = len(data.names)
 
-    # --- data: seeded stratified split, resident on the device as uint8 ---------------------
+    # --- data: seeded stratified split, held on the device as uint8 or streamed --------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
