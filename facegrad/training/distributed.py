@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,13 +100,33 @@ def any_rank(flag: bool, rank: Rank) -> bool:
     return bool(all_reduce(t, rank, dist.ReduceOp.MAX).item() > 0)
 
 
+# The DistributedDataParallel wrappers of the group this process leads now, and of groups that
+# failed. Dropping the last reference to a wrapper destroys its reducer and so the process group
+# (gloo), whose destructor joins its worker threads while holding the GIL; after a peer died, a
+# worker thread may still be finishing a work item whose teardown needs the GIL, and the two
+# wait for each other for ever (seen: a worker hung in ~ProcessGroupGloo after a killed rank).
+# So a failed group's wrappers are kept for the life of the process: a few idle threads and the
+# model's gradient buckets, instead of a hung worker.
+_LIVE: list[torch.nn.Module] = []
+_ABANDONED: list[torch.nn.Module] = []
+
+
 def wrap(module: torch.nn.Module, rank: Rank) -> torch.nn.Module:
     """``module`` in DistributedDataParallel (its parameters broadcast from rank 0 now, its
     gradients averaged over the group in every backward); as it is on one process."""
     if rank.world == 1:
         return module
     ids = [rank.device.index] if rank.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    _LIVE.append(ddp)
+    return ddp
+
+
+def _release(failed: bool) -> None:
+    """Let the group's wrappers go (it ended) or keep them for good (it failed: see _LIVE)."""
+    if failed:
+        _ABANDONED.extend(_LIVE)
+    _LIVE.clear()
 
 
 def _free_port() -> int:
@@ -137,6 +158,7 @@ def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterat
     spec_path.write_text(json.dumps(spec | {"world": world, "port": port}))
     children: list[tuple[subprocess.Popen, Path]] = []
     threads = torch.get_num_threads()
+    failed = True
     try:
         for r in range(1, world):
             err = Path(tempfile.mkstemp(prefix=f"rank{r}-", suffix=".log", dir=run_dir)[1])
@@ -151,6 +173,7 @@ def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterat
                              + _children_report(children)) from e
         log.info("training on %d processes (%s)", world, dist.get_backend())
         yield Rank(0, world, rank_device(device, 0))
+        failed = False
     except (RankFailed, RuntimeError) as e:
         report = _children_report(children, wait=5.0)
         if isinstance(e, RankFailed):
@@ -161,6 +184,7 @@ def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterat
             raise RankFailed(f"another rank of the job failed: {e}{report}") from e
         raise
     finally:
+        _release(failed)
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(threads)
@@ -217,9 +241,15 @@ def main(argv: list[str]) -> int:
         pretrained = Path(spec["pretrained_dir"]) if spec.get("pretrained_dir") else None
         train_rank(cfg, data, Path(spec["run_dir"]), None, resume, pretrained, rank)
     except (Cancelled, TrainingError):
-        return 0  # rank 0 saw the same and reports it
-    finally:
-        dist.destroy_process_group()
+        pass  # rank 0 saw the same and reports it
+    except BaseException:
+        # the group broke (a peer died): say why, then leave without tearing it down, which
+        # can hang (see _LIVE)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    _LIVE.clear()
+    dist.destroy_process_group()
     return 0
 
 
