@@ -21,6 +21,23 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 ORL = SHARED_DATA / "att_faces"
 
 
+def rank_processes(parent: int | None = None) -> list[int]:
+    """Pids of the child ranks of multi-device jobs (``python -m facegrad.training.distributed``),
+    of ``parent`` only when given."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"facegrad.training.distributed" in cmd and parent in (None, ppid):
+            pids.append(int(p.name))
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from facegrad.training import checkpoint as ckpt
 from facegrad.training.config import TrainConfig
 from facegrad.training.distributed import RankFailed
 from facegrad.training.loop import Cancelled, Hooks, train
+from tests.harness import rank_processes
 from tests.test_training import _orl_faces
 
 # A 2-process run computes the same batches and the same augmentations as a 1-process run (each
@@ -130,22 +131,6 @@ def test_a_checkpoint_resumes_on_the_other_number_of_processes(faces, one_proces
     assert _close(_weights(done), _weights(one_process)) <= WEIGHT_TOL
 
 
-def _rank_pids() -> list[int]:
-    """Child ranks of this test process (``python -m facegrad.training.distributed``)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().split(b"\0")
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if b"facegrad.training.distributed" in cmd and ppid == os.getpid():
-            pids.append(int(p.name))
-    return pids
-
-
 def test_a_dead_rank_fails_the_attempt_at_once(faces, tmp_path):
     data, folder = faces
     started = threading.Event()
@@ -164,7 +149,7 @@ def test_a_dead_rank_fails_the_attempt_at_once(faces, tmp_path):
     while not started.wait(0.2) and t.is_alive() and time.monotonic() < end:
         pass
     assert started.is_set(), f"the 2-process run did not start training: {outcome}"
-    pids = _rank_pids()
+    pids = rank_processes(os.getpid())
     assert len(pids) == 1
     killed = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
@@ -174,4 +159,4 @@ def test_a_dead_rank_fails_the_attempt_at_once(faces, tmp_path):
     err = outcome.get("error")
     assert isinstance(err, RankFailed), repr(err)
     assert "rank 1" in str(err) and "SIGKILL" in str(err)
-    assert _rank_pids() == []
+    assert rank_processes(os.getpid()) == []

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
 import pytest
 
-from tests.harness import RedisServer, Service, orl_folder, upload, wait_job
+from tests.harness import (
+    RedisServer,
+    Service,
+    orl_folder,
+    rank_processes,
+    upload,
+    wait_job,
+)
 
 JOB = {"architecture": "seed_cnn", "image_size": 32, "batch_size": 16,
        "optimizer": {"name": "sgd", "momentum": 0.9}, "learning_rate": 0.01,
@@ -161,27 +170,9 @@ def test_diverging_job_fails_with_a_clear_message(svc, c, small_dataset):
     assert "non-finite" in done["error"] and "step" in done["error"]
 
 
-def _rank_processes() -> list[int]:
-    """Pids of child ranks of multi-process jobs (``python -m facegrad.training.distributed``)."""
-    from pathlib import Path
-
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            cmd = (p / "cmdline").read_bytes() if p.name.isdigit() else b""
-            if b"facegrad.training.distributed" in cmd:
-                pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_dead_rank_fails_the_attempt_and_the_job_is_retried(svc, c, small_dataset):
     """A 2-process job (gloo on the CPU) whose second process is killed: the attempt fails at
     once, the job goes back to the queue, and the next attempt resumes from the checkpoint."""
-    import os
-    import signal
-
     job = post_job(c, small_dataset, epochs=12, devices=2)
 
     def checkpointed():
@@ -190,7 +181,7 @@ def test_a_dead_rank_fails_the_attempt_and_the_job_is_retried(svc, c, small_data
         return j if j["status"] == "running" and len(j["checkpoints"]) >= 2 else None
 
     wait_for(checkpointed, 300, "two checkpoints of the 2-process job")
-    ranks = wait_for(_rank_processes, 30, "the job's second process")
+    ranks = wait_for(rank_processes, 30, "the job's second process")
     os.kill(ranks[0], signal.SIGKILL)
     done = wait_job(c, job["id"], timeout=600)
     assert done["status"] == "succeeded", (done, svc.tail("worker1.log"))
