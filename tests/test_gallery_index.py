@@ -54,6 +54,16 @@ def dense_top(g: Gallery, probes: torch.Tensor, k: int) -> Candidates:
     return Candidates.from_dense(g.scores(probes), k)
 
 
+def assert_same_ranking(got: Candidates, want: Candidates, atol: float = 1e-5) -> None:
+    """The same identities in the same order, except where two identities' scores lie within
+    ``atol``: FAISS and torch's matrix product sum in other orders (and other kernels per CPU),
+    so such a near-tie may come out either way."""
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=atol)
+    differ = got.index != want.index
+    assert bool(torch.all((got.scores[differ] - want.scores[differ]).abs() <= atol)), \
+        "identities ranked differently where their scores are not tied"
+
+
 # --- top-k identities against the dense scoring --------------------------------------------
 
 def test_top_identities_are_the_dense_scorings_on_a_small_gallery():
@@ -65,8 +75,7 @@ def test_top_identities_are_the_dense_scorings_on_a_small_gallery():
                                               _unit(rng.standard_normal((20, D)))]))
     for k in (1, 3, 5, 20, 100):
         got, want = g.search(probes, k), dense_top(g, probes, k)
-        assert torch.equal(got.index, want.index), k
-        assert torch.allclose(got.scores, want.scores, atol=1e-5), k
+        assert_same_ranking(got, want)
     # the identities' best images are what the scores are: p0's probe names p0 first
     assert (g.search(probes[:40], 1).index[:, 0] == torch.arange(40)).float().mean() >= 0.95
 
@@ -81,7 +90,8 @@ def test_a_crowded_identity_makes_the_search_fetch_more_images():
     g.enroll("crowd", torch.from_numpy(views(np.repeat(centres[:1], 60, 0), rng, spread=0.05)))
     g.enroll("nobody", torch.zeros(0, D))  # an identity without images is never a candidate
     got, want = g.search(probe, 5), dense_top(g, probe, 5)
-    assert torch.equal(got.index, want.index) and (got.index >= 0).all()
+    assert_same_ranking(got, want)
+    assert (got.index >= 0).all()
     assert {g.labels[i] for i in got.index[0, :2].tolist()} == {"crowd", "p0"}
     assert g.labels.index("nobody") not in got.index.tolist()[0]
 
@@ -111,7 +121,7 @@ def test_edits_keep_the_index_equal_to_the_dense_scoring():
     g.enroll("p7", torch.from_numpy(views(centres[7:8], rng)))
     assert g.index.ntotal == g.emb.shape[0]
     for k in (1, 5):
-        assert torch.equal(g.search(probes, k).index, dense_top(g, probes, k).index)
+        assert_same_ranking(g.search(probes, k), dense_top(g, probes, k))
     # p3's probe is now the newcomer (views of the same centre)
     assert g.labels[int(g.search(probes[3:4], 1).index[0, 0])] == "newcomer"
 
@@ -236,7 +246,7 @@ def test_a_gallery_without_keys_loads_with_keys_by_position(tmp_path):
     g = Gallery.load(tmp_path)
     assert torch.equal(g.keys, torch.arange(c)) and (tmp_path / INDEX_FILE).is_file()
     probes = torch.from_numpy(emb[:30])
-    assert torch.equal(g.search(probes, 3).index, dense_top(g, probes, 3).index)
+    assert_same_ranking(g.search(probes, 3), dense_top(g, probes, 3))
 
 
 # --- consistency across loaded models and processes ------------------------------------------

@@ -236,7 +236,12 @@ def test_embed_reads_a_stored_dataset_through_the_reader(stored):
     assert not _mapped(folder / "images.npy") or not _touched(folder / "images.npy")
     b = embed(model, images, 32, batch_size=16)
     c = embed(model, folder / "images.npy", 32, batch_size=16, index=np.arange(0, 120, 3))
-    assert torch.equal(a, b) and torch.equal(c, b[::3])
+    # a and b run the same batches through the same kernels: equal to the bit. c embeds a
+    # third of the rows, so its batches hold other rows and other counts; oneDNN's convolution
+    # blocking (and so its float rounding) follows the batch shape and the CPU's ISA, so c
+    # agrees with b[::3] to float32 rounding only (differs by ~1e-7 on Intel, equal on AMD)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(c, b[::3], rtol=0, atol=1e-5)
 
 
 def _touched(path: Path) -> bool:
@@ -274,10 +279,13 @@ def test_calibration_in_chunks_is_calibration_at_once(monkeypatch):
     whole = open_set.calibrate(emb, owner, 12, honest, known, None)
     scores = open_set.leave_out_scores(emb, owner, 12, honest, known)
     monkeypatch.setattr(open_set, "SCORE_CELLS", 3 * 96)  # 3 probes at a time
-    assert open_set.calibrate(emb, owner, 12, honest, known, None) == whole
+    # each probe row is scored on its own; only the matrix product's blocking differs, and with
+    # it the float rounding of the scores on some CPUs (a few 1e-8): figures and thresholds read
+    # off them agree to that, not to the bit
+    assert open_set.calibrate(emb, owner, 12, honest, known, None) == pytest.approx(whole,
+                                                                                    abs=1e-5)
     small = open_set.leave_out_scores(emb, owner, 12, honest, known)
-    # each probe row is scored on its own; only the matrix product's blocking differs
-    assert torch.equal(scores["known_ok"], small["known_ok"])
+    assert torch.equal(scores["known_ok"], small["known_ok"])  # no near-tie in this gallery
     for k in ("known_score", "stranger_score"):
         assert torch.allclose(scores[k], small[k], atol=1e-6, rtol=0)
     is_h = torch.isin(owner, honest)
