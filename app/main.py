@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from app import metrics
+from app import metrics, openapi
 from app.auth import APIKeyGate, parse_keys
 from app.batcher import Batcher
 from app.model_cache import ModelCache, RecentRows
@@ -69,9 +69,10 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
         title="facegrad",
         version=API_VERSION,
         description="Train face-recognition models with controlled gradient clipping, and "
-        "identify faces. Every error is `{\"detail\": ...}` with a 4xx status that says what "
-        "to fix. Send `X-API-Key` when the server has keys configured.",
+        "identify faces. Every error is `{\"detail\": ...}` (the `Error` schema) with a 4xx "
+        "status that says what to fix. Send `X-API-Key` when the server has keys configured.",
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.state.settings = settings
     app.state.api_keys = api_keys
@@ -82,9 +83,10 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
                                                thread_name_prefix="decode")
     app.state.gallery_lock = threading.Lock()
 
-    for r in (health.router, datasets.router, jobs.router, sweeps.router, models.router,
-              identify.router):
-        app.include_router(r)
+    app.include_router(health.router)
+    for r in (datasets.router, jobs.router, sweeps.router, models.router, identify.router):
+        app.include_router(r, responses=openapi.V1_ERRORS)
+    openapi.install(app)
 
     if api_keys:  # 401 before the body is read; inside CORS so that a 401 carries its headers
         app.add_middleware(APIKeyGate, keys=api_keys)

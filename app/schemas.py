@@ -5,10 +5,17 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_serializer,
+)
 
 from facegrad.service.sweeps import DEFAULT_METRIC, METRICS
-from facegrad.training.config import TrainConfig
+from facegrad.training.config import ClipNone, ClipNorm, TrainConfig
 
 
 def _utc(v: datetime) -> datetime:
@@ -18,11 +25,132 @@ def _utc(v: datetime) -> datetime:
 
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
+
+# Value sets used by several fields: each is one named component of the OpenAPI document (see
+# SHARED_ENUMS), so that a generated client has one enum type for it, not one per field.
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+SweepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
+Detect = Literal["auto", "none"]
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
+OnNonfinite = ClipNone.model_fields["on_nonfinite"].annotation  # every clip mode's
+ClipScope = ClipNorm.model_fields["scope"].annotation  # norm's and threshold's
+SHARED_ENUMS: dict[str, Any] = {
+    "JobStatus": JobStatus, "SweepStatus": SweepStatus, "Detect": Detect,
+    "MetricName": MetricName, "OnNonfinite": OnNonfinite, "ClipScope": ClipScope}
+
+
+def _as_is(v: Any) -> Any:
+    return v
+
+
+def documented_as(schema_type: Any) -> BeforeValidator:
+    """For ``Annotated[T, documented_as(S)]``: validated as T, shown in the JSON schema as S.
+
+    For fields whose values are checked as a whole elsewhere (a sweep's base and grid are
+    checked combination by combination, with messages that name the combination)."""
+    return BeforeValidator(_as_is, json_schema_input_type=schema_type)
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body', 'query', 'path' or 'header', "
+                                 "then the field's path")
+    msg: str
+    type: str
 
 
 class Error(BaseModel):
-    detail: str | list | dict
+    """Every error answer: 4xx and 5xx alike."""
+
+    detail: str | list[FieldError] = Field(
+        description="what is wrong and what to do; for invalid parameters and fields a list "
+        "of them, one entry each")
+
+
+class _Record(BaseModel):
+    """A stored JSON record: the keys it may have, typed; others kept. Serialised with the keys
+    it has only (a key it lacks is left out, not written as null)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_serializer(mode="wrap")
+    def _keys_it_has(self, handler):
+        data = handler(self)
+        unset = {f.alias or n for n, f in type(self).model_fields.items()
+                 if n not in self.model_fields_set}
+        return {k: v for k, v in data.items() if k not in unset}
+
+
+def _tpir():
+    return Field(None, alias="tpir_at_fpir_0.05", description="known people named correctly "
+                 "when 5 % of strangers are accepted")
+
+
+class FineTuningFigures(_Record):
+    known_named: float | None = None
+    strangers_rejected: float | None = None
+    tpir_at_fpir_0_05: float | None = _tpir()
+    threshold: float | None = None
+
+
+class FineTuning(_Record):
+    """A pretrained network fine-tuned: its figures before and after, on held-out people."""
+
+    held_out: list[str] = []
+    pretrained: FineTuningFigures | None = None
+    fine_tuned: FineTuningFigures | None = None
+    kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
+    note: str | None = None
+
+
+class OpenSetFigures(_Record):
+    """What calibration measured and chose (a model's ``open_set``)."""
+
+    threshold: float | None = Field(None, description="the identify threshold on the best "
+                                    "identity's score")
+    policy: str | None = Field(None, description="'equal_error' or 'target_fpir'")
+    target_fpir: float | None = None
+    method: str | None = None
+    honest_identities: int | None = None
+    calibrated_on: int | None = None
+    known_faces: int | None = None
+    strangers: int | None = None
+    rank1: float | None = None
+    known_named: float | None = None
+    strangers_rejected: float | None = None
+    fpir: float | None = None
+    tpir_at_fpir_0_05: float | None = _tpir()
+    verify_threshold: float | None = None
+    verify_balanced_accuracy: float | None = None
+    verify_pairs: int | None = None
+    held_out: list[str] | None = None
+    fine_tuning: FineTuning | None = None
+    note: str | None = None
+
+
+class TrainMetrics(_Record):
+    """The latest epoch's losses and accuracies; once trained, the open-set figures too."""
+
+    train_loss: float | None = None
+    train_acc: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    open_set: OpenSetFigures | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyChecks(BaseModel):
+    database: str = Field(description="'ok', or why it does not answer")
+    broker: str = Field(description="'ok', or why it does not answer")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    detail: str | None = Field(None, description="when unavailable: the parts that do not "
+                               "answer")
+    checks: ReadyChecks
 
 
 class DatasetOut(BaseModel):
@@ -33,7 +161,7 @@ class DatasetOut(BaseModel):
     num_images: int
     identities: dict[str, int] = Field(description="label → number of images")
     rejected: dict[str, str] = Field(description="file → why it was not used")
-    detect: str
+    detect: Detect
     source_format: str
     warnings: list[str] = []
 
@@ -88,7 +216,7 @@ class JobOut(BaseModel):
     finished_at: UTCDateTime | None
     config: dict
     progress: Progress
-    metrics: dict
+    metrics: TrainMetrics
     clipping: ClippingOut
     checkpoints: list[dict]
     model_id: str | None
@@ -133,7 +261,7 @@ class ModelOut(BaseModel):
     architecture: str
     input_size: list[int] = Field(description="[height, width, channels] the model sees")
     labels: list[str]
-    metrics: dict
+    metrics: TrainMetrics
     config: dict
     clip: dict
     preprocessing: dict = Field(
@@ -142,11 +270,10 @@ class ModelOut(BaseModel):
     threshold: float = Field(
         description="the calibrated default open-set threshold on the best identity's score "
         "(open_set.threshold); a request's threshold overrides it")
-    open_set: dict = Field(
-        description="what calibration measured and chose: threshold, policy (equal_error or "
-        "target_fpir), known_named, strangers_rejected, fpir, rank1, tpir_at_fpir_0.05, "
-        "verify_threshold, held_out identities, fine_tuning (pretrained architectures)")
-    detect: str
+    open_set: OpenSetFigures = Field(
+        description="what calibration measured and chose; fine_tuning for pretrained "
+        "architectures, held_out: the identities calibration held out of training")
+    detect: Detect
 
 
 class ModelList(BaseModel):
@@ -198,10 +325,6 @@ class IdentityList(BaseModel):
     identities: dict[str, int] = Field(description="identity → number of enrolled images")
 
 
-SweepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
-MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
-
-
 class SweepCreate(BaseModel):
     """A sweep: one job per combination of the grid's values, each the base with them set."""
 
@@ -215,10 +338,11 @@ class SweepCreate(BaseModel):
                      "seed": [0, 1, 2]},
             "metric": "val_acc"}]})
     name: str = Field(min_length=1, max_length=200)
-    base: dict[str, Any] = Field(
+    base: Annotated[dict[str, Any], documented_as(JobCreate)] = Field(
         description="a job body as POST /v1/jobs takes it, with dataset_id; the fields the grid "
         "does not set")
-    grid: dict[str, Any] = Field(
+    grid: Annotated[dict[str, Any],
+                    documented_as(dict[str, Annotated[list[Any], Field(min_length=1)]])] = Field(
         default_factory=dict,
         description="job field → non-empty list of values; one job per combination "
         "(their product, at most FACEGRAD_MAX_SWEEP_JOBS). Any job field but dataset_id; "

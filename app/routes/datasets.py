@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
 from sqlalchemy import func, select
@@ -12,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
-from app.schemas import DatasetList, DatasetOut, Error
+from app.schemas import DatasetList, DatasetOut, Detect, Error
 from app.uploads import spool_upload, uuid_path
 from facegrad.data.archive import DatasetError, Limits
 from facegrad.data.datasets import build_from_npz, build_from_zip
@@ -23,8 +22,7 @@ from facegrad.service.db import Dataset, Job
 from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(admin_only)])
-ERRORS = {400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
-          413: {"model": Error}, 415: {"model": Error}, 422: {"model": Error}}
+ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error}}
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -69,7 +67,7 @@ def upload_dataset(
                         "'images' (N,H,W[,C] uint8) and 'labels' (N,)"),
     name: str | None = Form(None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
                             description="default: the file name without its extension"),
-    detect: Literal["auto", "none"] = Form(
+    detect: Detect = Form(
         "auto", description="'auto' (default) finds the face in each image and crops it (the "
         "whole image when it already is a face crop); 'none' uses the whole image. Models "
         "trained on the dataset apply the same choice at identify time."),

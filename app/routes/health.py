@@ -6,19 +6,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app.schemas import Health, Readiness
 from facegrad.service.db import get_engine
 from worker.queue import broker_ok
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up")
+@router.get("/healthz", response_model=Health, summary="The process is up")
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and the broker answer",
-            responses={503: {"description": "names the part that does not answer"}})
+@router.get("/readyz", response_model=Readiness, summary="The database and the broker answer",
+            responses={503: {"model": Readiness,
+                             "description": "not ready: names the part that does not answer"}})
 def readyz(request: Request):
     settings = request.app.state.settings
     checks = {}

@@ -14,14 +14,14 @@ from sqlalchemy.orm import Session
 from app.auth import identify_or_admin
 from app.deps import get_settings_dep
 from app.faces import faces_of_upload
-from app.schemas import Error, IdentifyOut, IdentifyResult, VerifyOut
+from app.schemas import Detect, Error, IdentifyOut, IdentifyResult, VerifyOut
 from facegrad.service.db import Model, session_scope
 from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(identify_or_admin)])
 # 409: the model was written by an earlier version and must be retrained (app.main)
 ERRORS = {404: {"model": Error}, 409: {"model": Error}, 413: {"model": Error},
-          415: {"model": Error}, 422: {"model": Error}}
+          415: {"model": Error}}
 
 
 def pick_model(db: Session, model_id: str | None) -> Model:
@@ -84,7 +84,7 @@ async def identify(
                                    "identity's cosine similarity: the face's confidence) below "
                                    "which a face is 'unknown'; default: the model's "
                                    "calibrated"),
-    detect: Literal["auto", "none"] | None = Form(None, description="default: the model's"),
+    detect: Detect | None = Form(None, description="default: the model's"),
     max_faces: int = Form(10, ge=1, le=100),
     settings: Settings = Depends(get_settings_dep),
 ) -> IdentifyOut:
@@ -124,7 +124,7 @@ async def verify(
         "auto", description="'auto': when both faces are identified as enrolled people (each "
         "clears the model's identify threshold), the answer follows their identities; "
         "otherwise the similarity decides. 'similarity': the similarity always decides."),
-    detect: Literal["auto", "none"] | None = Form(None),
+    detect: Detect | None = Form(None),
     settings: Settings = Depends(get_settings_dep),
 ) -> VerifyOut:
     if len(file) != 2:

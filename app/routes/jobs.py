@@ -85,7 +85,7 @@ def request_cancel(job: Job) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={404: {"model": Error}, 422: {"model": Error},
+             responses={404: {"model": Error},
                         503: {"model": Error, "description": "the broker is down"}},
              summary="Queue a training job")
 def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db),
@@ -118,7 +118,7 @@ def get_job(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> Jo
 
 @router.get("/{job_id}/metrics", response_model=JobMetrics, responses={404: {"model": Error}},
             summary="Per-epoch history: losses, accuracies, clipping telemetry")
-def job_metrics(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> JobMetrics:
+def get_job_metrics(job_id: str = uuid_path("job"), db: Session = Depends(get_db)) -> JobMetrics:
     job = get_or_404(db, job_id)
     rows = db.scalars(select(JobEpoch).where(JobEpoch.job_id == job.id)
                       .order_by(JobEpoch.epoch)).all()

@@ -58,9 +58,12 @@ def get_model(model_id: str = uuid_path("model"), db: Session = Depends(get_db))
 
 
 @router.get("/{model_id}/weights", response_class=FileResponse,
-            responses={404: {"model": Error}, 200: {"content": {"application/octet-stream": {}}}},
+            responses={404: {"model": Error}, 200: {
+                "description": "the safetensors file",
+                "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}}},
             dependencies=[Depends(admin_only)], summary="The model's safetensors file")
-def get_weights(model_id: str = uuid_path("model"), db: Session = Depends(get_db)):
+def get_model_weights(model_id: str = uuid_path("model"), db: Session = Depends(get_db)):
     m = get_or_404(db, model_id)
     path = Path(m.path).with_suffix(".safetensors")
     if not path.is_file():
@@ -80,7 +83,7 @@ def list_identities(request: Request, model_id: str = uuid_path("model"),
 
 @router.post("/{model_id}/identities", response_model=IdentityList, status_code=201,
              responses={404: {"model": Error}, 409: {"model": Error}, 413: {"model": Error},
-                        415: {"model": Error}, 422: {"model": Error}},
+                        415: {"model": Error}},
              dependencies=[Depends(admin_only)],
              summary="Enroll a person (or add images to one) without retraining")
 def enroll(request: Request, model_id: str = uuid_path("model"),

@@ -60,7 +60,7 @@ def get_or_404(db: Session, sweep_id: str) -> Sweep:
 
 
 @router.post("", status_code=202, response_model=SweepOut,
-             responses={404: {"model": Error}, 422: {"model": Error},
+             responses={404: {"model": Error},
                         503: {"model": Error, "description": "the broker is down"}},
              summary="Queue a sweep: one job per combination of the grid")
 def create_sweep(body: SweepCreate, response: Response, db: Session = Depends(get_db),
@@ -116,17 +116,9 @@ def cancel_sweep(sweep_id: str = uuid_path("sweep"), db: Session = Depends(get_d
     return _out(sweep, jobs)
 
 
-@router.get("/{sweep_id}/leaderboard", response_model=Leaderboard,
-            responses={404: {"model": Error}, 422: {"model": Error},
-                       200: {"content": {"text/csv": {}},
-                             "description": "the leaderboard as JSON, or CSV with format=csv"}},
-            summary="The sweep's settings ranked by a metric, mean and sd over their runs")
-def sweep_leaderboard(sweep_id: str = uuid_path("sweep"),
-                      metric: str | None = Query(
-                          None, description="ranking metric (default: the sweep's): "
-                          + ", ".join(sweeps.METRICS)),
-                      format: Literal["json", "csv"] = "json",
-                      db: Session = Depends(get_db)):
+def _board(db: Session, sweep_id: str, metric: str | None) -> tuple[Sweep, dict[str, Job], dict]:
+    """The sweep, its jobs and its leaderboard (``sweeps.leaderboard``) ranked by ``metric``
+    (default: the sweep's)."""
     sweep = get_or_404(db, sweep_id)
     metric = metric or sweep.metric
     if metric not in sweeps.METRICS:
@@ -144,10 +136,42 @@ def sweep_leaderboard(sweep_id: str = uuid_path("sweep"),
           "finished_at": j.finished_at, "history": history[j.id]}
          for i in sweep.job_ids if (j := jobs.get(i)) is not None],
         list(sweep.grid), metric)
+    return sweep, jobs, board
+
+
+def _csv(sweep: Sweep, board: dict) -> Response:
+    return Response(sweeps.to_csv(board), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="sweep-{sweep.id}-{board["metric"]}.csv"'})
+
+
+METRIC_QUERY = Query(None, description="ranking metric (default: the sweep's): "
+                     + ", ".join(sweeps.METRICS))
+
+
+@router.get("/{sweep_id}/leaderboard", response_model=Leaderboard,
+            responses={404: {"model": Error}},
+            summary="The sweep's settings ranked by a metric, mean and sd over their runs")
+def get_sweep_leaderboard(sweep_id: str = uuid_path("sweep"), metric: str | None = METRIC_QUERY,
+                          format: Literal["json", "csv"] = Query("json", include_in_schema=False),
+                          db: Session = Depends(get_db)):
+    # format=csv: the CSV operation's answer, for clients written before it had its own path
+    sweep, jobs, board = _board(db, sweep_id, metric)
     if format == "csv":
-        return Response(sweeps.to_csv(board), media_type="text/csv", headers={
-            "Content-Disposition": f'attachment; filename="sweep-{sweep.id}-{metric}.csv"'})
-    status = _out(sweep, jobs).status
-    return Leaderboard(sweep_id=sweep.id, status=status, metrics={
+        return _csv(sweep, board)
+    return Leaderboard(sweep_id=sweep.id, status=_out(sweep, jobs).status, metrics={
         m: f"{desc} ({'higher' if d == 'max' else 'lower'} is better)"
         for m, (desc, d) in sweeps.METRICS.items()}, **board)
+
+
+# response_class Response (no media type of its own): the errors stay documented as JSON
+@router.get("/{sweep_id}/leaderboard.csv", response_class=Response,
+            responses={404: {"model": Error}, 200: {
+                "description": "one row per setting, best first: its grid values, runs, "
+                "succeeded, failed, then each metric's mean and sd",
+                "content": {"text/csv": {"schema": {"type": "string"}}}}},
+            summary="The leaderboard as CSV")
+def get_sweep_leaderboard_csv(sweep_id: str = uuid_path("sweep"),
+                              metric: str | None = METRIC_QUERY,
+                              db: Session = Depends(get_db)) -> Response:
+    sweep, _, board = _board(db, sweep_id, metric)
+    return _csv(sweep, board)
