@@ -99,7 +99,11 @@ def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weight
     ft = res.open_set["fine_tuning"]
     assert len(ft["held_out"]) == 2 and ft["kept"] in ("fine_tuned", "pretrained")
     for net in ("pretrained", "fine_tuned"):
-        assert 0 <= ft[net]["tpir_at_fpir_0.05"] <= 1 and 0 < ft[net]["threshold"] <= 1
+        f = ft[net]
+        assert f["people"] == 2 and 0 <= f["tpir_at_fpir_0.05"] <= 1
+        assert 0.5 <= f["verify_accuracy"] <= 1 and 0 <= f["verify_tar_at_far_0.01"] <= 1
+    assert ft["gain"]["verify_accuracy"] == pytest.approx(
+        ft["fine_tuned"]["verify_accuracy"] - ft["pretrained"]["verify_accuracy"], abs=2e-4)
     stored = load_file(str(res.model_path.with_suffix(".safetensors")))
     ref = pretrained_state(weights_dir)
     # the stem and the first residual stage were frozen: still the pretrained weights
@@ -120,7 +124,8 @@ def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, wei
                       clip={"mode": "none"})
     res = train(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     ft = res.open_set["fine_tuning"]
-    assert ft["kept"] == "pretrained" and "worse" in ft["note"]
+    assert ft["kept"] == "pretrained" and "did not make the network better" in ft["note"]
+    assert ft["fine_tuned"]["verify_accuracy"] < ft["pretrained"]["verify_accuracy"]
     stored = load_file(str(res.model_path.with_suffix(".safetensors")))
     assert torch.equal(stored["model.backbone.fc.weight"],
                        pretrained_state(weights_dir)["fc.weight"])

@@ -97,12 +97,15 @@ DETECT_SIDE = 960        # longest side of the image the detector scans ...
 MAX_UPSCALE = 2.0        # ... enlarged at most this much
 PAD_RETRY = 0.25         # nothing found: retry with a replicated border of this share of the side,
 RETRY_SIDE = 320         # ... the bordered image scanned at this longest side (at most MAX_UPSCALE)
+CNN_SIDE = 320           # still nothing: dlib's CNN (MMOD) detector scans at this longest side
+CNN_MIN_SIDE = 40        # ... when the scanned image's shorter side is at least this
 CROP_MAX_SIDE = 256      # still nothing, longest side <= this ...
 CROP_MAX_ASPECT = 2.0    # ... and longest / shortest side <= this: a face crop (module doc)
 CHIP_PADDING = 0.25      # dlib.get_face_chip's padding for the face-recognition ResNet
 LANDMARK_CONTEXT = 0.5   # the landmark model is run on the box grown by this share of its side
 
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
+CNN_FILE = "mmod_human_face_detector.dat"
 
 # dlib's object_detector keeps the image it scans in the object itself, so one detector is not
 # safe to call from two threads; the Python binding holds the GIL while it runs anyway, so a lock
@@ -110,17 +113,19 @@ PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 _load_lock = threading.Lock()
 _detect_lock = threading.Lock()
 _models: tuple[object, object] | None = None
+_cnn: object | None = None
+_cnn_lock = threading.Lock()
 
 
-def predictor_path() -> Path:
-    """The 5-point landmark model of the ``face-recognition-models`` package (not imported: its
-    ``__init__`` needs pkg_resources)."""
+def predictor_path(name: str = PREDICTOR_FILE) -> Path:
+    """A model file of the ``face-recognition-models`` package (not imported: its
+    ``__init__`` needs pkg_resources): the 5-point landmark model by default."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the face-recognition-models package is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / PREDICTOR_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     if not path.is_file():
-        raise RuntimeError(f"dlib landmark model not found at {path}")
+        raise RuntimeError(f"dlib model not found at {path}")
     return path
 
 
@@ -133,6 +138,16 @@ def _load() -> tuple[object, object]:
                 _models = (dlib.get_frontal_face_detector(),
                            dlib.shape_predictor(str(predictor_path())))
     return _models
+
+
+def _load_cnn():
+    """dlib's CNN face detector (MMOD, King 2015), loaded once per process."""
+    global _cnn
+    if _cnn is None:
+        with _load_lock:
+            if _cnn is None:
+                _cnn = dlib.cnn_face_detection_model_v1(str(predictor_path(CNN_FILE)))
+    return _cnn
 
 
 def _as_rgb(img: np.ndarray) -> np.ndarray:
@@ -195,6 +210,28 @@ def _scan(grey: np.ndarray, side: int, pad: float = 0.0
              (r.bottom() + 1 - ps) / sy) for r in found]
 
 
+def _scan_cnn(rgb: np.ndarray, side: int) -> list[tuple[float, float, float, float]]:
+    """Faces dlib's CNN detector finds in ``rgb`` resized to ``side`` (enlarged at most
+    ``MAX_UPSCALE``), as (left, top, right, bottom) in ``rgb``'s pixels, unsorted. It was
+    trained on faces in every pose up to full profile; its window finds faces of about 40 px
+    and more at the scanned size."""
+    h, w = rgb.shape[:2]
+    scale = min(MAX_UPSCALE, side / max(h, w))
+    img = rgb
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1
+                         else cv2.INTER_LINEAR)
+    if min(img.shape[:2]) < CNN_MIN_SIDE:  # no room for its smallest window (dlib refuses)
+        return []
+    sx, sy = img.shape[1] / w, img.shape[0] / h
+    cnn = _load_cnn()
+    with _cnn_lock:
+        found = cnn(np.ascontiguousarray(img), 0)
+    return [(d.rect.left() / sx, d.rect.top() / sy, (d.rect.right() + 1) / sx,
+             (d.rect.bottom() + 1) / sy) for d in found]
+
+
 def _is_crop(h: int, w: int) -> bool:
     return max(h, w) <= CROP_MAX_SIDE and max(h, w) <= CROP_MAX_ASPECT * min(h, w)
 
@@ -207,6 +244,9 @@ def _find(rgb: np.ndarray, fallback: bool) -> list[_Face]:
     faces = [_Face(r, "detector") for r in _scan(grey, DETECT_SIDE)]
     if not faces:
         faces = [_Face(r, "padded") for r in _scan(grey, RETRY_SIDE, PAD_RETRY)
+                 if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
+    if not faces:
+        faces = [_Face(r, "cnn") for r in _scan_cnn(rgb, CNN_SIDE)
                  if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
     if not faces and fallback and _is_crop(h, w):
         side = min(h, w)

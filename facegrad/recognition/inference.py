@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from facegrad.data.preprocess import PREPROCESSING_VERSION
-from facegrad.recognition.gallery import embed, identity_scores
+from facegrad.recognition.gallery import DESCRIPTORS, embed, identity_scores
 from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
 from facegrad.recognition.models import build_model
 from facegrad.training import checkpoint as ckpt
@@ -274,7 +274,7 @@ def check_supported(meta: dict) -> None:
     reasons = []
     if int(pre.get("version") or 1) < PREPROCESSING_VERSION:
         reasons.append(f"preprocessing version {pre.get('version') or 1}")
-    if pre.get("descriptor") != "embedding":
+    if pre.get("descriptor") not in DESCRIPTORS:
         reasons.append(f"descriptor {pre.get('descriptor')!r}")
     if old:
         reasons.append(", ".join(old))
@@ -298,6 +298,7 @@ class LoadedModel:
         self.folder, self.meta, self.device = folder, meta, torch.device(device)
         self.image_size = meta["preprocessing"]["image_size"]
         self.normalisation = meta["preprocessing"]["normalisation"]
+        self.descriptor = meta["preprocessing"]["descriptor"]
         self.threshold = float(meta["open_set"]["threshold"])
         self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
@@ -346,7 +347,7 @@ class LoadedModel:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
         with self._lock, torch.inference_mode():
             return embed(self._embedder, crops, self.image_size, self.device,
-                         normalisation=self.normalisation)
+                         normalisation=self.normalisation, descriptor=self.descriptor)
 
     def embed_and_score(self, crops: np.ndarray,
                         top_k: int = 5) -> tuple[torch.Tensor, Candidates, list[str]]:

@@ -79,6 +79,13 @@ class CosineClassifier(nn.Module):
             cos = cos - self.margin * F.one_hot(target, cos.shape[1]).to(cos.dtype)
         return self.scale * cos
 
+    def without_margin(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training logits (margin taken off the target's) back to the plain s * cos(theta)."""
+        if not self.margin:
+            return logits
+        return logits + self.scale * self.margin * F.one_hot(target, logits.shape[1]).to(
+            logits.dtype)
+
 
 class FaceNetS(nn.Module):
     output_layer_names = ["classifier."]
@@ -148,3 +155,12 @@ def forward_logits(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Non
     if isinstance(model, (FaceNetS, PretrainedFace)):
         return model(x, target)
     return model(x)
+
+
+def plain_logits(model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``forward_logits``' training logits without the head's margin: what the classifier
+    predicts, so that training accuracy reads like validation accuracy."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, CosineClassifier):
+        return head.without_margin(logits, target)
+    return logits

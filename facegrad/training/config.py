@@ -190,6 +190,12 @@ class TrainConfig(_Strict):
     augment: bool = Field(
         True, description="Random affine (scale 0.8-1.25, shift, rotation), flip, gamma/contrast "
         "and greyscale, batched on the training device.")
+    descriptor: Literal["flip_mean", "embedding"] = Field(
+        "flip_mean",
+        description="How a face is described for the gallery, identify and verify: "
+        "'flip_mean' (default), the normalised mean of the network's embeddings of the face "
+        "and of its mirror image (a face turned left then compares like one turned right; "
+        "costs a second forward pass); 'embedding', the face's embedding alone.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(

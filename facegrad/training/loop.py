@@ -25,7 +25,7 @@ from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normalis
 from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set
 from facegrad.recognition.gallery import embed, holdout_identities
-from facegrad.recognition.models import build_model, forward_logits
+from facegrad.recognition.models import build_model, forward_logits, plain_logits
 from facegrad.training import checkpoint as ckpt
 from facegrad.training import distributed
 from facegrad.training.config import PRETRAINED, TrainConfig
@@ -265,7 +265,8 @@ def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: i
             step += 1
             continue
         loss_sum += loss.detach() * yb.numel()
-        correct += (logits.detach().argmax(1) == yb).sum()
+        # accuracy without the head's margin (the margin only shapes the loss)
+        correct += (plain_logits(parts.model, logits.detach(), yb).argmax(1) == yb).sum()
         seen += yb.numel()
         step += 1
         now = time.monotonic()
@@ -483,30 +484,35 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     honest = torch.from_numpy(held.astype(np.int64))
 
     def embed_all(net):
-        return embed(net, images, cfg.image_size, device, normalisation=normalisation)
+        return embed(net, images, cfg.image_size, device, normalisation=normalisation,
+                     descriptor=cfg.descriptor)
 
     emb = embed_all(model)
     fine_tuning = None
     if cfg.architecture in PRETRAINED and cfg.epochs and len(held):
+        # the two networks judged on the held-out people among themselves, every photo of
+        # theirs included (turned ones too): open_set.among_themselves
         tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        tuned = open_set.calibrate(emb, owner, n_ids, honest, None, cfg.target_fpir)
+        tuned = open_set.among_themselves(emb, owner, honest)
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
         emb_pre = embed_all(model)
-        pre = open_set.calibrate(emb_pre, owner, n_ids, honest, None, cfg.target_fpir)
-        keys = ("known_named", "strangers_rejected", "tpir_at_fpir_0.05", "threshold")
+        pre = open_set.among_themselves(emb_pre, owner, honest)
         keep_tuned = open_set.better(tuned, pre)
         fine_tuning = {
             "held_out": [full.names[i] for i in held.tolist()],
-            "pretrained": {k: pre.get(k) for k in keys},
-            "fine_tuned": {k: tuned.get(k) for k in keys},
+            "measured_on": "the held-out people among themselves: each photo identified "
+                           "against their other photos, and every pair of their photos verified",
+            "pretrained": pre, "fine_tuned": tuned,
+            "gain": {k: round(tuned[k] - pre[k], 4) for k in open_set.JUDGED
+                     if tuned.get(k) is not None and pre.get(k) is not None},
             "kept": "fine_tuned" if keep_tuned else "pretrained",
         }
         if keep_tuned:
             model.backbone.load_state_dict(tuned_state)
         else:
             emb = emb_pre
-            fine_tuning["note"] = ("fine-tuning made the figures on the held-out identities "
-                                   "worse: the model keeps the pretrained network")
+            fine_tuning["note"] = ("fine-tuning did not make the network better on the "
+                                   "held-out people: the model keeps the pretrained network")
     if len(held) and (fine_tuning is None or fine_tuning["kept"] == "fine_tuned"):
         # the held-out people as strangers; known faces: theirs and the validation images
         rows = torch.cat([torch.nonzero(torch.isin(owner, honest)).view(-1),
@@ -525,7 +531,7 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
     counts = torch.bincount(owner, minlength=n_ids)
     preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                      "image_size": cfg.image_size, "channels": 3,
-                     "normalisation": normalisation, "descriptor": "embedding"}
+                     "normalisation": normalisation, "descriptor": cfg.descriptor}
     if cfg.architecture == "dlib_resnet":
         preprocessing["network"] = "dlib_face_recognition_resnet_model_v1"
     model_meta = {
