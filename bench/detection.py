@@ -1,11 +1,15 @@
-"""Face detection rates and cost of facegrad.recognition.detect (dlib HOG + 5 landmarks), on
-ORL faces.
+"""Face detection rates and cost of facegrad.recognition.detect (dlib's HOG detector, then its
+CNN detector where HOG finds nothing, + 5 landmarks), on ORL and CFP faces.
 
-    .venv/bin/python bench/detection.py [--per-cell 40] [--seed 0]
+    .venv/bin/python bench/detection.py [--per-cell 40] [--seed 0] [--cfp 200]
                                         [--detect-side 960] [--max-upscale 2.0]
 
 - ORL bare: the 400 ORL images (92×112) as they are: found by the detector directly, by the
-  retry on the image with a replicated border, or taken as a face crop by the tight-crop rule.
+  retry on the image with a replicated border, by the CNN detector, or taken as a face crop by
+  the tight-crop rule.
+- CFP x3: ``--cfp`` frontal and ``--cfp`` profile photos of ../shared/data/cfp_dev (evenly
+  spread over its people), enlarged 3× so that the tight-crop rule cannot take them: found by
+  which stage. "HOG alone" in the summary is what the detector without the CNN finds.
 - placed: ``--per-cell`` ORL faces (image 1 of each subject, then image 6, ...) enlarged so that
   the ORL frame is 60, 100 or 160 px high, turned 0 or ±15°, pasted at a random spot of a
   640×480 blurred-noise picture: found when a box's centre lies within 0.35 face heights of
@@ -16,7 +20,8 @@ ORL faces.
   in steps of 6/5, so faces closer in size may get equal boxes): both found, biggest first.
 - no face: the blurred-noise pictures alone; boxes found in them.
 - ms per 640×480 image: median of ``crop_faces`` (detect + landmarks + chips) over the placed
-  pictures with a 100 px face, and of ``find_faces`` over the pictures with no face; wall time
+  pictures with a 100 px face, and of ``find_faces`` over the pictures with no face (every
+  stage runs: HOG, the padded retry, the CNN); wall time
   and this process's CPU time (dlib runs on one thread; CPU time is what the figure would be on
   an idle machine).
 
@@ -36,6 +41,7 @@ import numpy as np  # isort: skip
 from PIL import Image  # isort: skip
 from tests.scenes import paste  # isort: skip
 
+CFP = ORL.parent / "cfp_dev"
 W, H = 640, 480
 HEIGHTS = (60, 100, 160)
 TURNS = (0, 15, -15)
@@ -71,12 +77,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--per-cell", type=int, default=40, help="faces per size and turn")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfp", type=int, default=200, help="CFP photos of each kind")
     p.add_argument("--detect-side", type=int, default=None)
     p.add_argument("--max-upscale", type=float, default=None)
     args = p.parse_args()
     if not ORL.is_dir():
         raise SystemExit(f"shared face data not found at {ORL}")
-    header("detection: dlib HOG + 5 landmarks on ORL faces")
+    header("detection: dlib HOG, then dlib's CNN, + 5 landmarks, on ORL and CFP faces")
     from facegrad.recognition import detect
 
     if args.detect_side:
@@ -90,13 +97,31 @@ def main() -> None:
     rows = []
 
     # ORL bare
-    how = {"detector": 0, "padded": 0, "crop": 0, "none": 0}
+    how = {"detector": 0, "padded": 0, "cnn": 0, "crop": 0, "none": 0}
     for s in range(1, 41):
         for i in range(1, 11):
             faces = detect._find(orl(s, i), fallback=True)
             how[faces[0].how if faces else "none"] += 1
-    rows.append(["ORL bare 92x112", 400, how["detector"], how["padded"], how["crop"],
-                 400 - how["none"], "", ""])
+    rows.append(["ORL bare 92x112", 400, how["detector"], how["padded"], how["cnn"],
+                 how["crop"], 400 - how["none"], "", ""])
+
+    # CFP's frontal and profile web photos (head crops, unaligned), enlarged 3x so that the
+    # tight-crop rule cannot take them (the set's originals reach 2,381 px): found by which stage
+    cfp_ms = []
+    for kind in ("frontal", "profile"):
+        files = sorted(CFP.glob(f"*/{kind}_*.jpg"))
+        files = [files[int(k)] for k in np.linspace(0, len(files) - 1, args.cfp)]
+        how = {"detector": 0, "padded": 0, "cnn": 0, "crop": 0, "none": 0}
+        for f in files:
+            img = np.asarray(Image.open(f).convert("RGB"))
+            img = cv2.resize(img, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
+            t = time.perf_counter()
+            faces = detect._find(img, fallback=True)
+            if kind == "profile":
+                cfp_ms.append(1e3 * (time.perf_counter() - t))
+            how[faces[0].how if faces else "none"] += 1
+        rows.append([f"CFP {kind} x3", len(files), how["detector"], how["padded"], how["cnn"],
+                     how["crop"], len(files) - how["none"], "", ""])
 
     # placed faces; the eye line of each bare ORL face is the reference for the turned ones
     ref = {}
@@ -132,7 +157,7 @@ def main() -> None:
                 else:
                     miss_list.append((height, turn, s, i))
             n = min(args.per_cell, len(subjects))
-            rows.append([f"placed h={height} turn={turn:+d}", n, found, 0, 0, found,
+            rows.append([f"placed h={height} turn={turn:+d}", n, found, 0, 0, 0, found,
                          median(angles), other])
 
     # two faces side by side, the bigger one on either side
@@ -149,7 +174,7 @@ def main() -> None:
         ok = (len(boxes) == 2 and hit(boxes[0], xa, 240, 160) and hit(boxes[1], xb, 240, 100))
         both += ok
         order += ok and boxes[0][2] * boxes[0][3] > boxes[1][2] * boxes[1][3]
-    rows.append(["two faces (160 + 100 px)", pairs, both, 0, 0, both, "", 0])
+    rows.append(["two faces (160 + 100 px)", pairs, both, 0, 0, 0, both, "", 0])
 
     # no face
     empty_ms, empty_cpu, false = [], [], 0
@@ -160,22 +185,26 @@ def main() -> None:
         empty_ms.append(1e3 * (time.perf_counter() - t))
         empty_cpu.append(1e3 * (time.process_time() - c))
         false += len(boxes)
-    rows.append(["no face (noise 640x480)", 40, "", "", "", "", "", false])
+    rows.append(["no face (noise 640x480)", 40, "", "", "", "", "", "", false])
 
-    print(table(["case", "images", "detector", "padded", "crop rule", "found", "eyes deg",
-                 "other"], rows))
+    print(table(["case", "images", "detector", "padded", "cnn", "crop rule", "found",
+                 "eyes deg", "other"], rows))
     if miss_list:
         print("missed (height, turn, subject, image):", miss_list[:12],
               "..." if len(miss_list) > 12 else "")
     print(f"two faces: biggest first in {order} of {both}")
     print(f"ms per 640x480 image, wall / CPU: crop_faces with one 100 px face "
           f"{median(crop_ms):.1f} / {median(crop_cpu):.1f}; find_faces with no face "
-          f"{median(empty_ms):.1f} / {median(empty_cpu):.1f} (includes the padded retry)")
+          f"{median(empty_ms):.1f} / {median(empty_cpu):.1f} (HOG, its padded retry and the "
+          f"CNN); a CFP profile x3, every stage it goes through: {median(cfp_ms):.0f}")
     placed = [r for r in rows if r[0].startswith("placed")]
-    print(f"summary: ORL bare {rows[0][5]}/400 (detector {rows[0][2]}, padded {rows[0][3]}, "
-          f"crop rule {rows[0][4]}); placed {sum(r[5] for r in placed)}/"
+    cfp = {r[0]: r for r in rows if r[0].startswith("CFP")}
+    print(f"summary: ORL bare {rows[0][6]}/400; CFP x3 frontal "
+          f"{cfp['CFP frontal x3'][6]}/{args.cfp} profile {cfp['CFP profile x3'][6]}/{args.cfp} "
+          f"(HOG alone {sum(cfp['CFP profile x3'][2:4])}); placed {sum(r[6] for r in placed)}/"
           f"{sum(r[1] for r in placed)}; two faces {both}/{pairs}; false boxes on noise {false}; "
-          f"{median(crop_ms):.0f} ms per 640x480 image ({median(crop_cpu):.0f} ms CPU)")
+          f"{median(crop_ms):.0f} ms per 640x480 image ({median(crop_cpu):.0f} ms CPU), "
+          f"{median(empty_ms):.0f} ms with no face")
     footer()
 
 

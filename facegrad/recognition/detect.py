@@ -186,26 +186,32 @@ class _Face:
         return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
-def _scan(grey: np.ndarray, side: int, pad: float = 0.0
+def _scan(rgb: np.ndarray, side: int, pad: float = 0.0
           ) -> list[tuple[float, float, float, float]]:
-    """Faces the detector finds in ``grey`` (with a replicated border of ``pad`` times its
+    """Faces the detector finds in ``rgb`` (with a replicated border of ``pad`` times its
     longest side) resized to ``side`` (enlarged at most ``MAX_UPSCALE``), as (left, top, right,
-    bottom) in ``grey``'s pixels, unsorted."""
-    h, w = grey.shape
+    bottom) in ``rgb``'s pixels, unsorted.
+
+    The detector reads the colour image (dlib's HOG takes each pixel's strongest channel
+    gradient), and an image enlarged by exactly 2 is enlarged by dlib's own ``pyramid_up``
+    (upsample 1): a photo of up to 480 px is then scanned as ``face_recognition`` scans it, and
+    its boxes are dlib's."""
+    h, w = rgb.shape[:2]
     p = pad * max(h, w)
     scale = min(MAX_UPSCALE, side / (max(h, w) + 2 * p))
-    img = grey
-    if scale != 1.0:
+    upsample = 1 if scale == 2.0 and not p else 0
+    img = rgb
+    if scale != 1.0 and not upsample:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1
+        img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1
                          else cv2.INTER_LINEAR)
-    sx, sy = img.shape[1] / w, img.shape[0] / h
+    sx, sy = (img.shape[1] / w, img.shape[0] / h) if not upsample else (1.0, 1.0)
     ps = round(p * scale)
     if ps:
         img = cv2.copyMakeBorder(img, ps, ps, ps, ps, cv2.BORDER_REPLICATE)
     detector, _ = _load()
     with _detect_lock:
-        found = detector(np.ascontiguousarray(img), 0)
+        found = detector(np.ascontiguousarray(img), upsample)
     return [((r.left() - ps) / sx, (r.top() - ps) / sy, (r.right() + 1 - ps) / sx,
              (r.bottom() + 1 - ps) / sy) for r in found]
 
@@ -240,10 +246,9 @@ def _find(rgb: np.ndarray, fallback: bool) -> list[_Face]:
     """The faces of an (H, W, 3) image, biggest first (module doc); the tight-crop rule only
     with ``fallback``."""
     h, w = rgb.shape[:2]
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    faces = [_Face(r, "detector") for r in _scan(grey, DETECT_SIDE)]
+    faces = [_Face(r, "detector") for r in _scan(rgb, DETECT_SIDE)]
     if not faces:
-        faces = [_Face(r, "padded") for r in _scan(grey, RETRY_SIDE, PAD_RETRY)
+        faces = [_Face(r, "padded") for r in _scan(rgb, RETRY_SIDE, PAD_RETRY)
                  if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
     if not faces:
         faces = [_Face(r, "cnn") for r in _scan_cnn(rgb, CNN_SIDE)
