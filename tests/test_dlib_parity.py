@@ -35,9 +35,10 @@ ORL = SHARED / "att_faces"
 @pytest.fixture(scope="module")
 def dlib_pipeline():
     models = detect.predictor_path().parent
+    network = models / "dlib_face_recognition_resnet_model_v1.dat"
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat")),
-            dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat")))
+            dlib.face_recognition_model_v1(str(network)))
 
 
 @pytest.fixture(scope="module")
