@@ -22,6 +22,7 @@ from app.routes import console, datasets, health, identify, jobs, models, sweeps
 from app.uploads import BodyLimit
 from facegrad.recognition.inference import UnsupportedModel
 from facegrad.service.db import get_engine
+from facegrad.service.ingest import IngestRunner
 from facegrad.service.settings import Settings, get_settings
 
 log = logging.getLogger("facegrad.api")
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
             log.warning("no FACEGRAD_API_KEYS set: the API is OPEN to anyone who can reach "
                         "%s:%s", settings.host, settings.port)
         app.state.batcher.start()
+        app.state.ingest.start()  # also resumes the ingests a stopped process left behind
         reconciler = None
         if reconcile:
             from worker.reconciler import Reconciler
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
         gc.freeze()
         yield
         await app.state.batcher.stop()
+        app.state.ingest.stop()
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
         if reconciler:
             reconciler.stop()
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
     app.state.decode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
                                                thread_name_prefix="decode")
     app.state.gallery_lock = threading.Lock()
+    app.state.ingest = IngestRunner(settings)  # uploads are ingested in this process
 
     app.include_router(health.router)
     for r in (datasets.router, jobs.router, sweeps.router, models.router, identify.router):

@@ -86,18 +86,36 @@ def _tpir():
 
 
 class FineTuningFigures(_Record):
-    known_named: float | None = None
-    strangers_rejected: float | None = None
+    """One network on the held-out people among themselves."""
+
+    people: int | None = None
+    photos: int | None = None
     tpir_at_fpir_0_05: float | None = _tpir()
-    threshold: float | None = None
+    verify_accuracy: float | None = Field(
+        None, description="every pair of their photos: balanced accuracy at the best threshold")
+    verify_pairs: int | None = None
+    verify_tar_at_far_0_01: float | None = Field(
+        None, alias="verify_tar_at_far_0.01",
+        description="same-person pairs accepted where 1 % of different-person pairs are")
+
+
+class FineTuningGain(_Record):
+    """Fine-tuned minus pretrained, per figure."""
+
+    tpir_at_fpir_0_05: float | None = _tpir()
+    verify_accuracy: float | None = None
+    verify_tar_at_far_0_01: float | None = Field(None, alias="verify_tar_at_far_0.01")
 
 
 class FineTuning(_Record):
-    """A pretrained network fine-tuned: its figures before and after, on held-out people."""
+    """A pretrained network fine-tuned: both networks judged on people held out of training,
+    among themselves (identification and verification of all their photos), and the one kept."""
 
     held_out: list[str] = []
+    measured_on: str | None = None
     pretrained: FineTuningFigures | None = None
     fine_tuned: FineTuningFigures | None = None
+    gain: FineTuningGain | None = None
     kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
     note: str | None = None
 
@@ -153,14 +171,25 @@ class Readiness(BaseModel):
     checks: ReadyChecks
 
 
+class IngestProgress(BaseModel):
+    done: int = Field(description="files decoded so far (kept or rejected)")
+    total: int = Field(description="image files in the upload")
+
+
 class DatasetOut(BaseModel):
     id: str
     name: str
     created_at: UTCDateTime
-    num_identities: int
-    num_images: int
-    identities: dict[str, int] = Field(description="label → number of images")
-    rejected: dict[str, str] = Field(description="file → why it was not used")
+    status: Literal["ingesting", "ready", "failed"] = Field(
+        description="'ingesting' while its images are decoded, cropped and stored; 'ready' for "
+        "training; 'failed' when it cannot be used (`error` says why)")
+    progress: IngestProgress
+    error: str | None = Field(None, description="why the dataset failed (status 'failed')")
+    num_identities: int = Field(description="0 until the dataset is ready")
+    num_images: int = Field(description="0 until the dataset is ready")
+    identities: dict[str, int] = Field(description="label → number of images (once ready)")
+    rejected: dict[str, str] = Field(description="file → why it was not used (so far, while "
+                                     "ingesting)")
     detect: Detect
     source_format: str
     warnings: list[str] = []

@@ -195,11 +195,25 @@ def zip_of(folder: dict[str, list[Path]]) -> bytes:
     return buf.getvalue()
 
 
+def post_dataset(client: httpx.Client, filename: str, data: bytes, **form) -> dict:
+    """Upload a dataset asking for the answer at once (``Prefer: respond-async``): 202 with the
+    dataset ingesting and its Location, then polled until its ingest ends. Returns the dataset,
+    which must be ready."""
+    r = client.post("/v1/datasets", files={"file": (filename, data)}, data=form,
+                    headers={"Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    ds = r.json()
+    assert ds["status"] == "ingesting", ds
+    assert r.headers["location"] == f"/v1/datasets/{ds['id']}", r.headers
+    ds = wait_dataset(client, ds["id"])
+    assert ds["status"] == "ready", ds
+    return ds
+
+
 def upload(client: httpx.Client, folder, name="orl", **form) -> dict:
-    r = client.post("/v1/datasets", files={"file": (f"{name}.zip", zip_of(folder))},
-                    data={"name": name, **form})
-    assert r.status_code == 201, r.text
-    return r.json()
+    """A zip of ``folder`` ({identity: [image paths]}), uploaded and ingested
+    (:func:`post_dataset`)."""
+    return post_dataset(client, f"{name}.zip", zip_of(folder), name=name, **form)
 
 
 def wait_status(client: httpx.Client, path: str, until, timeout: float = 600) -> dict:
@@ -211,6 +225,11 @@ def wait_status(client: httpx.Client, path: str, until, timeout: float = 600) ->
             return doc
         time.sleep(0.5)
     raise AssertionError(f"{path} did not reach {until} in {timeout}s: {doc}")
+
+
+def wait_dataset(client: httpx.Client, dataset_id: str, timeout: float = 300) -> dict:
+    """GET the dataset until its ingest ends (status ready or failed)."""
+    return wait_status(client, f"/v1/datasets/{dataset_id}", ("ready", "failed"), timeout)
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 600,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import Service, orl_folder, zip_of
+from tests.harness import Service, orl_folder, post_dataset, zip_of
 
 MiB = 1024 * 1024
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -311,10 +311,7 @@ def test_odd_but_valid_images_accepted(client, orl):
             members[f"{label}/{name}"] = data
     with zipfile.ZipFile(io.BytesIO(zip_bytes(members))) as z:
         assert z.testzip() is None
-    r = client.post("/v1/datasets", files={"file": ("odd.zip", zip_bytes(members))},
-                    data={"name": "odd-formats"})
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = post_dataset(client, "odd.zip", zip_bytes(members), name="odd-formats")
     try:
         assert ds["rejected"] == {}
         assert ds["num_images"] == len(members)
@@ -327,9 +324,7 @@ def test_odd_but_valid_images_accepted(client, orl):
 def test_identity_with_too_few_images_kept_with_warning(client, orl):
     f = orl_folder()
     folder = {"s01": f["s01"][:5], "s02": f["s02"][:1], "s03": f["s03"][:2]}
-    r = client.post("/v1/datasets", files={"file": ("few.zip", zip_of(folder))})
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = post_dataset(client, "few.zip", zip_of(folder))
     try:
         assert ds["identities"] == {"s01": 5, "s02": 1, "s03": 2}  # not dropped
         assert ds["num_images"] == 8 and ds["num_identities"] == 3
@@ -350,10 +345,7 @@ def test_detect_auto_rejects_a_photo_without_a_face_per_file(client, service, or
     blank = image_bytes(Image.new("RGB", (600, 500), (90, 120, 150)), "PNG")
     members = {f"{lab}/{p.name}": p.read_bytes() for lab in ("s01", "s02") for p in f[lab][:3]}
     members["s01/landscape.png"] = blank
-    r = client.post("/v1/datasets", files={"file": ("auto.zip", zip_bytes(members))},
-                    data={"detect": "auto"})
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = post_dataset(client, "auto.zip", zip_bytes(members), detect="auto")
     try:
         assert list(ds["rejected"]) == ["s01/landscape.png"]
         assert "no face" in ds["rejected"]["s01/landscape.png"]
@@ -660,10 +652,7 @@ def test_enroll_bad_inputs(client, orl_model):
 def test_service_healthy_and_a_good_upload_works_after_bad_input(client, service):
     assert client.get("/healthz").status_code == 200
     images = np.random.default_rng(0).integers(0, 255, (6, 32, 32), dtype=np.uint8)
-    r = client.post("/v1/datasets", files={"file": ("ok.npz", npz(
-        images=images, labels=np.array(["a", "b", "c"] * 2)))})
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = post_dataset(client, "ok.npz", npz(images=images, labels=np.array(["a", "b", "c"] * 2)))
     # timestamps carry their UTC offset, read back from the database too (a naive one broke
     # the documented date-time format: found by tests/test_fuzz.py)
     listed = [d for d in client.get("/v1/datasets").json()["items"] if d["id"] == ds["id"]]

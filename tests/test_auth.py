@@ -16,7 +16,7 @@ import pytest
 
 from app import auth
 from app.auth import APIKeyGate, parse_keys, role_of
-from tests.harness import Service
+from tests.harness import Service, post_dataset
 
 ADMIN_KEY = "admin-key-" + "a" * 30
 IDENTIFY_KEY = "identify-key-" + "b" * 30
@@ -251,9 +251,7 @@ def test_identify_key_may_identify_and_read_models(ident, admin, method, path, k
 
 
 def test_admin_key_may_do_everything(admin):
-    r = admin.post("/v1/datasets", files={"file": ("d.npz", _small_npz())})
-    assert r.status_code == 201, r.text
-    ds = r.json()["id"]
+    ds = post_dataset(admin, "d.npz", _small_npz())["id"]
     assert admin.get(f"/v1/datasets/{ds}").status_code == 200
     assert admin.get("/v1/jobs").status_code == 200
     r = admin.post("/v1/jobs", json={"dataset_id": NOWHERE})

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from facegrad.service.client_cli import parse_clip
-from tests.harness import ROOT
+from tests.harness import ROOT, orl_folder
 
 SUBSET = 5  # identities: enough for a model, small enough to train in seconds
 
@@ -188,6 +189,40 @@ def test_wait_reports_a_cancelled_job(service, trained):
     assert waiting.returncode == 1, (stdout, stderr)
     assert f"job {job['id']} was cancelled" in stderr
     assert json.loads(stdout)["status"] == "cancelled"  # --json still prints the final job
+
+
+def test_upload_follows_the_ingest_and_train_waits_for_it(service, orl, tmp_path):
+    """``dataset upload`` follows the ingest with a progress bar (``--no-wait`` returns at
+    once); ``train`` on a dataset still ingesting waits until it is ready, then posts the job
+    (refused here by the server for ``--epochs 0`` with seed_cnn: nothing trains)."""
+    big = tmp_path / "faces-twice"
+    for label, paths in orl_folder().items():  # 800 images: several seconds of ingest
+        (big / label).mkdir(parents=True)
+        for p in paths:
+            for copy in ("a", "b"):
+                shutil.copy(p, big / label / f"{copy}-{p.name}")
+    out = ok(facegrad(service, "dataset", "upload", str(big), "--no-wait"))
+    assert "ingesting 0/800 files" in out, out
+    dataset_id = re.search(r"facegrad dataset show ([0-9a-f-]{36})", out).group(1)
+    r = facegrad(service, "train", "--dataset", dataset_id, "--arch", "seed_cnn", "--epochs",
+                 "0", "--poll", "0.2")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"dataset {dataset_id} is still ingesting; waiting until it is ready" in r.stderr
+    assert "800/800" in r.stderr  # the progress bar reached its end
+    assert "epochs" in r.stderr and "422" in r.stderr  # the job was posted once it was ready
+    shown = ok(facegrad(service, "dataset", "show", dataset_id))
+    assert "40 identities, 800 images" in shown
+
+    train, _ = orl
+    small = tmp_path / "faces3"
+    for label in sorted(train)[:3]:
+        (small / label).mkdir(parents=True)
+        for p in train[label]:
+            shutil.copy(p, small / label / p.name)
+    r = facegrad(service, "dataset", "upload", str(small), "--name", "cli-followed")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "ingesting its images" in r.stderr and "21/21" in r.stderr
+    assert "3 identities, 21 images" in r.stdout
 
 
 # --- facegrad sweep ---------------------------------------------------------------------------

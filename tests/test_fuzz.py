@@ -35,6 +35,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
+from tests.harness import post_dataset
+
 MAX_EXAMPLES = 15
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance,
           negative_data_rejection]
@@ -102,10 +104,9 @@ def a_dataset(service):
     np.savez(buf, images=np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8),
              labels=np.array(["a", "b", "a", "b"]))
     with httpx.Client(base_url=service.url, timeout=60) as c:
-        r = c.post("/v1/datasets", files={"file": ("fuzz-seed.npz", buf.getvalue())})
-        assert r.status_code == 201, r.text
-        yield r.json()
-        c.delete(f"/v1/datasets/{r.json()['id']}")
+        ds = post_dataset(c, "fuzz-seed.npz", buf.getvalue())
+        yield ds
+        c.delete(f"/v1/datasets/{ds['id']}")
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])

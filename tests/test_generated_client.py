@@ -95,7 +95,8 @@ def gen(service, tmp_path_factory):
     sys.path.insert(0, str(out))
     try:
         mods = {name: importlib.import_module(f"{PACKAGE}.{name}") for name in (
-            "client", "models", "types", "api.datasets.upload_dataset", "api.jobs.create_job",
+            "client", "models", "types", "api.datasets.upload_dataset",
+            "api.datasets.get_dataset", "api.jobs.create_job",
             "api.jobs.get_job", "api.identify.identify", "api.identify.verify",
             "api.models.enroll", "api.models.get_model", "api.models.get_model_weights",
             "api.models.list_models", "api.datasets.list_datasets", "api.sweeps.create_sweep",
@@ -135,6 +136,10 @@ def test_generated_client_journey(gen, service, orl):
                           mime_type="application/zip"),
         name="generated-client", detect=m.Detect.AUTO))
     assert isinstance(ds, m.DatasetOut), ds
+    # 201 ready when the ingest ended while the request waited, else 202 ingesting: polled
+    ds = _poll(lambda: g.get_dataset.sync(ds.id, client=api),
+               lambda d: d.status != m.DatasetOutStatus.INGESTING, 180)
+    assert ds.status == m.DatasetOutStatus.READY, ds.error
     assert ds.num_identities == 4 and ds.detect == m.Detect.AUTO
 
     job = g.create_job.sync(client=api, body=m.JobCreate(dataset_id=ds.id, epochs=0))

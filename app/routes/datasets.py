@@ -1,11 +1,26 @@
-"""Upload, list, read and delete face datasets."""
+"""Upload, list, read and delete face datasets.
+
+An upload is checked and saved in the request, then ingested (decoded, faces detected and
+aligned, stored) in the background by the API process's IngestRunner (facegrad/service/ingest.py
+says why there and not on a worker); the request waits for it up to FACEGRAD_UPLOAD_WAIT_SECONDS.
+"""
 
 from __future__ import annotations
 
-import shutil
+import concurrent.futures
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -13,56 +28,70 @@ from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
 from app.schemas import DatasetList, DatasetOut, Detect, Error
 from app.uploads import spool_upload, uuid_path
-from facegrad.data.archive import DatasetError, Limits
-from facegrad.data.datasets import build_from_npz, build_from_zip
-from facegrad.data.imageio import ImageError
-from facegrad.recognition.detect import crop_one
-from facegrad.service import storage
+from facegrad.data.archive import DatasetError
 from facegrad.service.db import Dataset, Job
+from facegrad.service.ingest import (
+    check_upload,
+    clear_files,
+    lease_until,
+    limits_from,
+    save_upload,
+    upload_path,
+)
 from facegrad.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(admin_only)])
 ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error}}
 
 
-def limits_from(settings: Settings) -> Limits:
-    return Limits(max_upload_bytes=settings.max_upload_bytes,
-                  max_members=settings.max_archive_members,
-                  max_uncompressed_bytes=settings.max_uncompressed_bytes,
-                  max_member_bytes=settings.max_member_bytes,
-                  max_compression_ratio=settings.max_compression_ratio,
-                  max_pixels=settings.max_image_pixels)
-
-
-def face_cropper(kind: str):
-    """detect='auto': the crop of each image's face. A zip member with no face is rejected on its
-    own (ImageError, reported in ``rejected``); for a .npz the whole upload is refused, naming
-    the first image without a face."""
-    index = 0
-
-    def crop(rgb):
-        nonlocal index
-        index += 1
-        out = crop_one(rgb, "auto")
-        if out is None:
-            where = "" if kind == "zip" else f"images[{index - 1}]: "
-            raise ImageError(f"{where}no face found in this image; crop the images to the faces "
-                             "or upload with detect='none'", 422)
-        return out
-
-    return crop
-
-
 def to_out(d: Dataset) -> DatasetOut:
-    return DatasetOut(id=d.id, name=d.name, created_at=d.created_at,
-                      num_identities=d.num_identities, num_images=d.num_images,
-                      identities=d.identities, rejected=d.rejected, detect=d.detect,
-                      source_format=d.source_format, warnings=d.info.get("warnings", []))
+    progress = d.progress or {}
+    if not progress and d.status == "ready":  # stored before ingests reported progress
+        progress = {"done": d.num_images + len(d.rejected or {}),
+                    "total": d.num_images + len(d.rejected or {})}
+    return DatasetOut(id=d.id, name=d.name, created_at=d.created_at, status=d.status,
+                      progress={"done": progress.get("done", 0),
+                                "total": progress.get("total", 0)},
+                      error=d.error, num_identities=d.num_identities, num_images=d.num_images,
+                      identities=d.identities or {}, rejected=d.rejected or {}, detect=d.detect,
+                      source_format=d.source_format,
+                      warnings=(d.info or {}).get("warnings", []))
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS,
-             summary="Upload a labelled face dataset (.zip of identity folders, or .npz)")
+def requested_wait(prefer: str | None, cap: float) -> tuple[float, bool]:
+    """(seconds to wait for the ingest, whether 'respond-async' was asked) from an RFC 7240
+    ``Prefer`` header: ``respond-async`` answers at once, ``wait=N`` waits at most N seconds;
+    never longer than ``cap`` (FACEGRAD_UPLOAD_WAIT_SECONDS)."""
+    wait, is_async = cap, False
+    for pref in (prefer or "").split(","):
+        token = pref.split(";")[0].strip().lower()
+        if token == "respond-async":
+            is_async = True
+        elif token.startswith("wait="):
+            try:
+                wait = min(wait, max(0.0, float(token[5:])))
+            except ValueError:
+                pass
+    return (0.0 if is_async else wait), is_async
+
+
+@router.post(
+    "", status_code=202, response_model=DatasetOut,
+    responses={**ERRORS, 201: {"model": DatasetOut, "description": "Ingested while the request "
+                               "waited: the dataset is ready"}},
+    summary="Upload a labelled face dataset (.zip of identity folders, or .npz)",
+    description="The upload is received and checked at once (size, archive structure, unsafe "
+    "members, limits, .npz headers and labels: a 4xx says what to fix), saved, and then "
+    "ingested in the background: each image decoded, its face detected and aligned. The "
+    "request waits for the ingest up to FACEGRAD_UPLOAD_WAIT_SECONDS (10): done by then, it "
+    "answers 201 with the dataset `ready` (or the 4xx of a dataset that cannot be used, which "
+    "is then not kept); else 202 with the dataset `ingesting` and `Location: "
+    "/v1/datasets/{id}`, to poll until `status` is `ready` or `failed` (`error` says why). "
+    "Send `Prefer: respond-async` for the 202 at once, or `Prefer: wait=N` to wait at most N "
+    "seconds.")
 def upload_dataset(
+    request: Request,
+    response: Response,
     file: UploadFile = File(description=".zip with one folder per identity, or .npz with "
                         "'images' (N,H,W[,C] uint8) and 'labels' (N,)"),
     name: str | None = Form(None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
@@ -73,6 +102,7 @@ def upload_dataset(
         "trained on the dataset apply the same choice at identify time."),
     db: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep),
 ) -> DatasetOut:
+    runner = request.app.state.ingest
     limits = limits_from(settings)
     fname = (file.filename or "").lower()
     kind = "zip" if fname.endswith(".zip") else "npz" if fname.endswith(".npz") else None
@@ -84,24 +114,49 @@ def upload_dataset(
         if kind is None:
             raise HTTPException(415, "upload a .zip (one folder per identity) or a .npz with "
                                 "'images' and 'labels' arrays")
-        kw = {"crop": face_cropper(kind)} if detect == "auto" else {}
         try:
-            report = (build_from_zip if kind == "zip" else build_from_npz)(tmp, limits, **kw)
-        except (DatasetError, ImageError) as e:
+            counts = check_upload(tmp, kind, limits)
+        except DatasetError as e:
             raise HTTPException(e.status, e.reason) from e
         default = "".join(ch for ch in Path(file.filename or "").stem if ch.isprintable())
-        ds = Dataset(name=name or default[:200] or "dataset",
-                     num_images=int(report.arrays.images.shape[0]),
-                     num_identities=len(report.identities), identities=report.identities,
-                     rejected=report.rejected, detect=detect, source_format=kind,
-                     info=report.info)
+        ds = Dataset(name=name or default[:200] or "dataset", status="ingesting",
+                     progress={"done": 0, "total": sum(counts.values())}, num_images=0,
+                     num_identities=0, identities={}, rejected={}, detect=detect,
+                     source_format=kind, info={}, ingest_owner=runner.owner,
+                     ingest_expires=lease_until(settings), ingest_attempts=1)
         db.add(ds)
         db.flush()
-        report.arrays.save(storage.dataset_dir(settings, ds.id))
-        db.commit()
-        return to_out(ds)
+        try:
+            save_upload(tmp, upload_path(settings, ds.id, kind))
+            db.commit()  # the row and the saved upload: from here the ingest survives restarts
+        except BaseException:
+            clear_files(settings, ds.id)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
+    out = to_out(ds)
+    future = runner.submit(ds.id)
+    response.headers["Location"] = f"/v1/datasets/{ds.id}"
+    wait, is_async = requested_wait(request.headers.get("prefer"), settings.upload_wait_seconds)
+    if is_async:
+        response.headers["Preference-Applied"] = "respond-async"
+    try:
+        future.result(timeout=wait)
+    except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+        return out  # 202: still ingesting (here, or after a restart when this process stops)
+    db.expire_all()
+    ds = db.get(Dataset, out.id)
+    if ds.status == "ready":
+        response.status_code = 201
+    elif ds.status == "failed":
+        # refused as a whole while the client waited: answered as the 4xx it is, nothing kept
+        status = int((ds.info or {}).get("error_status", 422))
+        reason = ds.error
+        db.delete(ds)
+        db.commit()
+        clear_files(settings, out.id)
+        raise HTTPException(status, reason)
+    return to_out(ds)
 
 
 @router.get("", response_model=DatasetList, summary="List datasets, newest first")
@@ -128,10 +183,14 @@ def get_dataset(dataset_id: str = uuid_path("dataset"), db: Session = Depends(ge
 
 @router.delete("/{dataset_id}", status_code=204,
                responses={404: {"model": Error}, 409: {"model": Error}},
-               summary="Delete a dataset (409 while a queued or running job uses it)")
+               summary="Delete a dataset (409 while it is ingesting, or a queued or running "
+               "job uses it)")
 def delete_dataset(dataset_id: str = uuid_path("dataset"), db: Session = Depends(get_db),
                    settings: Settings = Depends(get_settings_dep)) -> None:
     ds = get_or_404(db, dataset_id)
+    if ds.status == "ingesting":
+        raise HTTPException(409, "the dataset is still ingesting; delete it once its status is "
+                            "ready or failed")
     busy = db.scalar(select(func.count()).select_from(Job).where(
         Job.dataset_id == ds.id, Job.status.in_(("queued", "running"))))
     if busy:
@@ -139,4 +198,4 @@ def delete_dataset(dataset_id: str = uuid_path("dataset"), db: Session = Depends
                             "cancel them or wait until they end")
     db.delete(ds)
     db.flush()
-    shutil.rmtree(storage.dataset_dir(settings, ds.id), ignore_errors=True)
+    clear_files(settings, ds.id)

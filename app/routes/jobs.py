@@ -44,7 +44,9 @@ def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate],
 
     The broker down: every row stored here is deleted again and 503 is raised (nothing left
     behind; a message already sent for a deleted job finds no row and is dropped by the worker).
+    A dataset that is not ready is refused with 409 (:func:`check_ready`).
     """
+    check_ready(dataset)
     jobs = [Job(id=new_id(), dataset_id=dataset.id,
                 config=body.model_dump(exclude={"dataset_id"}), status="queued",
                 progress={"epoch": 0, "epochs": body.epochs, "step": 0, "steps_total": 0,
@@ -76,6 +78,19 @@ def dataset_or_404(db: Session, dataset_id: str) -> Dataset:
     return ds
 
 
+def check_ready(ds: Dataset) -> None:
+    """409 unless the dataset is ready: jobs never start on a dataset still ingesting (it is
+    not stored yet) or one that failed."""
+    if ds.status == "ingesting":
+        p = ds.progress or {}
+        raise HTTPException(409, f"dataset {ds.id} is still ingesting ({p.get('done', 0)} of "
+                            f"{p.get('total', '?')} files done); post the job again once GET "
+                            f"/v1/datasets/{ds.id} says status 'ready'")
+    if ds.status != "ready":
+        raise HTTPException(409, f"dataset {ds.id} failed to ingest: {ds.error}; upload it "
+                            "again")
+
+
 def request_cancel(job: Job) -> None:
     """Cancel a queued or running job: a queued one at once, a running one at its next step
     (its worker sees cancel_requested)."""
@@ -86,6 +101,8 @@ def request_cancel(job: Job) -> None:
 
 @router.post("", status_code=202, response_model=JobOut,
              responses={404: {"model": Error},
+                        409: {"model": Error, "description": "the dataset is still ingesting, "
+                              "or failed"},
                         503: {"model": Error, "description": "the broker is down"}},
              summary="Queue a training job")
 def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db),

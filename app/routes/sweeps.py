@@ -61,6 +61,8 @@ def get_or_404(db: Session, sweep_id: str) -> Sweep:
 
 @router.post("", status_code=202, response_model=SweepOut,
              responses={404: {"model": Error},
+                        409: {"model": Error, "description": "the dataset is still ingesting, "
+                              "or failed"},
                         503: {"model": Error, "description": "the broker is down"}},
              summary="Queue a sweep: one job per combination of the grid")
 def create_sweep(body: SweepCreate, response: Response, db: Session = Depends(get_db),

@@ -12,7 +12,8 @@ const SWEEP_FINAL = ["succeeded", "failed", "partial", "cancelled"];
 const SWEEP_POLL_MS = 3000;
 const POLL_MS = 1500;
 const state = { datasets: [], models: [], schema: null, jobTimer: null, jobsTimer: null,
-  jobId: null, selectedDataset: null, sweepTimer: null, sweepId: null, sweepsTimer: null };
+  jobId: null, selectedDataset: null, sweepTimer: null, sweepId: null, sweepsTimer: null,
+  datasetsTimer: null };
 
 // --- small helpers -------------------------------------------------------------------------
 
@@ -84,8 +85,8 @@ function detailText(doc, text, status) {
   return (text || "").slice(0, 300) || `HTTP ${status}`;
 }
 
-async function api(method, path, body) {
-  const headers = {};
+async function api(method, path, body, extraHeaders = {}) {
+  const headers = { ...extraHeaders };
   const key = localStorage.getItem(KEY_STORE);
   if (key) headers["X-API-Key"] = key;
   let payload;
@@ -111,7 +112,7 @@ async function api(method, path, body) {
   return doc;
 }
 const get = (p) => api("GET", p);
-const post = (p, b) => api("POST", p, b);
+const post = (p, b, h) => api("POST", p, b, h);
 
 function failed(e) {
   notify(e.message || String(e), "error");
@@ -126,6 +127,7 @@ function route() {
   stopSweepPolling();
   clearInterval(state.jobsTimer);
   clearInterval(state.sweepsTimer);
+  clearTimeout(state.datasetsTimer);
   const page = (view === "job" || view === "sweep") && arg ? view
     : (["datasets", "jobs", "sweeps", "identify"].includes(view) ? view : "datasets");
   for (const s of document.querySelectorAll(".view")) s.hidden = s.id !== `view-${page}`;
@@ -229,23 +231,46 @@ async function uploadDataset() {
   if (name) form.append("name", name);
   form.append("detect", $("#ds-detect").value);
   $("#ds-upload").disabled = true;
-  $("#ds-upload-status").textContent = "uploading and decoding images …";
+  $("#ds-upload-status").textContent = "uploading …";
   try {
-    const ds = await post("/v1/datasets", form);
-    $("#ds-upload-status").textContent = `uploaded: ${ds.num_identities} identities, ` +
-      `${ds.num_images} images`;
-    notify(`dataset ${ds.name} uploaded`);
+    // answered once the upload is received and checked (202); the ingest is followed below
+    let ds = await post("/v1/datasets", form, { Prefer: "respond-async" });
     pendingUpload = null;
     $("#ds-drop-text").textContent = "Drop a .zip or .npz here, or click to choose";
     $("#ds-drop").classList.remove("has-file");
     state.selectedDataset = ds.id;
     showDataset(ds);
     await loadDatasets();
+    while (ds.status === "ingesting") {
+      $("#ds-upload-status").textContent = `${ds.name}: ${ingestText(ds)}`;
+      await new Promise((done) => setTimeout(done, POLL_MS));
+      ds = await get(`/v1/datasets/${ds.id}`);
+      if (state.selectedDataset === ds.id) showDataset(ds);
+    }
+    if (ds.status === "failed") {
+      $("#ds-upload-status").textContent = "";
+      notify(`dataset ${ds.name} failed: ${ds.error}`, "error");
+    } else {
+      $("#ds-upload-status").textContent = `uploaded: ${ds.num_identities} identities, ` +
+        `${ds.num_images} images`;
+      notify(`dataset ${ds.name} uploaded`);
+    }
+    await loadDatasets();
   } catch (e) {
     $("#ds-upload-status").textContent = "";
-    $("#ds-upload").disabled = false;
     failed(e);
+  } finally {
+    $("#ds-upload").disabled = !pendingUpload;
   }
+}
+
+/** "ingesting: 120 of 400 files (3 rejected)", "ready", "failed". */
+function ingestText(ds) {
+  if (ds.status !== "ingesting") return ds.status;
+  const p = ds.progress || {};
+  const rejected = Object.keys(ds.rejected || {}).length;
+  return `ingesting: ${p.done || 0} of ${p.total || "?"} files` +
+    (rejected ? ` (${rejected} rejected)` : "");
 }
 
 function showDataset(ds) {
@@ -261,6 +286,13 @@ function showDataset(ds) {
         "Train on it →")),
     el("div", { class: "muted" }, `${ds.num_identities} identities · ${ds.num_images} images · ` +
       `detect=${ds.detect} · ${ds.source_format} · `, el("code", { text: ds.id })),
+    ds.status === "ingesting" ? el("div", { id: "ds-ingest" },
+      el("div", { class: "muted", text: ingestText(ds) }),
+      el("div", { class: "bar" }, el("div", { style: `width:${Math.round(100 *
+        ((ds.progress || {}).done || 0) / Math.max(1, (ds.progress || {}).total || 0))}%` })))
+      : null,
+    ds.status === "failed" ? el("div", { class: "notice error", id: "ds-error",
+      style: "margin:8px 0", text: `failed: ${ds.error}` }) : null,
     ...(ds.warnings || []).map((w) => el("div", { class: "notice", style: "margin:8px 0" }, w)),
     el("div", { class: "scroll" },
       el("table", { class: "list small", id: "ds-identities" },
@@ -287,7 +319,8 @@ async function loadDatasets() {
     class: `click${d.id === state.selectedDataset ? " selected" : ""}`,
     onclick: () => { state.selectedDataset = d.id; showDataset(d); loadDatasets().catch(failed); },
   },
-  el("td", { text: d.name }), el("td", { class: "num", text: d.num_identities }),
+  el("td", { text: d.name }), el("td", { class: "ds-status", text: ingestText(d) }),
+  el("td", { class: "num", text: d.num_identities }),
   el("td", { class: "num", text: d.num_images }),
   el("td", { class: "num", text: Object.keys(d.rejected || {}).length }),
   el("td", { text: d.detect }), el("td", { text: when(d.created_at) }),
@@ -295,14 +328,22 @@ async function loadDatasets() {
   el("td", {}, el("a", { href: "#jobs", onclick: (e) => { e.stopPropagation(); state.selectedDataset = d.id; } },
     "train")))));
   if (!doc.items.length) {
-    fill(body, el("tr", {}, el("td", { colspan: 8, class: "muted",
+    fill(body, el("tr", {}, el("td", { colspan: 9, class: "muted",
       text: "no datasets yet: upload one above" })));
   }
+  const ready = doc.items.filter((d) => d.status === "ready");  // jobs take ready datasets only
   for (const sel of [$("#job-dataset"), $("#sw-dataset")]) {
     const keep = state.selectedDataset || sel.value;
-    fill(sel, ...doc.items.map((d) => el("option", { value: d.id,
+    fill(sel, ...ready.map((d) => el("option", { value: d.id,
       text: `${d.name} — ${d.num_identities} identities, ${d.num_images} images (${short(d.id)})` })));
-    if (keep && doc.items.some((d) => d.id === keep)) sel.value = keep;
+    if (keep && ready.some((d) => d.id === keep)) sel.value = keep;
+  }
+  // while one is ingesting and the list is in view, the list is read again
+  clearTimeout(state.datasetsTimer);
+  if (doc.items.some((d) => d.status === "ingesting") && !$("#view-datasets").hidden) {
+    state.datasetsTimer = setTimeout(() => {
+      if (!$("#view-datasets").hidden) loadDatasets().catch(() => {});
+    }, POLL_MS);
   }
   return doc.items;
 }
@@ -593,6 +634,7 @@ function renderJob(job) {
     item("clip", el("span", { id: "job-clip", text: clipText(cfg.clip) })),
     item("train", `loss ${fmt(m.train_loss)} · acc ${pct(m.train_acc)}`),
     item("validation", `loss ${fmt(m.val_loss)} · acc ${pct(m.val_acc)}`),
+    fineTuningItem(item, (m.open_set || {}).fine_tuning),
     item("steps clipped", `${c.clipped_steps || 0} of ${c.steps || 0} (${pct(c.clip_fraction)})` +
       (c.skipped_steps ? `, ${c.skipped_steps} skipped (non-finite)` : "") +
       (c.zeroed ? `, ${c.zeroed} elements zeroed` : "")),
@@ -706,6 +748,14 @@ const METRIC_NAMES = { val_acc: "val acc", best_val_loss: "best val loss",
   strangers_rejected: "strangers rejected", "tpir_at_fpir_0.05": "TPIR @ FPIR 0.05",
   skipped_steps: "skipped steps", clip_fraction: "steps clipped", grad_norm_pre: "norm pre",
   grad_norm_post: "norm post", wall_seconds: "seconds" };
+// the held-out people's verification, pretrained → fine-tuned, and the network the model kept
+function fineTuningItem(item, ft) {
+  if (!ft || !ft.pretrained || !ft.fine_tuned) return null;
+  const v = (f) => `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+  return item("held-out people", `${(ft.held_out || []).length}: pretrained ${v(ft.pretrained)}` +
+    ` → fine-tuned ${v(ft.fine_tuned)}; kept ${ft.kept === "fine_tuned" ? "fine-tuned" : "pretrained"}`);
+}
+
 const PCT_METRICS = ["val_acc", "known_named", "strangers_rejected", "tpir_at_fpir_0.05",
   "clip_fraction"];
 // each mode's main parameter in the form (norm also has its scope)

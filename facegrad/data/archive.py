@@ -28,6 +28,8 @@ __all__ = [
     "DatasetError",
     "Limits",
     "check_identities",
+    "check_npz_dataset",
+    "check_zip_archive",
     "iter_zip_images",
     "normalise_label",
     "read_npz_dataset",
@@ -331,7 +333,7 @@ def iter_zip_images(
     limits: Limits | None = None,
     *,
     skipped: list[str] | None = None,
-) -> Iterator[tuple[str, str, bytes]]:
+) -> ZipImages:
     """Yield ``(label, member_name, data)`` for every image in a ZIP of identity folders.
 
     Layout: one folder per identity, the folder name is the label (``s01/1.png``). The identity
@@ -358,7 +360,24 @@ def iter_zip_images(
     except BaseException:
         zf.close()
         raise
-    return _read_members(zf, selected, limits)
+    return ZipImages(_read_members(zf, selected, limits), len(selected))
+
+
+class ZipImages(Iterator[tuple[str, str, bytes]]):
+    """What :func:`iter_zip_images` returns: its members one at a time; ``len()`` is how many
+    it yields in all (known from the directory before any member is read)."""
+
+    def __init__(self, members: Iterator[tuple[str, str, bytes]], count: int):
+        self._members, self._count = members, count
+
+    def __next__(self) -> tuple[str, str, bytes]:
+        return next(self._members)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def close(self) -> None:
+        self._members.close()
 
 
 def _select_members(
@@ -538,35 +557,7 @@ def read_npz_dataset(
     limits = limits or Limits()
     zf = _open_zip(path, limits, ".npz file")
     with zf:
-        members = {info.filename: info for info in zf.infolist()}
-        missing = [k for k in ("images", "labels") if f"{k}.npy" not in members]
-        if missing:
-            found = sorted(n.removesuffix(".npy") for n in members)
-            raise DatasetError(
-                f"the .npz file must contain arrays 'images' and 'labels'; missing "
-                f"{', '.join(repr(k) for k in missing)} (found keys: {found}). Save it with "
-                "np.savez(path, images=images, labels=labels).",
-                422,
-            )
-        img_info, lab_info = members["images.npy"], members["labels.npy"]
-        total = 0
-        for key, info in (("images", img_info), ("labels", lab_info)):
-            _check_member_flags(info)
-            _check_ratio(key, info.file_size, info.compress_size, limits, ".npz")
-            total += info.file_size
-        if total > limits.max_uncompressed_bytes:
-            raise _over(
-                f"the .npz arrays total {_fmt_bytes(total)} uncompressed",
-                "max_uncompressed_bytes",
-                limits,
-                "Upload a smaller dataset or split it.",
-            )
-
-        shape, dtype = _npy_header(zf, img_info, "images")
-        lshape, ldtype = _npy_header(zf, lab_info, "labels")
-        n = _check_images_header(shape, dtype, limits)
-        _check_labels_header(lshape, ldtype, n)
-
+        img_info, lab_info, shape, lshape = _npz_members(zf, limits)
         images = _load_npy(zf, img_info, "images")
         raw_labels = _load_npy(zf, lab_info, "labels")
     if images.shape != shape or raw_labels.shape != lshape:  # defensive: header re-read
@@ -579,14 +570,82 @@ def read_npz_dataset(
     elif images.shape[3] == 4:
         images = images[..., :3]
     images = np.ascontiguousarray(images, dtype=np.uint8)
+    return images, _npz_labels(raw_labels)
 
+
+def check_npz_dataset(path: str | os.PathLike, limits: Limits | None = None) -> dict[str, int]:
+    """Images per identity of a .npz dataset, checked as :func:`read_npz_dataset` checks it but
+    without reading the images: the ZIP, both .npy headers, the labels (which are read) and the
+    number of identities (``limits.min_identities``). Raises DatasetError."""
+    limits = limits or Limits()
+    zf = _open_zip(path, limits, ".npz file")
+    with zf:
+        _img_info, lab_info, _shape, lshape = _npz_members(zf, limits)
+        raw_labels = _load_npy(zf, lab_info, "labels")
+    if raw_labels.shape != lshape:
+        raise DatasetError("the .npz arrays changed shape while reading; save it again.", 422)
+    counts = summarise(_npz_labels(raw_labels))
+    check_identities(counts, limits.min_identities)
+    return counts
+
+
+def check_zip_archive(path: str | os.PathLike, limits: Limits | None = None) -> dict[str, int]:
+    """Images per identity of a ZIP of identity folders, by its directory: every check that
+    :func:`iter_zip_images` makes before reading a member (size, member count, unsafe members,
+    header sizes and ratios, identity names), and the number of identities. No member is read.
+    Raises DatasetError."""
+    limits = limits or Limits()
+    zf = _open_zip(path, limits, "archive")
+    with zf:
+        selected = _select_members(zf, limits, None)
+    counts = summarise(label for label, _name, _info in selected)
+    check_identities(counts, limits.min_identities)
+    return counts
+
+
+def _npz_members(
+    zf: zipfile.ZipFile, limits: Limits
+) -> tuple[zipfile.ZipInfo, zipfile.ZipInfo, tuple[int, ...], tuple[int, ...]]:
+    """The checked ``images`` and ``labels`` members of an open .npz and their shapes."""
+    members = {info.filename: info for info in zf.infolist()}
+    missing = [k for k in ("images", "labels") if f"{k}.npy" not in members]
+    if missing:
+        found = sorted(n.removesuffix(".npy") for n in members)
+        raise DatasetError(
+            f"the .npz file must contain arrays 'images' and 'labels'; missing "
+            f"{', '.join(repr(k) for k in missing)} (found keys: {found}). Save it with "
+            "np.savez(path, images=images, labels=labels).",
+            422,
+        )
+    img_info, lab_info = members["images.npy"], members["labels.npy"]
+    total = 0
+    for key, info in (("images", img_info), ("labels", lab_info)):
+        _check_member_flags(info)
+        _check_ratio(key, info.file_size, info.compress_size, limits, ".npz")
+        total += info.file_size
+    if total > limits.max_uncompressed_bytes:
+        raise _over(
+            f"the .npz arrays total {_fmt_bytes(total)} uncompressed",
+            "max_uncompressed_bytes",
+            limits,
+            "Upload a smaller dataset or split it.",
+        )
+
+    shape, dtype = _npy_header(zf, img_info, "images")
+    lshape, ldtype = _npy_header(zf, lab_info, "labels")
+    n = _check_images_header(shape, dtype, limits)
+    _check_labels_header(lshape, ldtype, n)
+    return img_info, lab_info, shape, lshape
+
+
+def _npz_labels(raw_labels: np.ndarray) -> list[str]:
     cache: dict = {}
     labels: list[str] = []
     for i, value in enumerate(raw_labels.tolist()):
         if value not in cache:
             cache[value] = normalise_label(str(value), f"labels[{i}]")
         labels.append(cache[value])
-    return images, labels
+    return labels
 
 
 def _check_images_header(shape: tuple[int, ...], dtype: np.dtype, limits: Limits) -> int:

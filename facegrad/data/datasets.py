@@ -27,6 +27,8 @@ from facegrad.data.store import FaceArrays, NpyRowWriter
 
 # (rgb) -> stored crop; the detection module provides one that finds and crops the face.
 FaceCropper = Callable[[np.ndarray], np.ndarray]
+# (files done, files in all, rejected so far): called after each file; it may raise to stop.
+Progress = Callable[[int, int, dict[str, str]], None]
 
 
 @dataclass
@@ -37,28 +39,36 @@ class BuildReport:
     info: dict = field(default_factory=dict)
 
 
-def build_from_zip(path: Path, limits: Limits, crop: FaceCropper = prepare_face) -> BuildReport:
+def build_from_zip(path: Path, limits: Limits, crop: FaceCropper = prepare_face,
+                   progress: Progress | None = None) -> BuildReport:
     """The faces of a .zip of identity folders; images.npy is written beside ``path`` face by
     face as they are decoded (:class:`ImagesFile`), never held together in memory."""
     labels: list[str] = []
     rejected: dict[str, str] = {}
+    members = iter_zip_images(path, limits)
+    total = len(members)
     with ImagesFile(path) as out:
-        for label, member, data in iter_zip_images(path, limits):
+        for done, (label, member, data) in enumerate(members, 1):
             try:  # a cropper may refuse an image too (ImageError: no face found)
                 face = crop(decode_image(data, max_pixels=limits.max_pixels, filename=member))
             except ImageError as e:
                 rejected[member] = e.reason
-                continue
-            out.append(face)
-            labels.append(label)
+            else:
+                out.append(face)
+                labels.append(label)
+            if progress:
+                progress(done, total, rejected)
         return _finish(out, labels, rejected, limits)
 
 
-def build_from_npz(path: Path, limits: Limits, crop: FaceCropper = prepare_face) -> BuildReport:
+def build_from_npz(path: Path, limits: Limits, crop: FaceCropper = prepare_face,
+                   progress: Progress | None = None) -> BuildReport:
     raw, labels = read_npz_dataset(path, limits)
     with ImagesFile(path) as out:
-        for img in raw:
+        for done, img in enumerate(raw, 1):
             out.append(crop(img))
+            if progress:
+                progress(done, len(raw), {})
         return _finish(out, [str(x) for x in labels], {}, limits)
 
 

@@ -23,9 +23,11 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 
 def utcnow() -> datetime:
@@ -41,6 +43,11 @@ class Base(DeclarativeBase):
 
 
 class Dataset(Base):
+    """An uploaded dataset. ``status`` is ``ingesting`` while its images are decoded, cropped and
+    stored (facegrad/service/ingest.py), then ``ready`` or ``failed`` (``error`` says why).
+    An ingest is held by one API process through a lease (``ingest_owner``, ``ingest_expires``)
+    that it renews; an expired one is taken over and run again from the saved upload."""
+
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
@@ -52,6 +59,14 @@ class Dataset(Base):
     detect: Mapped[str] = mapped_column(String(10), default="none")
     source_format: Mapped[str] = mapped_column(String(10))
     info: Mapped[dict] = mapped_column(default=dict)
+    # Columns added after the first release: each has a server default or is nullable, so that
+    # add_missing_columns can add it to an existing table (rows there were stored ready).
+    status: Mapped[str] = mapped_column(String(12), default="ready", server_default="ready")
+    progress: Mapped[dict | None] = mapped_column(nullable=True, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ingest_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    ingest_expires: Mapped[datetime | None] = mapped_column(nullable=True)
+    ingest_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Job(Base):
@@ -154,6 +169,9 @@ def create_schema(engine) -> None:
     check and the creation run in one transaction that holds a lock until it commits: a
     transaction-scoped advisory lock on PostgreSQL, the database's write lock (BEGIN IMMEDIATE)
     on SQLite. The processes that waited then find the tables and create nothing.
+
+    Tables made by an earlier version get the columns added since (:func:`add_missing_columns`)
+    in the same transaction.
     """
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
@@ -162,6 +180,30 @@ def create_schema(engine) -> None:
             # the sqlite3 module opens no transaction before DDL by itself
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         Base.metadata.create_all(conn)
+        add_missing_columns(conn)
+
+
+def add_missing_columns(conn) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each model column that its existing table lacks.
+
+    ``create_all`` creates missing tables only. A column added to a model later must be nullable
+    or have a ``server_default`` (SQLite and PostgreSQL then fill the existing rows with it).
+    """
+    inspector = inspect(conn)
+    existing_tables = set(inspector.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable and column.server_default is None:
+                raise RuntimeError(f"column {table.name}.{column.name} cannot be added to an "
+                                   "existing table: give it a server_default or make it nullable")
+            spec = CreateColumn(column).compile(dialect=conn.dialect)
+            name = conn.dialect.identifier_preparer.quote(table.name)
+            conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
 
 
 @lru_cache(maxsize=8)

@@ -128,6 +128,13 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
         cfg = TrainConfig.model_validate(job.config)
         dataset_id = job.dataset_id
         attempt = job.attempts
+        dataset = s.get(Dataset, dataset_id)
+        not_ready = "deleted" if dataset is None else (
+            None if dataset.status == "ready" else dataset.status)
+    if not_ready:  # the API queues jobs on ready datasets only; never train on a partial one
+        _update_job(settings, job_id, status="failed", finished_at=utcnow(), lease_owner=None,
+                    error=f"dataset {dataset_id} is {not_ready}, not ready: nothing to train on")
+        return "failed"
     log.info("job %s: training %s for %d epochs on dataset %s, clip %s (attempt %d)", job_id,
              cfg.architecture, cfg.epochs, dataset_id, cfg.clip.mode, attempt)
     run_dir = storage.run_dir(settings, job_id)

@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     max_identify_files: int = 32
     max_identify_bytes: int = 64 * 1024**2
 
+    upload_wait_seconds: float = Field(
+        10.0, ge=0, le=300,
+        description="How long POST /v1/datasets waits for the ingest it started (decoding, "
+        "detection, alignment) before it answers 202 with the dataset still ingesting; an "
+        "ingest done by then answers 201 with the ready dataset (or the 4xx of a refused one). "
+        "A client's 'Prefer: respond-async' (or a shorter 'Prefer: wait=N') asks for less.")
+    ingest_lease_seconds: int = Field(
+        30, ge=2, le=3600,
+        description="An ingest whose API process has not renewed its lease for this long is "
+        "taken over by another API process (or the same one restarted) and run again.")
+
     max_sweep_jobs: int = Field(
         64, ge=1, le=10_000,
         description="Most jobs one sweep may queue (the product of its grid's list lengths); a "
