@@ -6,8 +6,9 @@ Models (loaded once per process, on first use): dlib's HOG frontal face detector
 68-point model is not used: its training data restricts commercial use).
 
 Detection (:func:`find_faces`)
-    The detector scans the image's grey version resized so that its longest side is
-    ``DETECT_SIDE`` (960 px), enlarged at most ``MAX_UPSCALE`` (2×). HOG (an 80×80 window)
+    The HOG detector scans the image resized so that its longest side is
+    ``DETECT_SIDE`` (960 px), enlarged at most ``MAX_UPSCALE`` (2×): in grey, or, where the
+    photo is enlarged exactly 2×, in colour by dlib's own upsampling (:func:`_scan`). HOG (an 80×80 window)
     finds faces whose box is about 70 px and more in the image it scans (boxes come in steps of
     6/5), so the smallest face found has a box of about 1/13 of the longest side (48 px in a
     640×480 photo), and a big upload costs what a 960-px one does. The cost grows with the
@@ -51,9 +52,19 @@ Alignment (:func:`crop_faces`)
     view around the box) reaches past the image's edge, the missing pixels are the edge pixels
     replicated (dlib itself would read and fill black); inside the image the chip is dlib's own.
 
+Turned faces
+    HOG is a frontal detector: faces turned past about 45° escape it. Where HOG and its padded
+    retry find nothing, dlib's CNN face detector (MMOD, King 2015: "Max-Margin Object
+    Detection"; ``mmod_human_face_detector.dat`` of ``face-recognition-models``, trained on faces
+    in every pose) scans the photo at ``CNN_SIDE`` (320 px), and its faces are aligned by their
+    landmarks like HOG's. It costs about 0.4 s of CPU per 640×480 picture, paid only where HOG
+    found no face. On CFP's profile photos enlarged 3× (``bench/detection.py``) HOG finds 77 of
+    200, HOG then the CNN 198; on CFP's frontal-profile pairs (folds 1-5) landmark alignment of
+    the CNN's faces verified 0.848, alignment by the CNN's box 0.802.
+
 Measured (``bench/detection.py``, seed 0)
-    Bare ORL images (92×112): 391 of 400 found by the detector directly, 7 by the padded retry,
-    2 by the tight-crop rule (scanned as they are rather than 2×, the detector alone finds 396).
+    Bare ORL images (92×112): 388 of 400 found by the detector directly, 10 by the padded retry,
+    2 by the CNN.
     ORL faces placed at random spots of 640×480 blurred-noise pictures, 40 per cell: all found at
     frame heights 100 and 160 px, upright and turned ±15°; at 60 px 40, 38 and 36 of 40 (upright,
     +15°, -15°). The eye line from the landmarks follows the turn within 1° (median). Two faces
