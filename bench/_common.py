@@ -95,6 +95,15 @@ def setup(args: argparse.Namespace) -> torch.device:
     return pick_device(args.device)
 
 
+def pretrained_dir() -> Path:
+    """Where the service keeps dlib's converted weights (``<data dir>/pretrained``, from the
+    FACEGRAD_* settings): the benchmarks train and embed with the same files."""
+    from facegrad.service.settings import get_settings
+    from facegrad.service.storage import pretrained_dir as service_pretrained_dir
+
+    return service_pretrained_dir(get_settings())
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _common import device_parser, footer, header, setup, table
+from _common import device_parser, footer, header, pretrained_dir, setup, table
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
@@ -48,7 +48,7 @@ def describe_sets(device):
     folder = orl_folder()
     names = sorted(folder)
     net = PretrainedFace(2)
-    net.backbone.load_state_dict(pretrained_state())
+    net.backbone.load_state_dict(pretrained_state(pretrained_dir()))
     net = net.to(device)
     photos = photo_set(names, 2026)
     from facegrad.data.imageio import decode_image
@@ -183,10 +183,11 @@ def main() -> None:
         x, lab = chips_of["orl"]
         keep = lab < 30
         data = FaceArrays(x[keep], lab[keep], names[:30])
-        from facegrad.training.loop import train
+        from facegrad.pipeline import run_training_job
 
         with tempfile.TemporaryDirectory() as d:
-            res = train(TrainConfig(device=device.type), data, Path(d) / "run")
+            res = run_training_job(TrainConfig(device=device.type), data, Path(d) / "run",
+                                   pretrained_dir=pretrained_dir())
             held = res.open_set["fine_tuning"]["held_out"]
             tuned = LoadedModel(res.model_path.parent).gallery.emb
             pre = sets["orl"][0][torch.from_numpy(keep)]

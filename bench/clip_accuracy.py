@@ -4,9 +4,9 @@
 
 ORL with 3 images per identity held out (tests/harness.py orl_split: random.Random(1234)
 shuffle per identity, the first 3 for test): 280 training images, 120 held-out. Models are
-trained in this process by ``facegrad.training.loop.train`` (as a worker does, with its validation
-split and checkpoints) and scored through ``facegrad.recognition.inference.LoadedModel``: embed the
-held-out crops, match against the training-image gallery, threshold -1 (closed set).
+trained in this process by ``facegrad.pipeline.run_training_job`` (as a worker does, with its
+validation split and checkpoints) and scored through ``facegrad.recognition.inference.LoadedModel``:
+embed the held-out crops, match against the training-image gallery, threshold -1 (closed set).
 
 (a) the default config (dlib_resnet fine-tuned: SGD 0.01, cosine, 4 epochs, norm clipping 5
     global);
@@ -35,6 +35,7 @@ from _common import (
     footer,
     header,
     orl_split,
+    pretrained_dir,
     setup,
     table,
     verdict,
@@ -55,13 +56,14 @@ TIME_BAR_S = 300.0
 
 
 def run(cfg, data, test_crops, truth, workdir: Path) -> dict:
+    from facegrad.pipeline import run_training_job
     from facegrad.recognition.inference import LoadedModel
-    from facegrad.training.loop import TrainingError, train
+    from facegrad.training.loop import TrainingError
 
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     t0 = time.perf_counter()
     try:
-        result = train(cfg, data, run_dir)
+        result = run_training_job(cfg, data, run_dir, pretrained_dir=pretrained_dir())
     except TrainingError as e:
         return {"acc": float("nan"), "seconds": time.perf_counter() - t0, "diverged": True,
                 "clip_fraction": float("nan"), "skipped": None, "loss": float("nan"),

@@ -13,20 +13,19 @@ into the stored format (images.npy a copy at a time with ``facegrad.data.store.N
 labels.npy, names.json) under a temporary data folder, never held in memory whole.
 
 Peak RSS: a fresh subprocess per run does what a worker does for a job:
-``FaceArrays.load`` (memory-mapped), then ``facegrad.training.loop.train`` with seed_cnn, 1 epoch
-cut to its first ``--steps`` steps (250 of batch 32: 8000 images, about the whole epoch at 10k),
-data_loading 'stream', device cpu, 5 % of the people held out for calibration
-(``calibration_identities`` 0.05, the job default is 0.2), everything else the job defaults
-(10 % of each person's images for validation, 64 px) - including the end of the job: the
-validation pass, the gallery (every image embedded) and the open-set calibration over all of
-them. Both sizes do the same training work: streaming holds a bounded queue of batches, so its
-memory does not depend on how many steps run, while everything sized by the dataset (split,
-labels, gallery, calibration) runs in full. The held-out share is lower than the default only
-to keep the run short: calibration's time grows with probes x gallery (at 0.2 and 100k images,
-48k probes against 100k images: 5 minutes on this CPU), its memory does not (chunks of
-``open_set.SCORE_CELLS``). The child reports VmHWM from /proc/self/status as it ends (the parent
-also samples its VmRSS every 0.1 s). The same run at the smaller size with data_loading
-'memory' is printed for comparison.
+``FaceArrays.load`` (memory-mapped), then ``facegrad.pipeline.run_training_job`` with seed_cnn, 1
+epoch cut to its first ``--steps`` steps (250 of batch 32: 8000 images, about the whole epoch at
+10k), data_loading 'stream', device cpu, 5 % of the people held out for calibration
+(``calibration_identities`` 0.05, the job default is 0.2), everything else the job defaults (10 % of
+each person's images for validation, 64 px) - including the end of the job: the validation pass, the
+gallery (every image embedded) and the open-set calibration over all of them. Both sizes do the same
+training work: streaming holds a bounded queue of batches, so its memory does not depend on how many
+steps run, while everything sized by the dataset (split, labels, gallery, calibration) runs in full.
+The held-out share is lower than the default only to keep the run short: calibration's time grows
+with probes x gallery (at 0.2 and 100k images, 48k probes against 100k images: 5 minutes on this
+CPU), its memory does not (chunks of ``open_set.SCORE_CELLS``). The child reports VmHWM from
+/proc/self/status as it ends (the parent also samples its VmRSS every 0.1 s). The same run at the
+smaller size with data_loading 'memory' is printed for comparison.
 
 Throughput: in this process, the training split of the 10k dataset (the job's split) as
 ``DeviceBatches`` ('memory': resized once, held) and as ``StreamBatches`` ('stream': on the
@@ -119,6 +118,7 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from facegrad.data.store import FaceArrays
+    from facegrad.pipeline import run_training_job
     from facegrad.training import loop as training
     from facegrad.training.config import TrainConfig
 
@@ -136,7 +136,7 @@ def child(args) -> None:
     cfg = TrainConfig(architecture="seed_cnn", epochs=1, device="cpu",
                       data_loading=args.loading, calibration_identities=HELD_OUT)
     t0 = time.perf_counter()
-    result = training.train(cfg, data, folder / f"run-{args.loading}")
+    result = run_training_job(cfg, data, folder / f"run-{args.loading}")
     out["train_s"] = time.perf_counter() - t0
     out["epoch_s"] = result.history[-1]["epoch_seconds"]
     out["val_acc"] = result.history[-1]["val_acc"]

@@ -4,8 +4,8 @@ Weak scaling, as data-parallel training is used: every process takes ``--per-dev
 rows of each step, so a world of W trains a global batch W times as large. Each world size trains
 the same synthetic dataset (``--images`` faces: copies of the ORL faces, mirrored, shifted and
 brightness-scaled, each copy's people new identities, as bench/dataset_scale.py makes them) for
-2 epochs through ``facegrad.training.loop.train``; the figure is the second epoch's training images
-per second (the first includes start-up). Baseline: the same job on one process, in the same
+2 epochs through ``facegrad.pipeline.run_training_job``; the figure is the second epoch's training
+images per second (the first includes start-up). Baseline: the same job on one process, in the same
 run. On the CPU (gloo) the processes share the machine's cores, so this measures the cost of the
 process group, not a speed-up; on a machine with W GPUs it measures the scaling.
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import device_parser, footer, header, orl_all, setup, table
+from _common import device_parser, footer, header, orl_all, pretrained_dir, setup, table
 from dataset_scale import synthesise
 
 import torch  # isort: skip
@@ -29,8 +29,8 @@ import torch  # isort: skip
 
 def run(folder: Path, work: Path, device: torch.device, world: int, args) -> dict:
     from facegrad.data.store import FaceArrays
+    from facegrad.pipeline import run_training_job
     from facegrad.training.config import TrainConfig
-    from facegrad.training.loop import train
 
     arch = args.arch or ("dlib_resnet" if device.type == "cuda" else "seed_cnn")
     cfg = TrainConfig(architecture=arch, epochs=2, device=device.type, devices=world,
@@ -38,7 +38,8 @@ def run(folder: Path, work: Path, device: torch.device, world: int, args) -> dic
                       calibration_identities=0, val_fraction=0.05)
     data = FaceArrays.load(folder)
     t0 = time.perf_counter()
-    result = train(cfg, data, work / f"run-{world}-{time.monotonic_ns()}", dataset_dir=folder)
+    result = run_training_job(cfg, data, work / f"run-{world}-{time.monotonic_ns()}",
+                              pretrained_dir=pretrained_dir(), dataset_dir=folder)
     last = result.history[-1]
     rows = last["step"] // 2 * cfg.batch_size  # steps of the second epoch x the global batch
     return {"world": world, "arch": arch, "global_batch": cfg.batch_size,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from _common import device_parser, footer, header, setup, sync, table
+from _common import device_parser, footer, header, pretrained_dir, setup, sync, table
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
@@ -49,7 +49,7 @@ def main() -> None:
     chips = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
     facerec = dlib.face_recognition_model_v1(str(dlib_model_path()))
     net = PretrainedFace(2)
-    net.backbone.load_state_dict(pretrained_state())
+    net.backbone.load_state_dict(pretrained_state(pretrained_dir()))
     net = net.to(device).eval()
     embed = _compiled_embedding(net, 150, device)
     x = to_unit(torch.from_numpy(chips).permute(0, 3, 1, 2).contiguous()).to(device)

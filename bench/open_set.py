@@ -26,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import crops_of, device_parser, face_arrays, footer, header, orl_split, setup
+from _common import (
+    crops_of,
+    device_parser,
+    face_arrays,
+    footer,
+    header,
+    orl_split,
+    pretrained_dir,
+    setup,
+)
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
@@ -49,9 +58,9 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args)
     header("open-set identification (ORL)", device)
+    from facegrad.pipeline import run_training_job
     from facegrad.recognition.inference import LoadedModel
     from facegrad.training.config import TrainConfig
-    from facegrad.training.loop import train
 
     tr, te = orl_split()
     names = sorted(tr)
@@ -64,7 +73,8 @@ def main() -> None:
     cfg = TrainConfig.model_validate(cfg)
     out = args.out or Path(tempfile.mkdtemp(prefix="open-set-"))
     t0 = time.perf_counter()
-    train(cfg, face_arrays({n: tr[n] for n in known}), out)
+    run_training_job(cfg, face_arrays({n: tr[n] for n in known}), out,
+                     pretrained_dir=pretrained_dir())
     seconds = time.perf_counter() - t0
     lm = LoadedModel(out)
     os_ = lm.meta["open_set"]

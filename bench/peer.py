@@ -15,7 +15,7 @@ Two pipelines, the same images and splits:
   ``known_face_locations`` for crops; a bigger picture with no face found has no descriptor.
 - facegrad: its public functions only.
   ``facegrad.recognition.detect.crop_one(rgb, "auto")`` per image,
-  ``facegrad.training.loop.train`` (default TrainConfig, or ``--epochs``/``--arch``) on the
+  ``facegrad.pipeline.run_training_job`` (default TrainConfig, or ``--epochs``/``--arch``) on the
   training images, ``facegrad.recognition.inference.LoadedModel`` to embed and ``match``, and
   ``lm.gallery.enroll`` for strangers, as bench/open_set.py does.
 
@@ -51,7 +51,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import ORL, device_parser, footer, header, orl_split, setup, table
+from _common import ORL, device_parser, footer, header, orl_split, pretrained_dir, setup, table
 
 import numpy as np  # isort: skip
 from PIL import Image  # isort: skip
@@ -169,14 +169,14 @@ class Facegrad:
     def __init__(self, overrides: dict):
         try:
             from facegrad.data.store import FaceArrays
+            from facegrad.pipeline import run_training_job
             from facegrad.recognition.detect import crop_one
             from facegrad.recognition.inference import LoadedModel
             from facegrad.training.config import TrainConfig
-            from facegrad.training.loop import train
         except Exception as e:
             raise SideFailed(f"importing facegrad failed: {type(e).__name__}: {e}") from e
         self.TrainConfig, self.FaceArrays, self.crop_one = TrainConfig, FaceArrays, crop_one
-        self.LoadedModel, self.train = LoadedModel, train
+        self.LoadedModel, self.run_training_job = LoadedModel, run_training_job
         try:
             self.cfg = TrainConfig.model_validate(overrides)
         except Exception as e:
@@ -196,7 +196,7 @@ class Facegrad:
         self.runs += 1
         run_dir = self.tmp / f"run{self.runs}"
         t0 = time.perf_counter()
-        self.train(self.cfg, arrays, run_dir)
+        self.run_training_job(self.cfg, arrays, run_dir, pretrained_dir=pretrained_dir())
         self.train_seconds += time.perf_counter() - t0
         return self.LoadedModel(run_dir)
 

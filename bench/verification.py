@@ -9,9 +9,9 @@ The data folder holds one sub-folder of photos per person and ``pairs_<KIND>.tsv
 (columns ``fold, same, img1, img2``; the people of one fold appear in no other), as
 ``../shared/data/cfp_dev`` does with its frontal-frontal (FF) and frontal-profile (FP) pairs.
 
-Library path (default): every photo of the train folds' people and of the test folds' pairs
-goes through ``facegrad.recognition.detect.crop_one`` (as upload, identify and verify do); the
-default job (``TrainConfig()``, or ``--job`` overrides) trains with ``facegrad.training.loop.train``
+Library path (default): every photo of the train folds' people and of the test folds' pairs goes
+through ``facegrad.recognition.detect.crop_one`` (as upload, identify and verify do); the default
+job (``TrainConfig()``, or ``--job`` overrides) runs through ``facegrad.pipeline.run_training_job``
 on the train folds' people; the test folds' pairs are scored by the cosine of the two photos'
 descriptors, for the pretrained network (epochs 0) and the fine-tuned one.
 API path (``--url``): the same photos are uploaded as a dataset, the default job (and an
@@ -145,10 +145,10 @@ def train_folder(data: Path, people: list[str], chips: dict[str, np.ndarray | No
 
 def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | None]]:
     """[(name, {file: descriptor}, verification threshold)] for pretrained and fine-tuned."""
+    from facegrad.pipeline import run_training_job
     from facegrad.recognition.gallery import embed
     from facegrad.recognition.inference import LoadedModel
     from facegrad.training.config import TrainConfig
-    from facegrad.training.loop import train
 
     test_files = sorted({f for rows in pairs.values() for _, _, a, b in rows for f in (a, b)})
     train_people = people_of_folds(data, args.train_folds)
@@ -168,8 +168,8 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
     for name, overrides in jobs:
         cfg = TrainConfig(**({"device": args.device} | overrides))
         t0 = time.perf_counter()
-        res = train(cfg, train_folder(data, train_people, chips), work / name,
-                    pretrained_dir=work / "pretrained")
+        res = run_training_job(cfg, train_folder(data, train_people, chips), work / name,
+                               pretrained_dir=work / "pretrained")
         lm = LoadedModel(res.model_path.parent, args.device)
         emb = embed(lm.net, stack, lm.image_size, lm.device, normalisation=lm.normalisation,
                     descriptor=lm.descriptor).numpy()

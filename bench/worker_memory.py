@@ -6,9 +6,9 @@ Datasets are synthesised from the 400 ORL faces (stored 150x150 RGB chips) by ho
 and shifts of up to 12 px (edge-replicated), labelled with their 40 identities, and written as
 the service stores a dataset (images.npy, labels.npy, names.json) in a temporary folder. Each
 run is a fresh subprocess doing what a worker does for a job: ``FaceArrays.load`` (memory-mapped)
-then ``facegrad.training.loop.train`` for 1 epoch with the default config (plus --arch); it reports
-``VmHWM`` from its /proc/<pid>/status as it ends, while this process samples its VmRSS. A third
-subprocess only imports and loads (the baseline: what any worker holds before training).
+then ``facegrad.pipeline.run_training_job`` for 1 epoch with the default config (plus --arch); it
+reports ``VmHWM`` from its /proc/<pid>/status as it ends, while this process samples its VmRSS. A
+third subprocess only imports and loads (the baseline: what any worker holds before training).
 
 Bar: peak RSS < 2 GB at 10k images. Also printed: the growth per 1k images between the sizes.
 """
@@ -27,6 +27,7 @@ from _common import (
     footer,
     header,
     orl_all,
+    pretrained_dir,
     run_measured,
     setup,
     status_kb,
@@ -74,8 +75,8 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from facegrad.data.store import FaceArrays
+    from facegrad.pipeline import run_training_job
     from facegrad.training.config import TrainConfig
-    from facegrad.training.loop import train
 
     folder = Path(args.child)
     data = FaceArrays.load(folder)  # memory-mapped, as facegrad.service.jobs does
@@ -83,7 +84,7 @@ def child(args) -> None:
     if not args.no_train:
         cfg = TrainConfig(architecture=args.arch, epochs=1, device="cpu")
         t0 = time.perf_counter()
-        train(cfg, data, folder / "run")
+        run_training_job(cfg, data, folder / "run", pretrained_dir=pretrained_dir())
         out["train_s"] = time.perf_counter() - t0
     out["hwm_kb"] = status_kb("self", "VmHWM")
     print("RESULT " + json.dumps(out), flush=True)

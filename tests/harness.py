@@ -22,8 +22,8 @@ ORL = SHARED_DATA / "att_faces"
 
 
 def rank_processes(parent: int | None = None) -> list[int]:
-    """Pids of the child ranks of multi-device jobs (``python -m facegrad.training.distributed``),
-    of ``parent`` only when given."""
+    """Pids of the child ranks of multi-device jobs
+    (``python -m facegrad.training.distributed_rank``), of ``parent`` only when given."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -33,7 +33,7 @@ def rank_processes(parent: int | None = None) -> list[int]:
             ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if b"facegrad.training.distributed" in cmd and parent in (None, ppid):
+        if b"facegrad.training.distributed_rank" in cmd and parent in (None, ppid):
             pids.append(int(p.name))
     return pids
 
@@ -117,7 +117,7 @@ class Service:
         workdir.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "facegrad.service.cli", *args], env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "facegrad.cli", *args], env=self.env,
                                 cwd=ROOT, stdout=open(self.workdir / log, "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 

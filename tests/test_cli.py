@@ -23,7 +23,7 @@ SUBSET = 5  # identities: enough for a model, small enough to train in seconds
 def facegrad(service, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT), COLUMNS="200")
     env.pop("FACEGRAD_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "facegrad.service.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "facegrad.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -165,7 +165,7 @@ def test_wait_reports_a_cancelled_job(service, trained):
     ds, _ = trained
     env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT))
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "facegrad.service.cli", "train", "--dataset", ds["id"],
+        [sys.executable, "-m", "facegrad.cli", "train", "--dataset", ds["id"],
          "--epochs", "500",
          "--arch", "seed_cnn", "--image-size", "32", "--batch-size", "4", "--wait", "--poll",
          "0.3", "--json"],
@@ -248,7 +248,7 @@ def waited_sweep(service, sweep_ds):
 
 
 def test_sweep_help():
-    r = subprocess.run([sys.executable, "-m", "facegrad.service.cli", "sweep", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "facegrad.cli", "sweep", "--help"], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
     out = ok(r)
     for word in ("--dataset", "--clip", "--lr", "--seeds", "--wait", "--metric", "show",
@@ -310,7 +310,7 @@ def test_sweep_cancel(service, sweep_ds):
     """sweep cancel stops a long sweep; the client waiting on it exits 1 saying so."""
     env = dict(os.environ, FACEGRAD_URL=service.url, PYTHONPATH=str(ROOT))
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "facegrad.service.cli", "sweep", "--dataset", sweep_ds["id"],
+        [sys.executable, "-m", "facegrad.cli", "sweep", "--dataset", sweep_ds["id"],
          "--clip", "none", "--clip", "value:1", "--seeds", "2", "--epochs", "500", *SWEEP_JOB,
          "--name", "cli-long-sweep", "--wait", "--poll", "0.3"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

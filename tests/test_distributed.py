@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from facegrad.pipeline import run_training_job
 from facegrad.training import checkpoint as ckpt
 from facegrad.training.config import TrainConfig
 from facegrad.training.distributed import RankFailed
-from facegrad.training.loop import Cancelled, Hooks, train
+from facegrad.training.loop import Cancelled, Hooks
 from tests.harness import rank_processes
 from tests.test_training import _orl_faces
 
@@ -59,12 +60,13 @@ def _close(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def one_process(faces, tmp_path_factory):
     data, folder = faces
-    return train(_cfg(devices=1), data, tmp_path_factory.mktemp("ddp-1"), dataset_dir=folder)
+    return run_training_job(_cfg(devices=1), data, tmp_path_factory.mktemp("ddp-1"),
+                            dataset_dir=folder)
 
 
 def test_two_processes_match_one(faces, one_process, tmp_path):
     data, folder = faces
-    two = train(_cfg(devices=2), data, tmp_path, dataset_dir=folder)
+    two = run_training_job(_cfg(devices=2), data, tmp_path, dataset_dir=folder)
     h1, h2 = one_process.history, two.history
     assert len(h1) == len(h2) == 4
     for a, b in zip(h1, h2):
@@ -92,8 +94,8 @@ def test_every_clip_mode_sees_the_whole_models_gradient(faces, tmp_path, clip):
     """The rules that look at the whole model (its largest gradient, each unit's weights) give
     2 processes what they give one: they run on the all-reduced gradients."""
     data, folder = faces
-    runs = [train(_cfg(devices=n, epochs=2, clip=clip), data, tmp_path / str(n),
-                  dataset_dir=folder) for n in (1, 2)]
+    runs = [run_training_job(_cfg(devices=n, epochs=2, clip=clip), data, tmp_path / str(n),
+                             dataset_dir=folder) for n in (1, 2)]
     for a, b in zip(runs[0].history, runs[1].history):
         assert abs(a["train_loss"] - b["train_loss"]) <= LOSS_TOL * max(1.0, a["train_loss"])
         ca, cb = a["clipping"], b["clipping"]
@@ -110,7 +112,7 @@ def _interrupted(cfg: TrainConfig, data, folder, run_dir: Path) -> Path:
     hooks = Hooks(on_epoch=lambda r: epochs.append(r["epoch"]),
                   should_stop=lambda: len(epochs) >= 2)
     with pytest.raises(Cancelled):
-        train(cfg, data, run_dir, hooks, dataset_dir=folder)
+        run_training_job(cfg, data, run_dir, hooks, dataset_dir=folder)
     found = sorted((run_dir / "checkpoints").glob("epoch-*.json"))
     assert found and 2 <= int(found[-1].stem[-4:]) < 4
     return found[-1]
@@ -122,8 +124,8 @@ def test_a_checkpoint_resumes_on_the_other_number_of_processes(faces, one_proces
     data, folder = faces
     last = _interrupted(_cfg(devices=first), data, folder, tmp_path / "a")
     resumed_at = []
-    done = train(_cfg(devices=then), data, tmp_path / "a", Hooks(on_resume=resumed_at.append),
-                 resume=last, dataset_dir=folder)
+    done = run_training_job(_cfg(devices=then), data, tmp_path / "a",
+                            Hooks(on_resume=resumed_at.append), resume=last, dataset_dir=folder)
     assert resumed_at == [int(last.stem[-4:])]
     assert [h["epoch"] for h in done.history] == [1, 2, 3, 4]
     assert abs(done.history[-1]["train_loss"] - one_process.history[-1]["train_loss"]) <= (
@@ -139,7 +141,7 @@ def test_a_dead_rank_fails_the_attempt_at_once(faces, tmp_path):
     def run():
         hooks = Hooks(on_progress=lambda p: started.set(), progress_interval_s=0.0)
         try:
-            train(_cfg(devices=2, epochs=200), data, tmp_path, hooks, dataset_dir=folder)
+            run_training_job(_cfg(devices=2, epochs=200), data, tmp_path, hooks, dataset_dir=folder)
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             outcome["error"] = e
 

@@ -42,7 +42,7 @@ def test_facegrad_up_on_embedded_defaults(tmp_path, orl):
     env = {k: v for k, v in __import__("os").environ.items()
            if not k.startswith("FACEGRAD_")}
     env.update(FACEGRAD_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "facegrad.service.cli", "up", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "facegrad.cli", "up", "--port",
                              str(port)],
                             cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,6 +1,7 @@
 """The default job: dlib's pretrained face network, used as it is (epochs 0) or fine-tuned with
 clipping, its gallery calibrated by leaving out (facegrad.recognition.open_set). Real ORL faces,
-in process (the service runs the same ``train``; tests/test_open_set.py goes through it)."""
+in process (the service runs the same ``run_training_job``; tests/test_open_set.py goes through
+it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from facegrad.data.imageio import decode_image
 from facegrad.data.store import FaceArrays
+from facegrad.pipeline import run_training_job
 from facegrad.recognition.detect import crop_one
 from facegrad.recognition.inference import LoadedModel
 from facegrad.recognition.open_set import (
@@ -19,7 +21,7 @@ from facegrad.recognition.open_set import (
     leave_out_scores,
 )
 from facegrad.training.config import TrainConfig
-from facegrad.training.loop import pretrained_state, train
+from facegrad.training.loop import pretrained_state
 from tests.harness import ORL, orl_split
 
 N_IDS = 12  # people trained / enrolled; the next 4 are strangers
@@ -68,8 +70,8 @@ def test_defaults_follow_the_architecture():
 
 
 def test_pretrained_as_is_identifies_and_rejects(faces, weights_dir, tmp_path):
-    res = train(TrainConfig(epochs=0, device="cpu"), faces["train"], tmp_path / "run",
-                pretrained_dir=weights_dir)
+    res = run_training_job(TrainConfig(epochs=0, device="cpu"), faces["train"], tmp_path / "run",
+                           pretrained_dir=weights_dir)
     assert res.history == []
     os_ = res.open_set
     # no training: every person is an honest stranger to the others
@@ -94,7 +96,7 @@ def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weight
                                                                    tmp_path):
     cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2, freeze_stages=2,
                       clip={"mode": "norm", "max_norm": 5.0})
-    res = train(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    res = run_training_job(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     assert len(res.history) == 1 and res.clipping["steps"] > 0
     ft = res.open_set["fine_tuning"]
     assert len(ft["held_out"]) == 2 and ft["kept"] in ("fine_tuned", "pretrained")
@@ -122,7 +124,7 @@ def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, wei
     cfg = TrainConfig(epochs=1, device="cpu", learning_rate=3.0, lr_schedule="constant",
                       backbone_lr_scale=1.0, freeze_stages=0, optimizer={"name": "sgd"},
                       clip={"mode": "none"})
-    res = train(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    res = run_training_job(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     ft = res.open_set["fine_tuning"]
     assert ft["kept"] == "pretrained" and "did not make the network better" in ft["note"]
     assert ft["fine_tuned"]["verify_accuracy"] < ft["pretrained"]["verify_accuracy"]

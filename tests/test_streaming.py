@@ -18,10 +18,10 @@ from facegrad.data.archive import DatasetError, Limits
 from facegrad.data.batches import DeviceBatches, StreamBatches, loading_mode, make_batches
 from facegrad.data.datasets import build_from_zip
 from facegrad.data.store import FaceArrays, NpyRows, NpyRowWriter, rows_source
+from facegrad.pipeline import run_training_job
 from facegrad.recognition import open_set
 from facegrad.recognition.gallery import embed
 from facegrad.recognition.models import build_model
-from facegrad.training.loop import train
 from tests.test_training import _orl_faces, cfg
 
 CPU = torch.device("cpu")
@@ -333,7 +333,7 @@ def test_training_streams_the_same_run_as_memory(tmp_path):
     runs = {}
     for mode in ("memory", "stream"):
         data = FaceArrays.load(folder)
-        runs[mode] = train(cfg(epochs=2, data_loading=mode), data, tmp_path / mode)
+        runs[mode] = run_training_job(cfg(epochs=2, data_loading=mode), data, tmp_path / mode)
     assert len(runs["stream"].history) == 2
     for a, b in zip(runs["memory"].history, runs["stream"].history):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):

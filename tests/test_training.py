@@ -13,6 +13,7 @@ from PIL import Image
 from facegrad.data.batches import AUG_SCALE, augment_batch, stratified_split
 from facegrad.data.preprocess import normaliser, prepare_face, resize_uint8
 from facegrad.data.store import FaceArrays
+from facegrad.pipeline import run_training_job
 from facegrad.recognition.gallery import embed, identity_scores
 from facegrad.recognition.inference import LoadedModel
 from facegrad.recognition.models import build_model
@@ -85,6 +86,8 @@ def test_same_seed_same_metrics(small_faces, tmp_path):
                    for h in b.history]
     c = train(cfg(seed=4), small_faces, tmp_path / "c")
     assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+    # training stops at the weights: the gallery and the model file are the job's next steps
+    assert not (tmp_path / "a" / "model.json").exists()
 
 
 def test_resume_continues_the_same_run(small_faces, tmp_path):
@@ -112,7 +115,7 @@ def test_resume_continues_the_same_run(small_faces, tmp_path):
 
 
 def test_model_artifact_loads_and_identifies(small_faces, tmp_path):
-    res = train(cfg(epochs=6), small_faces, tmp_path / "m")
+    res = run_training_job(cfg(epochs=6), small_faces, tmp_path / "m")
     meta = json.loads(res.model_path.read_text())
     assert meta["labels"] == small_faces.names
     assert meta["preprocessing"]["image_size"] == 32
@@ -150,9 +153,9 @@ def test_scratch_model_calibrates_on_held_out_identities(tmp_path):
     """facenet_s trained on 10 of 12 people: the 2 held out are the calibration's strangers,
     and a loaded model embeds faces (traced) as training embedded the gallery."""
     faces = _orl_faces(12)
-    res = train(cfg(architecture="facenet_s", epochs=1, optimizer={"name": "adamw"},
-                    learning_rate=3e-3, image_size=64, calibration_identities=0.2),
-                faces, tmp_path / "m")
+    res = run_training_job(cfg(architecture="facenet_s", epochs=1, optimizer={"name": "adamw"},
+                               learning_rate=3e-3, image_size=64, calibration_identities=0.2),
+                           faces, tmp_path / "m")
     meta = json.loads(res.model_path.read_text())
     os_ = meta["open_set"]
     assert len(os_["held_out"]) == 2 and os_["honest_identities"] == 2

@@ -29,6 +29,11 @@ class Clipper:
 
     mode = "none"
 
+    @classmethod
+    def for_model(cls, cfg, model: torch.nn.Module) -> Clipper:
+        """The clipper of ``cfg`` for ``model``'s parameters (what ``build_clipper`` calls)."""
+        return cls() if cls is Clipper else cls(cfg)
+
     @torch.no_grad()
     def __call__(self, parameters: Iterable[torch.nn.Parameter]) -> ClipResult:
         params = [p for p in parameters if p.grad is not None]

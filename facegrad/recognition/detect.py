@@ -6,14 +6,13 @@ Models (loaded once per process, on first use): dlib's HOG frontal face detector
 68-point model is not used: its training data restricts commercial use).
 
 Detection (:func:`find_faces`)
-    The HOG detector scans the image resized so that its longest side is
-    ``DETECT_SIDE`` (960 px), enlarged at most ``MAX_UPSCALE`` (2×): in grey, or, where the
-    photo is enlarged exactly 2×, in colour by dlib's own upsampling (:func:`_scan`). HOG (an 80×80 window)
-    finds faces whose box is about 70 px and more in the image it scans (boxes come in steps of
-    6/5), so the smallest face found has a box of about 1/13 of the longest side (48 px in a
-    640×480 photo), and a big upload costs what a 960-px one does. The cost grows with the
-    pixels scanned. On this 2-core VM, per 640×480 picture (``bench/detection.py``, CPU ms, 40
-    faces per cell):
+    The HOG detector scans the image resized so that its longest side is ``DETECT_SIDE`` (960 px),
+    enlarged at most ``MAX_UPSCALE`` (2×): in grey, or, where the photo is enlarged exactly 2×, in
+    colour by dlib's own upsampling (:func:`_scan`). HOG (an 80×80 window) finds faces whose box is
+    about 70 px and more in the image it scans (boxes come in steps of 6/5), so the smallest face
+    found has a box of about 1/13 of the longest side (48 px in a 640×480 photo), and a big upload
+    costs what a 960-px one does. The cost grows with the pixels scanned. On this 2-core VM, per
+    640×480 picture (``bench/detection.py``, CPU ms, 40 faces per cell):
 
     ====================  ==========  ====================  ==========================
     scanned longest side  ms per img  ORL face 60 px high   false boxes, 40 noise pics

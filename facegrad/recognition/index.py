@@ -47,7 +47,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from facegrad.training.checkpoint import _atomic_write
+from facegrad.data.checkpoint import atomic_write
 
 EXACT_BELOW = 50_000  # images; below this every image is scored (about 1.3 ms for one face)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
@@ -176,7 +176,7 @@ class GalleryIndex:
                 f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
                 f.write(payload.data)
 
-        _atomic_write(path, write)
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path, expect: dict) -> GalleryIndex | None:

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facegrad.data import checkpoint as ckpt
 from facegrad.data.preprocess import PREPROCESSING_VERSION
 from facegrad.recognition.gallery import DESCRIPTORS, embed, identity_scores
 from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
 from facegrad.recognition.models import build_model
-from facegrad.training import checkpoint as ckpt
 
 log = logging.getLogger("facegrad.recognition.inference")
 

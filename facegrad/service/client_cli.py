@@ -194,27 +194,25 @@ def _value(text: str):
 
 def parse_clip(spec: str) -> dict:
     """``norm:5``, ``norm:5:per_tensor``, ``value:1``, ``threshold:0.9``, ``agc:0.01``,
-    ``autoclip:10``, ``none``; any field also as ``key=value`` (``norm:5:norm_type=inf``) and
-    ``skip``/``fail`` for on_nonfinite. The first bare number is the mode's main parameter."""
-    from facegrad.training.config import (
-        ClipAGC,
-        ClipAutoClip,
-        ClipNone,
-        ClipNorm,
-        ClipThreshold,
-        ClipValue,
-    )
+    ``autoclip:10``, ``none`` (each registered mode's spelling, facegrad.clipping.modes); any
+    field also as ``key=value`` (``norm:5:norm_type=inf``) and ``skip``/``fail`` for
+    on_nonfinite. The first bare number is the mode's main parameter (its knob)."""
+    from facegrad.clipping.modes import CLIP_MODES
 
-    modes = {"none": ClipNone, "value": ClipValue, "norm": ClipNorm, "threshold": ClipThreshold,
-             "agc": ClipAGC, "autoclip": ClipAutoClip}
     parts = [p.strip() for p in spec.split(":")]
     mode = parts[0].lower()
-    if mode not in modes:
-        raise typer.BadParameter(f"unknown clip mode {parts[0]!r}; one of {', '.join(modes)} "
-                                 "(e.g. norm:5, value:1, norm:5:per_tensor, threshold:0.9, "
-                                 "agc:0.01, autoclip:10, none)", param_hint="--clip")
-    fields = modes[mode].model_fields
+    if mode not in CLIP_MODES:
+        examples = ", ".join(m.cli for m in CLIP_MODES.values())
+        raise typer.BadParameter(f"unknown clip mode {parts[0]!r}; one of "
+                                 f"{', '.join(CLIP_MODES)} (e.g. {examples})",
+                                 param_hint="--clip")
+    entry = CLIP_MODES[mode]
+    fields = entry.config.model_fields
+    # the knob first: a bare number sets it
     params = [n for n in fields if n not in ("mode", "on_nonfinite")]
+    if entry.knob in params:
+        params.remove(entry.knob)
+        params.insert(0, entry.knob)
     out: dict[str, Any] = {"mode": mode}
     for part in parts[1:]:
         if not part:

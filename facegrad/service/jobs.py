@@ -17,15 +17,16 @@ from pathlib import Path
 
 from sqlalchemy import or_, update
 
+from facegrad.data.checkpoint import CheckpointError
 from facegrad.data.store import FaceArrays
+from facegrad.pipeline import run_training_job
 from facegrad.service import storage, worker_metrics
 from facegrad.service.db import Dataset, Job, JobEpoch, Model, session_scope, utcnow
 from facegrad.service.logging_setup import job_id_var
 from facegrad.service.settings import Settings
-from facegrad.training.checkpoint import CheckpointError
 from facegrad.training.config import TrainConfig
 from facegrad.training.distributed import RankFailed
-from facegrad.training.loop import Cancelled, Hooks, TrainingError, train
+from facegrad.training.loop import Cancelled, Hooks, TrainingError
 
 log = logging.getLogger("facegrad.service.jobs")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -147,12 +148,12 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
         hooks = _hooks(settings, job_id, heartbeat)
         pretrained = storage.pretrained_dir(settings)
         try:
-            result = train(cfg, data, run_dir, hooks, resume=resume, pretrained_dir=pretrained,
-                           dataset_dir=dataset_dir)
+            result = run_training_job(cfg, data, run_dir, hooks, resume=resume,
+                                      pretrained_dir=pretrained, dataset_dir=dataset_dir)
         except CheckpointError as e:
             log.warning("job %s: checkpoint %s unusable (%s); starting over", job_id, resume, e)
-            result = train(cfg, data, run_dir, hooks, resume=None, pretrained_dir=pretrained,
-                           dataset_dir=dataset_dir)
+            result = run_training_job(cfg, data, run_dir, hooks, resume=None,
+                                      pretrained_dir=pretrained, dataset_dir=dataset_dir)
         return _finish(settings, job_id, dataset_id, cfg, result)
     except RankFailed as e:
         if attempt < settings.job_max_attempts:

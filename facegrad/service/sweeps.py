@@ -25,16 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from facegrad.training.config import (
-    ClipAGC,
-    ClipAutoClip,
-    ClipNone,
-    ClipNorm,
-    ClipThreshold,
-    ClipValue,
-    OptimizerConfig,
-    TrainConfig,
-)
+from facegrad.clipping.modes import CLIP_MODES
+from facegrad.training.config import OptimizerConfig, TrainConfig
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 DEFAULT_METRIC = "val_acc"
@@ -58,15 +50,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "wall_seconds": ("the job's run time, finished_at - started_at", "min"),
 }
 
-_CLIP_MODELS: dict[str, type[BaseModel]] = {
-    "none": ClipNone, "value": ClipValue, "norm": ClipNorm, "threshold": ClipThreshold,
-    "agc": ClipAGC, "autoclip": ClipAutoClip,
-}
-
-
-# each clip mode's main knob: always written in a setting's text, even at its default
-_CLIP_KNOB = {"value": "clip_value", "norm": "max_norm", "threshold": "alpha",
-              "agc": "clip_factor", "autoclip": "percentile"}
 
 
 class SweepError(ValueError):
@@ -172,8 +155,10 @@ def format_value(key: str, value: Any) -> str:
     """
     if key == "clip" and isinstance(value, dict) and "mode" in value:
         mode = value["mode"]
-        keep = (_CLIP_KNOB[mode],) if mode in _CLIP_KNOB else ()
-        rest = _fields(value, _CLIP_MODELS.get(mode), skip=("mode",), keep=keep)
+        # the mode's main knob is always written, even at its default (registry: CLIP_MODES)
+        entry = CLIP_MODES.get(mode)
+        keep = (entry.knob,) if entry and entry.knob else ()
+        rest = _fields(value, entry.config if entry else None, skip=("mode",), keep=keep)
         return str(value["mode"]) + (":" + ",".join(rest) if rest else "")
     if key == "optimizer" and isinstance(value, dict):
         return ",".join(_fields(value, OptimizerConfig)) or "default"

@@ -6,10 +6,23 @@ description that ends up in the OpenAPI document.
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Literal, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
+
+from facegrad.clipping import modes as clip_modes
+from facegrad.clipping.config import (  # noqa: F401 (re-exported: the clip configs of a job)
+    ClipAGC,
+    ClipAutoClip,
+    ClipNone,
+    ClipNorm,
+    ClipThreshold,
+    ClipValue,
+)
+
+# TrainConfig.clip: one of the registered clip modes' configs (rebuilt when one is registered)
+ClipConfig = clip_modes.clip_config_union()
 
 ARCHITECTURES = ("dlib_resnet", "facenet_s", "seed_cnn")
 DEFAULT_ARCHITECTURE = "dlib_resnet"
@@ -31,92 +44,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _ClipBase(_Strict):
-    on_nonfinite: Literal["skip", "fail"] = Field(
-        "skip",
-        description="What to do when the gradient norm is NaN/inf: 'skip' the optimizer step "
-        "and count it, or 'fail' the job with an error naming the step.",
-    )
-
-
-class ClipNone(_ClipBase):
-    mode: Literal["none"] = "none"
-
-
-class ClipValue(_ClipBase):
-    """Clamp every gradient element to [-clip_value, clip_value] (Keras clipvalue)."""
-
-    mode: Literal["value"]
-    clip_value: float = Field(1.0, gt=0, le=1e6, description="Elements are clamped to ±clip_value.")
-
-
-class ClipNorm(_ClipBase):
-    """Rescale gradients whose p-norm exceeds max_norm.
-
-    scope 'global' is torch's clip_grad_norm_ (Keras global_clipnorm); 'per_tensor' clips each
-    parameter's gradient on its own (Keras clipnorm, as in SGD(lr=0.01, clipnorm=5.0)).
-    """
-
-    mode: Literal["norm"]
-    max_norm: float = Field(5.0, gt=0, le=1e6, description="Largest allowed norm.")
-    norm_type: float | Literal["inf"] = Field(2.0, description="p of the p-norm (>= 1), or 'inf'.")
-    scope: Literal["global", "per_tensor"] = "global"
-
-    @field_validator("norm_type")
-    @classmethod
-    def _p(cls, v):
-        if v == "inf":
-            return v
-        if not (1.0 <= float(v) <= 100.0) or math.isnan(float(v)):
-            raise ValueError("norm_type must be a number in [1, 100] or 'inf'")
-        return float(v)
-
-    @property
-    def p(self) -> float:
-        return math.inf if self.norm_type == "inf" else float(self.norm_type)
-
-
-class ClipThreshold(_ClipBase):
-    """The origin document's rule: T = alpha * max|g_i|; every g_i with |g_i| > T becomes 0."""
-
-    mode: Literal["threshold"]
-    alpha: float = Field(0.9, gt=0, le=1, description="T = alpha * max|g|, alpha in (0, 1].")
-    scope: Literal["global", "per_tensor"] = Field(
-        "global", description="Take max|g| over all parameters ('global') or per tensor."
-    )
-
-
-class ClipAGC(_ClipBase):
-    """Adaptive gradient clipping (Brock et al. 2021).
-
-    Unit-wise ||g|| <= clip_factor * max(||w||, eps).
-    """
-
-    mode: Literal["agc"]
-    clip_factor: float = Field(0.01, gt=0, le=10)
-    eps: float = Field(1e-3, gt=0, le=1)
-    exempt_output: bool = Field(True, description="Leave the final classifier layer unclipped.")
-
-
-class ClipAutoClip(_ClipBase):
-    """AutoClip (Seetharaman et al. 2020): clip the global L2 norm to a percentile of history."""
-
-    mode: Literal["autoclip"]
-    percentile: float = Field(10.0, gt=0, le=100)
-    warmup_steps: int = Field(
-        10, ge=0, le=100000, description="Steps that only record norms before clipping starts."
-    )
-    history_size: int = Field(
-        10000, ge=1, le=1_000_000, description="How many past norms the percentile looks at."
-    )
-
-
-ClipConfig = Annotated[
-    Union[ClipNone, ClipValue, ClipNorm, ClipThreshold, ClipAGC, ClipAutoClip],
-    Field(discriminator="mode"),
-]
-
-CLIP_MODES = ("none", "value", "norm", "threshold", "agc", "autoclip")
 
 
 class OptimizerConfig(_Strict):
@@ -200,11 +127,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(
         None, gt=0, lt=1,
-        description="Unset (default): the open-set threshold lies between strangers and known "
-        "faces, both measured on data held out of training: the highest of their balance point "
-        "(a stranger accepted weighing two known faces rejected), 40% of the way from the "
-        "strangers' mean score to the known faces', and the score 99% of known faces reach. "
-        "A number: the "
+        description="Unset (default): the open-set threshold is the equal-error point between "
+        "known faces and strangers scored on the gallery (held-out people as strangers): the "
+        "score where the share of known faces rejected equals the share of strangers accepted; "
+        "where the two separate, the middle of the gap between their 1 % tails. A number: the "
         "threshold is set so that this share of people absent from the gallery would still be "
         "given an identity (a stricter gallery rejects more known faces too)."
     )
@@ -235,3 +161,16 @@ class TrainConfig(_Strict):
             raise ValueError(f"{self.architecture} trains from scratch: epochs must be >= 1 "
                              "(epochs 0 is for the pretrained dlib_resnet)")
         return self
+
+
+def _rebuild_clip_union() -> None:
+    """Let TrainConfig.clip accept exactly the registered clip modes."""
+    global ClipConfig
+    ClipConfig = clip_modes.clip_config_union()
+    old = TrainConfig.model_fields["clip"]
+    TrainConfig.model_fields["clip"] = FieldInfo.from_annotated_attribute(
+        ClipConfig, Field(default_factory=old.default_factory, description=old.description))
+    TrainConfig.model_rebuild(force=True)
+
+
+clip_modes.on_change(_rebuild_clip_union)

@@ -2,8 +2,9 @@
 Distributed: Experiences on Accelerating Data Parallel Training"), one process per device.
 
 The process that runs the job (the Celery worker) is rank 0: it starts ranks 1..W-1 as child
-processes (``python -m facegrad.training.distributed SPEC RANK``), joins them in a process group
-(NCCL on GPUs, gloo on the CPU) and alone reports progress, writes checkpoints and writes the model.
+processes (``python -m facegrad.training.distributed_rank SPEC RANK``), joins them in a process
+group (NCCL on GPUs, gloo on the CPU) and alone reports progress, writes checkpoints and goes on
+to the model.
 The other ranks train their share of every batch and exit. Every rank walks the same global batches
 (same seed, same augmentation draws) and takes its slice; DDP averages the gradients in backward, so
 the clipping that follows sees the whole batch's gradient of the whole model, as on one device. A
@@ -21,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,6 +122,12 @@ def wrap(module: torch.nn.Module, rank: Rank) -> torch.nn.Module:
     return ddp
 
 
+def leave_group() -> None:
+    """A child rank that trained to the end: drop its wrappers and destroy the group."""
+    _LIVE.clear()
+    dist.destroy_process_group()
+
+
 def _release(failed: bool) -> None:
     """Let the group's wrappers go (it ended) or keep them for good (it failed: see _LIVE)."""
     if failed:
@@ -135,7 +141,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init(rank: int, world: int, device: torch.device, port: int) -> None:
+def join_group(rank: int, world: int, device: torch.device, port: int) -> None:
+    """Join the job's process group on 127.0.0.1:``port`` as ``rank`` of ``world``."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=TIMEOUT)
@@ -145,8 +152,9 @@ def _init(rank: int, world: int, device: torch.device, port: int) -> None:
 
 @contextmanager
 def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterator[Rank]:
-    """Start ranks 1..world-1 for ``spec`` (what :func:`main` needs to train: config, dataset
-    folder, run folder, resume checkpoint, pretrained folder) and join them as rank 0.
+    """Start ranks 1..world-1 for ``spec`` (what :mod:`facegrad.training.distributed_rank` needs
+    to train: config, dataset folder, run folder, resume checkpoint, pretrained folder) and join
+    them as rank 0.
 
     On leaving, the group is destroyed and the children are waited for (killed if they linger);
     a failure of this rank while a child had failed is raised as :class:`RankFailed`, naming the
@@ -164,10 +172,11 @@ def group(world: int, device: torch.device, spec: dict, run_dir: Path) -> Iterat
             err = Path(tempfile.mkstemp(prefix=f"rank{r}-", suffix=".log", dir=run_dir)[1])
             with open(err, "wb") as f:
                 children.append((subprocess.Popen(
-                    [sys.executable, "-m", "facegrad.training.distributed", str(spec_path), str(r)],
+                    [sys.executable, "-m", "facegrad.training.distributed_rank", str(spec_path),
+                     str(r)],
                     stdout=subprocess.DEVNULL, stderr=f, preexec_fn=_die_with_parent), err))
         try:
-            _init(0, world, device, port)
+            join_group(0, world, device, port)
         except Exception as e:
             raise RankFailed(f"the job's {world} processes did not meet: {e}"
                              + _children_report(children)) from e
@@ -221,37 +230,3 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
-def main(argv: list[str]) -> int:
-    """A child rank: ``python -m facegrad.training.distributed SPEC RANK``."""
-    from facegrad.data.store import FaceArrays
-    from facegrad.training.config import TrainConfig
-    from facegrad.training.loop import Cancelled, TrainingError, train_rank
-
-    spec = json.loads(Path(argv[0]).read_text())
-    r = int(argv[1])
-    cfg = TrainConfig.model_validate(spec["config"])
-    device = torch.device(spec["device"])
-    _init(r, spec["world"], device, spec["port"])
-    rank = Rank(r, spec["world"], rank_device(device, r))
-    try:
-        data = FaceArrays.load(Path(spec["dataset_dir"]))
-        resume = Path(spec["resume"]) if spec.get("resume") else None
-        pretrained = Path(spec["pretrained_dir"]) if spec.get("pretrained_dir") else None
-        train_rank(cfg, data, Path(spec["run_dir"]), None, resume, pretrained, rank)
-    except (Cancelled, TrainingError):
-        pass  # rank 0 saw the same and reports it
-    except BaseException:
-        # the group broke (a peer died): say why, then leave without tearing it down, which
-        # can hang (see _LIVE)
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    _LIVE.clear()
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

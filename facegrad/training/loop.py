@@ -1,8 +1,9 @@
-"""The training loop: data → model → clipped steps → checkpoints → a model with its gallery.
+"""The training loop: data → model → clipped steps → checkpoints → trained weights.
 
-Reads top to bottom like a script; the service calls ``train`` with hooks that record progress,
-metrics and checkpoints, and a ``should_stop`` for cancellation. It knows nothing of HTTP,
-Celery or the database.
+Reads top to bottom like a script; ``train`` takes hooks that record progress, metrics and
+checkpoints, and a ``should_stop`` for cancellation, and stops at the trained network: the
+gallery, calibration and the model artifact are the next steps of a job
+(:mod:`facegrad.pipeline`). It knows nothing of HTTP, Celery or the database.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import gc
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,9 @@ import torch.nn.functional as F
 from facegrad.clipping import Clipper, build_clipper
 from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.data.batches import DeviceBatches, loading_mode, make_batches, stratified_split
-from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE, normaliser
+from facegrad.data.preprocess import normaliser
 from facegrad.data.store import FaceArrays
-from facegrad.recognition import open_set
-from facegrad.recognition.gallery import embed, holdout_identities
+from facegrad.recognition.gallery import holdout_identities
 from facegrad.recognition.models import build_model, forward_logits, plain_logits
 from facegrad.training import checkpoint as ckpt
 from facegrad.training import distributed
@@ -55,14 +55,32 @@ class Hooks:
 
 
 @dataclass
-class TrainResult:
-    model_path: Path
+class DataSplit:
+    """How a run divided the dataset: ``full`` is the whole dataset; the identities in ``held``
+    (labels of ``full``) were held out of training; ``trained_on`` is the rest, labels
+    renumbered (it shares ``full``'s images), which ``train_idx``/``val_idx`` index;
+    ``too_few`` are its classes with too few images to give some to validation."""
+
+    full: FaceArrays
+    trained_on: FaceArrays
+    held: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    too_few: list[int]
+
+
+@dataclass
+class TrainedModel:
+    """What training gives: the trained network (on ``device``), the epochs' records, the
+    clipping totals and the split it was trained on."""
+
+    model: torch.nn.Module
+    device: torch.device
     history: list[dict]
     clipping: dict
-    open_set: dict
+    split: DataSplit
     resumed_from_epoch: int | None = None
-    info: dict = field(default_factory=dict)
-    model_meta: dict = field(default_factory=dict)  # what model.json holds, as written
+    processes: int = 1
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,12 +166,12 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
                     pretrained_dir: Path | None = None, rank: Rank = Rank()) -> StepParts:
     """The model (channels_last on CUDA), optimizer, clipper, telemetry and AMP scaler of a run.
 
-    A pretrained architecture starts from its weights (converted once into ``pretrained_dir``,
-    default ``<data dir>/pretrained``) with its first ``freeze_stages`` stages frozen (all of
-    them when ``backbone_lr_scale`` is 0). On a process group (``rank.world`` > 1) the training
-    forward is wrapped in DistributedDataParallel, which starts every rank from rank 0's weights
-    and averages the gradients in backward; batch norm becomes SyncBatchNorm on GPUs (PyTorch's
-    SyncBatchNorm runs on CUDA only: on the CPU each rank normalises its own share)."""
+    A pretrained architecture starts from its weights (converted once into ``pretrained_dir``)
+    with its first ``freeze_stages`` stages frozen (all of them when ``backbone_lr_scale`` is
+    0). On a process group (``rank.world`` > 1) the training forward is wrapped in
+    DistributedDataParallel, which starts every rank from rank 0's weights and averages the
+    gradients in backward; batch norm becomes SyncBatchNorm on GPUs (PyTorch's SyncBatchNorm
+    runs on CUDA only: on the CPU each rank normalises its own share)."""
     model = build_model(cfg.architecture, num_classes, cfg.image_size)
     if cfg.architecture in PRETRAINED:
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))
@@ -172,17 +190,16 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
                      forward=distributed.wrap(TrainForward(model), rank))
 
 
-def pretrained_state(pretrained_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """dlib's face-recognition ResNet's weights as a state dict (converted once, then read)."""
+def pretrained_state(pretrained_dir: Path | None) -> dict[str, torch.Tensor]:
+    """dlib's face-recognition ResNet's weights as a state dict, converted once into
+    ``pretrained_dir`` (the caller's: the service passes ``<data dir>/pretrained``), then read."""
     from safetensors.torch import load_file
 
     from facegrad.recognition.dlib_resnet import pretrained_weights
 
     if pretrained_dir is None:
-        from facegrad.service.settings import get_settings
-        from facegrad.service.storage import pretrained_dir as default_dir
-
-        pretrained_dir = default_dir(get_settings())
+        raise TrainingError("a pretrained architecture needs pretrained_dir: the folder its "
+                            "converted weights are kept in")
     return load_file(str(pretrained_weights(Path(pretrained_dir))))
 
 
@@ -297,7 +314,7 @@ def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype,
 
 def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None = None,
           resume: Path | None = None, pretrained_dir: Path | None = None,
-          dataset_dir: Path | None = None) -> TrainResult:
+          dataset_dir: Path | None = None) -> TrainedModel:
     """Train a job on this worker's devices: one process, or a DistributedDataParallel group
     of ``cfg.devices`` (default: every GPU) that this process leads
     (:mod:`facegrad.training.distributed`); the other ranks read the dataset from
@@ -322,9 +339,9 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
 
 def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None,
                resume: Path | None, pretrained_dir: Path | None,
-               rank: Rank) -> TrainResult | None:
+               rank: Rank) -> TrainedModel | None:
     """The run itself, as one rank of ``rank.world`` (the whole of it when that is 1). Only rank
-    0 reports, checkpoints and writes the model; the others return None."""
+    0 reports, checkpoints and returns the trained model; the others return None."""
     hooks = hooks or Hooks()
     pretrained = cfg.architecture in PRETRAINED
     normalise = normaliser(NORMALISATION[cfg.architecture])
@@ -434,18 +451,15 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     if not rank.lead:
         return None
 
-    # --- the model: weights, gallery, calibrated open-set thresholds ---------------------------
-    # the device-resident training copies go first: the gallery of a large dataset would
+    # the device-resident training copies go now: the gallery that a job builds next would
     # otherwise sit on top of them at the run's memory peak
     del train_set, val_set
     if cfg.epochs > start_epoch:
         del batches
     gc.collect()
-    model_path, meta = save_model(cfg, model, device, full, data, held, train_idx, val_idx,
-                                  too_few, history, run_dir, pretrained_dir)
-    return TrainResult(model_path, history, telemetry.total_summary(), meta["open_set"],
-                       resumed_from, {"too_few_to_split": meta["too_few_to_split"],
-                                      "processes": rank.world, "device": str(device)}, meta)
+    return TrainedModel(model, device, history, telemetry.total_summary(),
+                        DataSplit(full, data, held, train_idx, val_idx, too_few),
+                        resumed_from, rank.world)
 
 
 def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
@@ -457,97 +471,3 @@ def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:
     new_label = np.full(len(data.names), -1, dtype=np.int64)
     new_label[keep_ids] = np.arange(len(keep_ids))
     return FaceArrays(data.images, new_label[data.labels], [data.names[i] for i in keep_ids])
-
-
-def save_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-               full: FaceArrays, data: FaceArrays, held: np.ndarray, train_idx: np.ndarray,
-               val_idx: np.ndarray, too_few: list[int], history: list[dict], run_dir: Path,
-               pretrained_dir: Path | None = None) -> tuple[Path, dict]:
-    """The model artifact: weights, a gallery of every image of the dataset (their normalised
-    embeddings), thresholds calibrated on it (:mod:`facegrad.recognition.open_set`).
-
-    ``data`` is what the classifier was trained on (``train_idx``/``val_idx`` index it, and
-    ``full``'s images, which it shares), ``full`` the whole dataset; the identities in ``held``
-    (labels of ``full``) were held out of training. The honest identities of calibration are
-    those held out; with none held out, all of them (a network used as it is has trained on
-    none of them; one trained on them all is calibrated optimistically, and the record says so).
-
-    A pretrained architecture fine-tuned with identities held out is compared with the
-    pretrained network on them: both networks' open-set figures are recorded
-    (``open_set.fine_tuning``), and when fine-tuning made them worse the model keeps the
-    pretrained weights and says so. Returns (path, what model.json holds).
-    """
-    images = np.asarray(full.images)
-    owner = torch.from_numpy(full.labels.astype(np.int64))
-    n_ids = len(full.names)
-    normalisation = NORMALISATION[cfg.architecture]
-    honest = torch.from_numpy(held.astype(np.int64))
-
-    def embed_all(net):
-        return embed(net, images, cfg.image_size, device, normalisation=normalisation,
-                     descriptor=cfg.descriptor)
-
-    emb = embed_all(model)
-    fine_tuning = None
-    if cfg.architecture in PRETRAINED and cfg.epochs and len(held):
-        # the two networks judged on the held-out people among themselves, every photo of
-        # theirs included (turned ones too): open_set.among_themselves
-        tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        tuned = open_set.among_themselves(emb, owner, honest)
-        model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
-        emb_pre = embed_all(model)
-        pre = open_set.among_themselves(emb_pre, owner, honest)
-        keep_tuned = open_set.better(tuned, pre)
-        fine_tuning = {
-            "held_out": [full.names[i] for i in held.tolist()],
-            "measured_on": "the held-out people among themselves: each photo identified "
-                           "against their other photos, and every pair of their photos verified",
-            "pretrained": pre, "fine_tuned": tuned,
-            "gain": {k: round(tuned[k] - pre[k], 4) for k in open_set.JUDGED
-                     if tuned.get(k) is not None and pre.get(k) is not None},
-            "kept": "fine_tuned" if keep_tuned else "pretrained",
-        }
-        if keep_tuned:
-            model.backbone.load_state_dict(tuned_state)
-        else:
-            emb = emb_pre
-            fine_tuning["note"] = ("fine-tuning did not make the network better on the "
-                                   "held-out people: the model keeps the pretrained network")
-    if len(held) and (fine_tuning is None or fine_tuning["kept"] == "fine_tuned"):
-        # the held-out people as strangers; known faces: theirs and the validation images
-        rows = torch.cat([torch.nonzero(torch.isin(owner, honest)).view(-1),
-                          torch.from_numpy(val_idx.astype(np.int64))])
-        open_set_rec = open_set.calibrate(emb, owner, n_ids, honest, rows, cfg.target_fpir)
-    else:  # every identity is a stranger to the others
-        open_set_rec = open_set.calibrate(emb, owner, n_ids, torch.arange(n_ids), None,
-                                          cfg.target_fpir)
-        if cfg.epochs and not len(held):
-            open_set_rec["note"] = ("too few identities to hold some out of training: "
-                                    "calibrated on the trained identities (optimistic)")
-    if fine_tuning is not None:
-        open_set_rec["fine_tuning"] = fine_tuning
-    if len(held):
-        open_set_rec["held_out"] = [full.names[i] for i in held.tolist()]
-    counts = torch.bincount(owner, minlength=n_ids)
-    preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
-                     "image_size": cfg.image_size, "channels": 3,
-                     "normalisation": normalisation, "descriptor": cfg.descriptor}
-    if cfg.architecture == "dlib_resnet":
-        preprocessing["network"] = "dlib_face_recognition_resnet_model_v1"
-    model_meta = {
-        "kind": "model",
-        "architecture": cfg.architecture,
-        "labels": full.names,  # the gallery's identities
-        "classifier_labels": data.names,  # the identities the classifier was trained on
-        "num_classes": len(data.names),
-        "preprocessing": preprocessing,
-        "config": cfg.model_dump(),
-        "history": history,
-        "open_set": open_set_rec,
-        "gallery": {"source": "training", "scoring": "nearest_image",
-                    "counts": {n: int(c) for n, c in zip(full.names, counts)}},
-        "too_few_to_split": [data.names[i] for i in too_few],
-    }
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {"gallery.emb": emb, "gallery.owner": owner, "gallery.counts": counts}
-    return ckpt.save(run_dir / "model", tensors, model_meta), model_meta

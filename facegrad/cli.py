@@ -1,5 +1,8 @@
 """The ``facegrad`` command: run the service (serve, worker, up) and talk to it (client commands
-from :mod:`facegrad.service.client_cli`: dataset, train, jobs, sweep, identify, models)."""
+from :mod:`facegrad.service.client_cli`: dataset, train, jobs, sweep, identify, models).
+
+At the top of the layers: it starts the API (``app``) and the Celery worker (``worker``), which
+sit above :mod:`facegrad.service`."""
 
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def up(host: str = typer.Option(None, help="Address the API listens on (default 
     from worker.queue import declare_queue
 
     env = _env_with(host, port)
-    exe = [sys.executable, "-m", "facegrad.service.cli"]
+    exe = [sys.executable, "-m", "facegrad.cli"]
     declare_queue()  # before the processes that would race to create it
     procs = [subprocess.Popen(exe + ["serve"], env=env)]
     metrics_port = env.get("FACEGRAD_WORKER_METRICS_PORT", "").strip()

@@ -1,0 +1,177 @@
+"""A training job's steps, in order: train → build the gallery → choose the network → calibrate
+→ save the model.
+
+:func:`run_training_job` runs them; each step is a function of its own. Above both
+:mod:`facegrad.training` (the weights) and :mod:`facegrad.recognition` (galleries and open-set
+thresholds); the service calls it with hooks that record progress, and knows the folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facegrad.data import checkpoint as ckpt
+from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
+from facegrad.data.store import FaceArrays
+from facegrad.recognition import open_set
+from facegrad.recognition.gallery import embed
+from facegrad.training.config import PRETRAINED, TrainConfig
+from facegrad.training.loop import NORMALISATION, Hooks, TrainedModel, pretrained_state, train
+
+
+@dataclass
+class JobResult:
+    model_path: Path  # the model's JSON (model.json beside model.safetensors)
+    history: list[dict]
+    clipping: dict
+    open_set: dict
+    resumed_from_epoch: int | None = None
+    info: dict = field(default_factory=dict)
+    model_meta: dict = field(default_factory=dict)  # what model.json holds, as written
+
+
+@dataclass
+class GalleryEmbeddings:
+    """Every image of the dataset described by the chosen network: ``emb`` (normalised
+    descriptors, one row per image), ``owner`` (its identity, a label of the full dataset)."""
+
+    emb: torch.Tensor
+    owner: torch.Tensor
+
+
+def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
+                     hooks: Hooks | None = None, resume: Path | None = None,
+                     pretrained_dir: Path | None = None,
+                     dataset_dir: Path | None = None) -> JobResult:
+    """Train on ``data`` and write ``run_dir/model.{json,safetensors}``: the network, a gallery
+    of every image of the dataset and open-set thresholds calibrated on it.
+
+    ``pretrained_dir``: where dlib's converted weights are kept (needed by a pretrained
+    architecture); ``dataset_dir``: the stored dataset, read by the other ranks of a
+    multi-device run (:func:`facegrad.training.loop.train`)."""
+    trained = train(cfg, data, run_dir, hooks, resume, pretrained_dir, dataset_dir)
+    gallery = build_gallery(cfg, trained)
+    gallery, fine_tuning = choose_network(cfg, trained, gallery, pretrained_dir)
+    open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
+    model_path, meta = save_model(cfg, trained, gallery, open_set_rec, Path(run_dir))
+    return JobResult(model_path, trained.history, trained.clipping, meta["open_set"],
+                     trained.resumed_from_epoch,
+                     {"too_few_to_split": meta["too_few_to_split"],
+                      "processes": trained.processes, "device": str(trained.device)}, meta)
+
+
+def build_gallery(cfg: TrainConfig, trained: TrainedModel) -> GalleryEmbeddings:
+    """Every image of the dataset (the identities held out of training too) embedded by the
+    trained network."""
+    full = trained.split.full
+    return GalleryEmbeddings(_embed_all(cfg, trained.model, trained.device, full),
+                   torch.from_numpy(full.labels.astype(np.int64)))
+
+
+def _embed_all(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
+               full: FaceArrays) -> torch.Tensor:
+    return embed(net, np.asarray(full.images), cfg.image_size, device,
+                 normalisation=NORMALISATION[cfg.architecture], descriptor=cfg.descriptor)
+
+
+def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
+                   pretrained_dir: Path | None) -> tuple[GalleryEmbeddings, dict | None]:
+    """A pretrained architecture fine-tuned with identities held out is compared with the
+    pretrained network on them (:func:`open_set.among_themselves`: each of their photos
+    identified against their other photos, every pair verified). When fine-tuning made them
+    worse, ``trained.model`` gets the pretrained weights back and the gallery is theirs.
+
+    Returns (the chosen network's gallery, the comparison record or None when there was none
+    to make)."""
+    held = trained.split.held
+    if not (cfg.architecture in PRETRAINED and cfg.epochs and len(held)):
+        return gallery, None
+    model, full = trained.model, trained.split.full
+    honest = torch.from_numpy(held.astype(np.int64))
+    tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    tuned = open_set.among_themselves(gallery.emb, gallery.owner, honest)
+    model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
+    emb_pre = _embed_all(cfg, model, trained.device, full)
+    pre = open_set.among_themselves(emb_pre, gallery.owner, honest)
+    keep_tuned = open_set.better(tuned, pre)
+    fine_tuning = {
+        "held_out": [full.names[i] for i in held.tolist()],
+        "measured_on": "the held-out people among themselves: each photo identified "
+                       "against their other photos, and every pair of their photos verified",
+        "pretrained": pre, "fine_tuned": tuned,
+        "gain": {k: round(tuned[k] - pre[k], 4) for k in open_set.JUDGED
+                 if tuned.get(k) is not None and pre.get(k) is not None},
+        "kept": "fine_tuned" if keep_tuned else "pretrained",
+    }
+    if keep_tuned:
+        model.backbone.load_state_dict(tuned_state)
+        return gallery, fine_tuning
+    fine_tuning["note"] = ("fine-tuning did not make the network better on the "
+                           "held-out people: the model keeps the pretrained network")
+    return GalleryEmbeddings(emb_pre, gallery.owner), fine_tuning
+
+
+def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
+              fine_tuning: dict | None) -> dict:
+    """The open-set record (:func:`open_set.calibrate`): thresholds and their figures.
+
+    The honest strangers are the identities held out of training, the known faces theirs and
+    the validation images; with none held out (or the pretrained network kept, which trained on
+    none of them) every identity is a stranger to the others, which is optimistic for a network
+    trained on them all, and the record says so."""
+    split, n_ids = trained.split, len(trained.split.full.names)
+    held = split.held
+    if len(held) and (fine_tuning is None or fine_tuning["kept"] == "fine_tuned"):
+        honest = torch.from_numpy(held.astype(np.int64))
+        rows = torch.cat([torch.nonzero(torch.isin(gallery.owner, honest)).view(-1),
+                          torch.from_numpy(split.val_idx.astype(np.int64))])
+        record = open_set.calibrate(gallery.emb, gallery.owner, n_ids, honest, rows,
+                                    cfg.target_fpir)
+    else:
+        record = open_set.calibrate(gallery.emb, gallery.owner, n_ids, torch.arange(n_ids), None,
+                                    cfg.target_fpir)
+        if cfg.epochs and not len(held):
+            record["note"] = ("too few identities to hold some out of training: "
+                              "calibrated on the trained identities (optimistic)")
+    if fine_tuning is not None:
+        record["fine_tuning"] = fine_tuning
+    if len(held):
+        record["held_out"] = [split.full.names[i] for i in held.tolist()]
+    return record
+
+
+def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
+               open_set_rec: dict, run_dir: Path) -> tuple[Path, dict]:
+    """``run_dir/model.{json,safetensors}``: the network's weights, the gallery and the record
+    that :class:`facegrad.recognition.inference.LoadedModel` reads. Returns (the JSON's path,
+    what it holds)."""
+    full, trained_on = trained.split.full, trained.split.trained_on
+    counts = torch.bincount(gallery.owner, minlength=len(full.names))
+    preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
+                     "image_size": cfg.image_size, "channels": 3,
+                     "normalisation": NORMALISATION[cfg.architecture],
+                     "descriptor": cfg.descriptor}
+    if cfg.architecture == "dlib_resnet":
+        preprocessing["network"] = "dlib_face_recognition_resnet_model_v1"
+    model_meta = {
+        "kind": "model",
+        "architecture": cfg.architecture,
+        "labels": full.names,  # the gallery's identities
+        "classifier_labels": trained_on.names,  # the identities the classifier was trained on
+        "num_classes": len(trained_on.names),
+        "preprocessing": preprocessing,
+        "config": cfg.model_dump(),
+        "history": trained.history,
+        "open_set": open_set_rec,
+        "gallery": {"source": "training", "scoring": "nearest_image",
+                    "counts": {n: int(c) for n, c in zip(full.names, counts)}},
+        "too_few_to_split": [trained_on.names[i] for i in trained.split.too_few],
+    }
+    tensors = {f"model.{k}": v for k, v in trained.model.state_dict().items()}
+    tensors |= {"gallery.emb": gallery.emb, "gallery.owner": gallery.owner,
+                "gallery.counts": counts}
+    return ckpt.save(run_dir / "model", tensors, model_meta), model_meta
