@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from app.metrics import BATCH_FACES, BATCH_REQUESTS, BATCH_SECONDS
-from facegrad.recognition.inference import Candidates, LoadedModel
+from facegrad.recognition.gallery import Candidates
+from facegrad.recognition.inference import LoadedModel
 
 
 class Batcher:

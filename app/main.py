@@ -18,7 +18,7 @@ from app import metrics, openapi
 from app.auth import APIKeyGate, parse_keys
 from app.batcher import Batcher
 from app.model_cache import ModelCache, RecentRows
-from app.routes import console, datasets, health, identify, jobs, models, sweeps
+from app.routes import clip_modes, console, datasets, health, identify, jobs, models, sweeps
 from app.uploads import BodyLimit
 from facegrad.recognition.inference import UnsupportedModel
 from facegrad.service.db import get_engine
@@ -88,7 +88,8 @@ def create_app(settings: Settings | None = None, reconcile: bool = True) -> Fast
     app.state.ingest = IngestRunner(settings)  # uploads are ingested in this process
 
     app.include_router(health.router)
-    for r in (datasets.router, jobs.router, sweeps.router, models.router, identify.router):
+    for r in (datasets.router, jobs.router, clip_modes.router, sweeps.router, models.router,
+              identify.router):
         app.include_router(r, responses=openapi.V1_ERRORS)
     openapi.install(app)
 

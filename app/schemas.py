@@ -440,3 +440,28 @@ class Leaderboard(BaseModel):
     metrics: dict[str, str] = Field(description="metric → its description and direction")
     rows: list[LeaderboardRow] = Field(description="best first by the metric's mean; rows "
                                        "without it last")
+
+
+class ClipKnob(BaseModel):
+    """A clip mode's main parameter, as its config's JSON schema gives it."""
+
+    name: str
+    default: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
+    description: str | None = None
+
+
+class ClipModeOut(BaseModel):
+    name: str = Field(description="the clip config's `mode`")
+    label: str = Field(description="what the mode does, in one line")
+    cli: str = Field(description="a typical setting as the CLI's --clip spells it")
+    knob: ClipKnob | None = Field(description="the main parameter (none for 'none')")
+    fields: list[str] = Field(description="every parameter of the mode's config (the "
+                              "`clip` object of a job), `mode` excepted")
+
+
+class ClipModeList(BaseModel):
+    items: list[ClipModeOut]

@@ -172,8 +172,8 @@ def verdict(ok: bool) -> str:
 # --- data -------------------------------------------------------------------------------------
 
 def orl_split(k_test: int = 3, seed: int = 1234):
-    """tests/harness.py's split: per identity, random.Random(1234) shuffle, first 3 for test."""
-    from tests.harness import orl_split as split
+    """testkit/harness.py's split: per identity, random.Random(1234) shuffle, first 3 for test."""
+    from testkit.harness import orl_split as split
 
     if not ORL.is_dir():
         raise SystemExit(f"shared face data not found at {ORL}")
@@ -201,7 +201,7 @@ def face_arrays(folder: dict[str, list[Path]]):
 
 def orl_all():
     """All 400 ORL images as a FaceArrays."""
-    from tests.harness import orl_folder
+    from testkit.harness import orl_folder
 
     if not ORL.is_dir():
         raise SystemExit(f"shared face data not found at {ORL}")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/calibration.py [--threads N] [--draws 10] [--no-finetune]
 
 Faces: ORL, and the same people's faces placed uncropped in harsh-light photos
-(tests/scenes.py), through ``facegrad.recognition.detect.crop_one``; descriptors of the
+(testkit/scenes.py), through ``facegrad.recognition.detect.crop_one``; descriptors of the
 pretrained network.
 People s01-s20 are where the calibration rule was chosen, s21-s40 confirm it; each draw takes
 10 known people (7 photos in the gallery, 3 asked about) and 5 strangers (all 10 photos asked
@@ -42,8 +42,8 @@ def describe_sets(device):
     from facegrad.recognition.gallery import embed
     from facegrad.recognition.models import PretrainedFace
     from facegrad.training.loop import pretrained_state
-    from tests.harness import orl_folder
-    from tests.scenes import photo_set
+    from testkit.harness import orl_folder
+    from testkit.scenes import photo_set
 
     folder = orl_folder()
     names = sorted(folder)

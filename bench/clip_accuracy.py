@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/clip_accuracy.py [--threads N] [--table-epochs 12] [--parts a b c]
 
-ORL with 3 images per identity held out (tests/harness.py orl_split: random.Random(1234)
+ORL with 3 images per identity held out (testkit/harness.py orl_split: random.Random(1234)
 shuffle per identity, the first 3 for test): 280 training images, 120 held-out. Models are
 trained in this process by ``facegrad.pipeline.run_training_job`` (as a worker does, with its
 validation split and checkpoints) and scored through ``facegrad.recognition.inference.LoadedModel``:

@@ -7,7 +7,7 @@ docs/clipping-study.md and docs/clipping-study.png.
         [--epochs 30] [--seeds 3] [--dlib-epochs 4] [--dlib-seeds 3] [--quick]
 
 It uploads the training part of ORL (../shared/data/att_faces, 40 people x 10 images; the tests'
-split, tests/harness.py orl_split: 3 images per person held out and never uploaded), then:
+split, testkit/harness.py orl_split: 3 images per person held out and never uploaded), then:
 
 1. probes unclipped seed_cnn (the origin document's CNN, plain SGD, constant rate) at lr 0.5, 1
    and 2 (one seed, --probe-epochs) and takes the smallest rate that fails or ends near chance
@@ -43,7 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import ROOT, cpu_model  # noqa: E402  (puts the repository root on sys.path)
 
-from tests.harness import orl_split, zip_of  # noqa: E402
+from testkit.harness import orl_split, zip_of  # noqa: E402
 
 CHANCE = 1 / 40
 TERMINAL = ("succeeded", "failed", "cancelled", "partial")
@@ -477,7 +477,7 @@ def main() -> None:
         f"- date: {started}; wall time of the run: {wall / 60:.1f} min",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch_version()}; "
         f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        f"- data: ORL training split, {n_train} images of {len(train)} people (tests/harness.py "
+        f"- data: ORL training split, {n_train} images of {len(train)} people (testkit/harness.py "
         "orl_split; the 120 held-out images were not uploaded); jobs hold out their own "
         "validation images (val_fraction 0.1), which is what val acc measures"
         + ("; dlib_resnet jobs also hold 20 % of the people out as strangers for calibration"

@@ -158,10 +158,10 @@ def throughput(folder: Path, rounds: int) -> dict:
     from facegrad.data.batches import make_batches, stratified_split
     from facegrad.data.preprocess import normaliser
     from facegrad.data.store import FaceArrays
+    from facegrad.recognition.architectures import architecture
     from facegrad.recognition.gallery import holdout_identities
     from facegrad.training.config import TrainConfig
     from facegrad.training.loop import (
-        NORMALISATION,
         Hooks,
         make_step_parts,
         train_epoch,
@@ -175,7 +175,7 @@ def throughput(folder: Path, rounds: int) -> dict:
     data = without_identities(full, holdout_identities(full.labels, cfg.calibration_identities,
                                                        cfg.seed))
     train_idx, _, _ = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
-    normalise = normaliser(NORMALISATION[cfg.architecture])
+    normalise = normaliser(architecture(cfg.architecture).normalisation)
     sets = {mode: make_batches(data.images, data.labels, train_idx, cfg.image_size, device,
                                normalise, mode) for mode in ("memory", "stream")}
     drop_last = len(train_idx) > cfg.batch_size

@@ -42,7 +42,7 @@ def main() -> None:
     from facegrad.recognition.inference import _compiled_embedding
     from facegrad.recognition.models import PretrainedFace
     from facegrad.training.loop import pretrained_state
-    from tests.harness import orl_folder
+    from testkit.harness import orl_folder
 
     folder = orl_folder()
     paths = [folder[n][0] for n in sorted(folder)[:32]]

@@ -39,7 +39,7 @@ from _common import ORL, footer, header, median, table
 import cv2  # isort: skip
 import numpy as np  # isort: skip
 from PIL import Image  # isort: skip
-from tests.scenes import paste  # isort: skip
+from testkit.scenes import paste  # isort: skip
 
 CFP = ORL.parent / "cfp_dev"
 W, H = 640, 480

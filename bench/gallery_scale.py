@@ -90,8 +90,8 @@ def timer(probes: torch.Tensor, fn):
 
 def measure(n: int, args) -> tuple[list, list, tuple | None]:
     """(table rows, nprobe sweep rows, (p50 ms, recall@1) of the service's search) at size n."""
+    from facegrad.recognition.gallery import Candidates, Gallery
     from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, ivf_params
-    from facegrad.recognition.inference import Candidates, Gallery
 
     t0 = time.perf_counter()
     emb, owner, centres = synthetic(n, args.seed)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/identify_load.py [--threads N] [--embedded] [--seconds 8]
 
-Starts the real service (tests/harness.py: a private redis-server, the API under uvicorn and one
+Starts the real service (testkit/harness.py: a private redis-server, the API under uvicorn and one
 Celery worker, in a temporary folder), uploads the ORL training split, trains a small default
 model for ``--epochs`` epochs through the API, stops the worker (so it takes no CPU), then runs
 ``--rounds`` rounds of, in turn:
@@ -135,7 +135,7 @@ async def drive(port: int, requests: list[bytes], clients: int, max_requests: in
 # --- the service ------------------------------------------------------------------------------
 
 def start_service(workdir: Path, embedded: bool, threads: int, extra_path: str | None = None):
-    from tests.harness import ROOT, RedisServer, Service
+    from testkit.harness import ROOT, RedisServer, Service
 
     redis = None
     if not embedded:
@@ -151,7 +151,7 @@ def start_service(workdir: Path, embedded: bool, threads: int, extra_path: str |
 
 
 def train_model(svc, epochs: int) -> tuple[str, Path, float]:
-    from tests.harness import upload, wait_job
+    from testkit.harness import upload, wait_job
 
     train, _ = orl_split()
     with svc.client() as c:
@@ -204,7 +204,7 @@ def main() -> None:
         raise SystemExit("identify runs on the API's CPU (its model cache is CPU-only); "
                          "this benchmark has no --device cuda")
     setup(args)
-    threads = args.threads or 2  # tests/harness.py's Service sets OMP_NUM_THREADS=2
+    threads = args.threads or 2  # testkit/harness.py's Service sets OMP_NUM_THREADS=2
     torch.set_num_threads(threads)
     header("identify_load: POST /v1/identify under 1/8/32 clients vs LoadedModel.embed",
            torch.device("cpu"))

@@ -34,7 +34,7 @@ import numpy as np  # isort: skip
 import torch  # isort: skip
 from detection import backdrop, orl  # isort: skip
 
-from tests.scenes import paste  # isort: skip
+from testkit.scenes import paste  # isort: skip
 
 
 def old_detect(rev: str):
@@ -71,7 +71,7 @@ def main() -> None:
         paste(img, orl(1 + k % 40, 1 + k % 10), int(rng.integers(100, 161)),
               rng.uniform(160, 480), rng.uniform(140, 340))
         photos.append(img)
-    empty = [backdrop(rng) for _ in range(args.photos // 4)]
+    empty = [backdrop(rng) for _ in range(max(1, args.photos // 4))]
 
     def run(mod, descriptor: str, pictures=photos) -> float:
         t = time.perf_counter()

@@ -4,7 +4,7 @@
                                        [--known 30] [--out DIR]
 
 Trains the default model (``--epochs 0``: the pretrained network as it is) on the first
-``--known`` ORL subjects (tests/harness.py's split: 7
+``--known`` ORL subjects (testkit/harness.py's split: 7
 training images each) and reports, at the threshold the run calibrated itself:
 
 - known: the held-out images (3 per subject) identified correctly;

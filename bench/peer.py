@@ -22,10 +22,10 @@ Two pipelines, the same images and splits:
 For both, an image with no face (no crop, no descriptor) is left out of training/enrolment and
 answered "unknown" as a probe; the "no face" column counts them.
 
-Sets: "orl" (the bare 92x112 ORL images) and "photos" (tests/scenes.photo_set: each ORL image
+Sets: "orl" (the bare 92x112 ORL images) and "photos" (testkit/scenes.photo_set: each ORL image
 uncropped in a 320x243 photo with textured background, turned up to 15 degrees, harsh side
 light). Photo ``i`` of a person is their ORL image ``i``, so both sets share one split:
-tests/harness.py's (per person, 3 of 10 held out; random.Random(1234)).
+testkit/harness.py's (per person, 3 of 10 held out; random.Random(1234)).
 
 Per set:
 - closed: all identities enrolled from their 7 training images; the 3 held out each named
@@ -56,7 +56,7 @@ from _common import ORL, device_parser, footer, header, orl_split, pretrained_di
 import numpy as np  # isort: skip
 from PIL import Image  # isort: skip
 
-from tests.scenes import photo_set  # isort: skip
+from testkit.scenes import photo_set  # isort: skip
 
 TOLERANCE = 0.6   # face_recognition's default tolerance
 CROP_SIDE = 160   # an image this small (shorter side) with no face found is a face crop
@@ -85,7 +85,7 @@ def load_set(name: str, identities: list[str], seed: int) -> dict[str, list[np.n
 
 
 def split_indices() -> dict[str, list[int]]:
-    """{identity: indices (0-9) of its 3 held-out images}, tests/harness.py's split."""
+    """{identity: indices (0-9) of its 3 held-out images}, testkit/harness.py's split."""
     _, test = orl_split()
     return {n: sorted(int(p.stem) - 1 for p in ps) for n, ps in test.items()}
 

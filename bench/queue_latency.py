@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/queue_latency.py [--jobs 10] [--embedded]
 
-Starts the real service (tests/harness.py: a private redis-server, the API, one Celery worker),
+Starts the real service (testkit/harness.py: a private redis-server, the API, one Celery worker),
 uploads a tiny dataset (4 ORL identities x 5 images), then, one job at a time with the worker
 idle: POST /v1/jobs (seed_cnn, 32x32, 1 epoch), poll GET /v1/jobs/{id} every 10 ms until the
 status is ``running``, cancel it, wait until it has ended, and let the worker go idle again.
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     header("queue_latency: POST /v1/jobs -> running, idle worker")
 
-    from tests.harness import RedisServer, Service, upload, wait_job
+    from testkit.harness import RedisServer, Service, upload, wait_job
 
     workdir = Path(tempfile.mkdtemp(prefix="facegrad-bench-queue-"))
     redis = None

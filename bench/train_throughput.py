@@ -76,9 +76,9 @@ def main() -> None:
 
     from facegrad.data.batches import DeviceBatches
     from facegrad.data.preprocess import normaliser
+    from facegrad.recognition.architectures import architecture
     from facegrad.training.config import TrainConfig
     from facegrad.training.loop import (
-        NORMALISATION,
         Hooks,
         make_step_parts,
         train_epoch,
@@ -95,7 +95,7 @@ def main() -> None:
         cfg = TrainConfig(architecture=arch, clip={"mode": "none"}, batch_size=BATCH,
                           device=device.type, lr_schedule="constant")
         batches_src = DeviceBatches(data.images, data.labels, cfg.image_size, device,
-                                    normalise=normaliser(NORMALISATION[arch]))
+                                    normalise=normaliser(architecture(arch).normalisation))
         gen = torch.Generator().manual_seed(0)
         batches = [(x.contiguous(memory_format=torch.channels_last)
                     if device.type == "cuda" else x, y)

@@ -18,9 +18,10 @@ from facegrad.data import checkpoint as ckpt
 from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set
+from facegrad.recognition.architectures import architecture
 from facegrad.recognition.gallery import embed
-from facegrad.training.config import PRETRAINED, TrainConfig
-from facegrad.training.loop import NORMALISATION, Hooks, TrainedModel, pretrained_state, train
+from facegrad.training.config import TrainConfig
+from facegrad.training.loop import Hooks, TrainedModel, pretrained_state, train
 
 
 @dataclass
@@ -75,7 +76,8 @@ def build_gallery(cfg: TrainConfig, trained: TrainedModel) -> GalleryEmbeddings:
 def _embed_all(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
                full: FaceArrays) -> torch.Tensor:
     return embed(net, np.asarray(full.images), cfg.image_size, device,
-                 normalisation=NORMALISATION[cfg.architecture], descriptor=cfg.descriptor)
+                 normalisation=architecture(cfg.architecture).normalisation,
+                 descriptor=cfg.descriptor)
 
 
 def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -88,7 +90,7 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
     Returns (the chosen network's gallery, the comparison record or None when there was none
     to make)."""
     held = trained.split.held
-    if not (cfg.architecture in PRETRAINED and cfg.epochs and len(held)):
+    if not (architecture(cfg.architecture).pretrained and cfg.epochs and len(held)):
         return gallery, None
     model, full = trained.model, trained.split.full
     honest = torch.from_numpy(held.astype(np.int64))
@@ -151,12 +153,13 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
     what it holds)."""
     full, trained_on = trained.split.full, trained.split.trained_on
     counts = torch.bincount(gallery.owner, minlength=len(full.names))
+    arch = architecture(cfg.architecture)
     preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                      "image_size": cfg.image_size, "channels": 3,
-                     "normalisation": NORMALISATION[cfg.architecture],
+                     "normalisation": arch.normalisation,
                      "descriptor": cfg.descriptor}
-    if cfg.architecture == "dlib_resnet":
-        preprocessing["network"] = "dlib_face_recognition_resnet_model_v1"
+    if arch.network:
+        preprocessing["network"] = arch.network
     model_meta = {
         "kind": "model",
         "architecture": cfg.architecture,

@@ -216,6 +216,7 @@ ADMIN_ONLY = [
     ("GET", f"/v1/jobs/{NOWHERE}", {}),
     ("GET", f"/v1/jobs/{NOWHERE}/metrics", {}),
     ("POST", f"/v1/jobs/{NOWHERE}/cancel", {}),
+    ("GET", "/v1/clip-modes", {}),
     ("GET", f"/v1/models/{NOWHERE}/weights", {}),
     ("POST", f"/v1/models/{NOWHERE}/identities",
      {"data": {"identity": "mallory"}, "files": [("file", ("m.png", b"x"))]}),

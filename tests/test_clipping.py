@@ -263,7 +263,7 @@ def test_agc_output_layer_names_take_precedence():
 def test_agc_builds_for_the_service_models(arch):
     """Their output_layer_names end in "." ("classifier."): still matched at the boundary."""
     from facegrad.clipping import output_layer_params
-    from facegrad.recognition.models import build_model
+    from facegrad.recognition.architectures import build_model
 
     model = build_model(arch, 5, 64)
     out = output_layer_params(model)

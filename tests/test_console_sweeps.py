@@ -41,8 +41,14 @@ def test_console_sweep(browser, service, client, orl):  # noqa: F811
     page.fill("#sw-image_size", "32")
     page.fill("#sw-batch_size", "16")
     page.fill("#sw-seeds", "1")
-    for mode in ("none", "value", "norm", "threshold", "agc", "autoclip"):
+    # the choices come from the server's registries: GET /v1/clip-modes, the job schema
+    modes = [m["name"] for m in client.get("/v1/clip-modes").json()["items"]]
+    assert modes == ["none", "value", "norm", "threshold", "agc", "autoclip"]
+    for mode in modes:
         assert page.locator(f"#sw-clip-{mode}").count() == 1, mode
+    assert page.input_value("#sw-clip-autoclip-percentile") == "10"
+    assert page.eval_on_selector_all("#sw-architecture option", "os => os.map(o => o.value)") \
+        == ["dlib_resnet", "facenet_s", "seed_cnn"]
     page.set_checked("#sw-clip-none", True)
     page.set_checked("#sw-clip-threshold", True)
     page.set_checked("#sw-clip-norm", False)

@@ -13,9 +13,10 @@ import torch
 
 from facegrad.data.preprocess import PREPROCESSING_VERSION
 from facegrad.recognition import index as gi
+from facegrad.recognition.architectures import build_model
+from facegrad.recognition.gallery import INDEX_FILE, Candidates, Gallery
 from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
-from facegrad.recognition.inference import INDEX_FILE, Candidates, Gallery, LoadedModel
-from facegrad.recognition.models import build_model
+from facegrad.recognition.inference import LoadedModel
 from facegrad.training import checkpoint as ckpt
 
 D = 128

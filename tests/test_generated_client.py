@@ -44,7 +44,7 @@ def test_served_document_is_what_generators_need(client):
     assert all(len(i) < 32 for i in ids), [i for i in ids if len(i) >= 32]
     assert {"upload_dataset", "create_job", "get_job", "identify", "verify", "enroll",
             "create_sweep", "get_sweep_leaderboard", "get_sweep_leaderboard_csv",
-            "get_model_weights"} <= set(ids)
+            "get_model_weights", "list_clip_modes"} <= set(ids)
 
     for method, path, op in v1_operations(doc):
         for status in ("401", "403", "422"):

@@ -11,8 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from facegrad.recognition.architectures import build_model
 from facegrad.recognition.inference import LoadedModel, UnsupportedModel
-from facegrad.recognition.models import build_model
 from facegrad.training import checkpoint as ckpt
 
 LABELS = ["ann", "bob"]

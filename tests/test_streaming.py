@@ -20,8 +20,8 @@ from facegrad.data.datasets import build_from_zip
 from facegrad.data.store import FaceArrays, NpyRows, NpyRowWriter, rows_source
 from facegrad.pipeline import run_training_job
 from facegrad.recognition import open_set
+from facegrad.recognition.architectures import build_model
 from facegrad.recognition.gallery import embed
-from facegrad.recognition.models import build_model
 from tests.test_training import _orl_faces, cfg
 
 CPU = torch.device("cpu")

@@ -14,12 +14,12 @@ from facegrad.data.batches import AUG_SCALE, augment_batch, stratified_split
 from facegrad.data.preprocess import normaliser, prepare_face, resize_uint8
 from facegrad.data.store import FaceArrays
 from facegrad.pipeline import run_training_job
+from facegrad.recognition.architectures import architecture, build_model
 from facegrad.recognition.gallery import embed, identity_scores
 from facegrad.recognition.inference import LoadedModel
-from facegrad.recognition.models import build_model
 from facegrad.training import checkpoint as ckpt
 from facegrad.training.config import TrainConfig
-from facegrad.training.loop import NORMALISATION, Cancelled, Hooks, TrainingError, train
+from facegrad.training.loop import Cancelled, Hooks, TrainingError, train
 from tests.harness import ORL
 
 
@@ -174,14 +174,15 @@ def test_every_architecture_embeds_by_its_normalised_embedding(arch):
     size = 150 if arch == "dlib_resnet" else 48
     net = build_model(arch, 3, size).eval()
     crops = np.random.default_rng(1).integers(0, 256, (5, 150, 150, 3), dtype=np.uint8)
-    emb = embed(net, crops, size, normalisation=NORMALISATION[arch])
-    x = normaliser(NORMALISATION[arch])(resize_uint8(torch.from_numpy(crops), size))
+    emb = embed(net, crops, size, normalisation=architecture(arch).normalisation)
+    x = normaliser(architecture(arch).normalisation)(resize_uint8(torch.from_numpy(crops), size))
     with torch.no_grad():
         want = net(x)[0]
     assert emb.shape == (5, 128)
     assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
     assert torch.allclose(emb, want, atol=1e-5)
-    assert embed(net, crops[:0], size, normalisation=NORMALISATION[arch]).shape == (0, 128)
+    norm = architecture(arch).normalisation
+    assert embed(net, crops[:0], size, normalisation=norm).shape == (0, 128)
 
 
 def test_identity_scores_take_the_nearest_image():

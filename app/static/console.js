@@ -13,7 +13,7 @@ const SWEEP_POLL_MS = 3000;
 const POLL_MS = 1500;
 const state = { datasets: [], models: [], schema: null, jobTimer: null, jobsTimer: null,
   jobId: null, selectedDataset: null, sweepTimer: null, sweepId: null, sweepsTimer: null,
-  datasetsTimer: null };
+  datasetsTimer: null, clipModes: null };
 
 // --- small helpers -------------------------------------------------------------------------
 
@@ -148,6 +148,7 @@ function route() {
   }
   if (page === "sweeps") {
     loadDatasets().catch(failed);
+    buildSweepChoices().catch(failed);
     loadSweeps().catch(failed);
     state.sweepsTimer = setInterval(() => {
       if (!document.hidden) loadSweeps().catch(() => {});
@@ -354,9 +355,6 @@ const BASIC = ["architecture", "epochs", "batch_size", "learning_rate", "optimiz
   "image_size", "seed"];
 const HIDDEN = ["dataset_id", "clip"];
 const HELP = {
-  architecture: "dlib_resnet: dlib's face network pretrained on millions of faces, fine-tuned " +
-    "(default). facenet_s: small residual net from scratch. seed_cnn: the origin document's " +
-    "Conv32-Conv64-Dense128 CNN.",
   epochs: "Passes over the training images (dlib_resnet: 0 uses the pretrained network as it is).",
   batch_size: "Images per optimizer step.",
   learning_rate: "Peak step size; the schedule decays it.",
@@ -474,12 +472,12 @@ async function buildJobForm() {
     const cls = resolve(openapi, ref);
     clipModes[cls.properties.mode.const] = cls;
   }
-  state.schema = { clipModes };
+  // the registered modes (GET /v1/clip-modes), in the registry's order, with their labels
+  const labels = Object.fromEntries((await clipModeList()).map((m) => [m.name, m.label]));
+  state.schema = { clipModes, labels };
   const select = $("#clip-mode");
-  const order = ["norm", "value", "threshold", "agc", "autoclip", "none"]
-    .filter((m) => clipModes[m]).concat(Object.keys(clipModes)
-      .filter((m) => !["norm", "value", "threshold", "agc", "autoclip", "none"].includes(m)));
-  fill(select, ...order.map((m) => el("option", { value: m, text: m })));
+  const order = Object.keys(labels).filter((m) => clipModes[m]);
+  fill(select, ...order.map((m) => el("option", { value: m, text: m, title: labels[m] })));
   select.value = clipModes.norm ? "norm" : order[0];
   select.addEventListener("change", renderClipParams);
   renderClipParams();
@@ -489,7 +487,8 @@ async function buildJobForm() {
 function renderClipParams() {
   const mode = $("#clip-mode").value;
   const cls = state.schema.clipModes[mode];
-  $("#clip-mode-help").textContent = CLIP_HELP[mode] || firstLine(cls.description);
+  $("#clip-mode-help").textContent = CLIP_HELP[mode] || state.schema.labels[mode] ||
+    firstLine(cls.description);
   const fields = Object.entries(cls.properties).filter(([n]) => n !== "mode")
     .sort(([a], [b]) => (a === "on_nonfinite") - (b === "on_nonfinite"))
     .map(([n, p]) => fieldFor(`clip.${n}`, p, CLIP_PARAM_HELP[n]));
@@ -758,15 +757,27 @@ function fineTuningItem(item, ft) {
 
 const PCT_METRICS = ["val_acc", "known_named", "strangers_rejected", "tpir_at_fpir_0.05",
   "clip_fraction"];
-// each mode's main parameter in the form (norm also has its scope)
-const SWEEP_CLIPS = [
-  { mode: "none", checked: true },
-  { mode: "value", param: "clip_value", value: 1.0 },
-  { mode: "norm", param: "max_norm", value: 5.0, scope: true, checked: true },
-  { mode: "threshold", param: "alpha", value: 0.9, min: 0, max: 1 },
-  { mode: "agc", param: "clip_factor", value: 0.01 },
-  { mode: "autoclip", param: "percentile", value: 10, min: 0, max: 100 },
-];
+// the sweep form's clip modes, from GET /v1/clip-modes: each mode's main parameter at its
+// default and bounds (and its scope where it has one); the baseline and norm ticked at first
+let SWEEP_CLIPS = [];
+const SWEEP_TICKED = ["none", "norm"];
+
+/** The registered clip modes (GET /v1/clip-modes), fetched once. */
+async function clipModeList() {
+  if (!state.clipModes) {
+    const modes = (await get("/v1/clip-modes")).items;
+    state.clipModes = modes;
+  }
+  return state.clipModes;
+}
+
+function sweepClip(m) {
+  const k = m.knob;
+  return { mode: m.name, label: m.label, param: k ? k.name : null, value: k ? k.default : null,
+    min: k ? k.minimum ?? k.exclusive_minimum : null,
+    max: k ? k.maximum ?? k.exclusive_maximum : null,
+    scope: m.fields.includes("scope"), checked: SWEEP_TICKED.includes(m.name) };
+}
 const PALETTE = ["#2f6fde", "#d9534f", "#1f8a4c", "#b7791f", "#7b4fd0", "#0f9aa8", "#c2417d",
   "#5a6b86", "#8a9a1f", "#e07b00"];
 const sweepCache = { histories: {}, configs: {}, colors: {}, board: null, sweep: null };
@@ -809,10 +820,20 @@ function metricOptions(select, chosen) {
   select.value = chosen || "val_acc";
 }
 
-function setupSweeps() {
-  metricOptions($("#sw-metric"), "val_acc");
+/** The sweep form's choices from the server: clip modes (GET /v1/clip-modes) and
+ * architectures (the job schema's), built once. */
+async function buildSweepChoices() {
+  if (SWEEP_CLIPS.length) return;
+  const [modes, openapi] = await Promise.all([clipModeList(), get("/openapi.json")]);
+  const body = openapi.paths["/v1/jobs"].post.requestBody.content["application/json"].schema;
+  const arch = resolve(openapi, resolve(openapi, body).properties.architecture);
+  const archSelect = $("#sw-architecture");
+  fill(archSelect, ...arch.enum.map((a) => el("option", { value: a, text: a })));
+  archSelect.value = arch.enum.includes("seed_cnn") ? "seed_cnn" : arch.default;
+  $("#sw-architecture-help").textContent = firstLine(arch.description);
+  SWEEP_CLIPS = modes.map(sweepClip);
   fill($("#sw-clips"), ...SWEEP_CLIPS.map((c) => el("div", { class: "clip-choice" },
-    el("label", { title: CLIP_HELP[c.mode] },
+    el("label", { title: CLIP_HELP[c.mode] || c.label },
       el("input", { type: "checkbox", id: `sw-clip-${c.mode}`, checked: !!c.checked }), c.mode),
     c.param ? el("label", { class: "muted", for: `sw-clip-${c.mode}-${c.param}` },
       c.param.replace(/_/g, " ")) : el("span", { class: "muted", text: "baseline" }),
@@ -821,6 +842,10 @@ function setupSweeps() {
     c.scope ? el("select", { id: `sw-clip-${c.mode}-scope`, title: CLIP_PARAM_HELP.scope },
       el("option", { value: "global", text: "global" }),
       el("option", { value: "per_tensor", text: "per_tensor" })) : null)));
+}
+
+function setupSweeps() {
+  metricOptions($("#sw-metric"), "val_acc");
   $("#sweep-form").addEventListener("submit", submitSweep);
   $("#sweeps-refresh").addEventListener("click", () => loadSweeps().catch(failed));
   $("#sweep-metric").addEventListener("change", () => {

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,14 @@ import torch
 
 from facegrad.data import checkpoint as ckpt
 from facegrad.data.preprocess import PREPROCESSING_VERSION
-from facegrad.recognition.gallery import DESCRIPTORS, embed, identity_scores
-from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
-from facegrad.recognition.models import build_model
+from facegrad.recognition.architectures import build_model
+from facegrad.recognition.gallery import (
+    DESCRIPTORS,
+    Candidates,
+    Gallery,
+    embed,
+    gallery_from_training,
+)
 
 log = logging.getLogger("facegrad.recognition.inference")
 
@@ -39,7 +42,6 @@ class UnsupportedModel(ValueError):
     """A stored model this version cannot answer with: the message says why and what to do."""
 
 
-INDEX_FILE = "gallery.faiss"
 LOCK_FILE = "gallery.lock"
 
 
@@ -60,169 +62,6 @@ def gallery_file_lock(folder: Path, exclusive: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-@dataclass
-class Candidates:
-    """Per face, its best identities in a gallery, best first: ``index`` (M, K) positions in
-    the gallery's labels (-1 past the identities found) and ``scores`` (M, K) their
-    nearest-image cosine similarities (-2 there)."""
-
-    index: torch.Tensor
-    scores: torch.Tensor
-
-    def __getitem__(self, rows: slice) -> Candidates:
-        return Candidates(self.index[rows], self.scores[rows])
-
-    def __len__(self) -> int:
-        return self.index.shape[0]
-
-    @classmethod
-    def from_dense(cls, sims: torch.Tensor, k: int) -> Candidates:
-        """From identity scores (M, C) (identities without images at -2)."""
-        vals, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-        return cls(torch.where(vals > -1.5, idx, -1), vals)
-
-
-@dataclass
-class Gallery:
-    labels: list[str]
-    emb: torch.Tensor  # (N, D) normalised embeddings of the enrolled images
-    owner: torch.Tensor  # (N,) index into labels of each image's identity
-    counts: torch.Tensor  # (C,) images enrolled per identity
-    version: int = 0
-    # (C,) each identity's key in the index, ascending; kept while the identity is enrolled
-    keys: torch.Tensor | None = None
-    sha256: str | None = None  # of the gallery file this content was loaded from or saved to
-    exact_below: int = EXACT_BELOW  # images; from this size on the index is approximate (IVF)
-    _index: GalleryIndex | None = field(default=None, repr=False, compare=False)
-    _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
-                                        compare=False)
-    _max_images: int | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.keys is None:
-            self.keys = torch.arange(len(self.labels), dtype=torch.long)
-
-    def scores(self, emb: torch.Tensor) -> torch.Tensor:
-        """(M, C) per probe and identity: the highest cosine similarity to one of its images
-        (-2 for identities without images), every image scored (dense; for small galleries and
-        checks: :meth:`search` is what identification runs)."""
-        return identity_scores(emb, self.emb, self.owner, len(self.labels))
-
-    @property
-    def index(self) -> GalleryIndex:
-        """The index over the embeddings, built on first use and again when the gallery has
-        outgrown its kind (:meth:`GalleryIndex.fits`)."""
-        with self._index_lock:
-            if self._index is None or not self._index.fits(self.exact_below):
-                self._index = GalleryIndex.build(self.emb, self.keys[self.owner],
-                                                 self.exact_below)
-            return self._index
-
-    def search(self, emb: torch.Tensor, k: int) -> Candidates:
-        """Each face's ``k`` best identities through the index (nearest image per identity)."""
-        if self._max_images is None:
-            # numpy's max, not torch's: at 200k identities torch splits it over its threads,
-            # and on loaded cores waiting for both cost ~8 ms per call
-            self._max_images = int(self.counts.numpy().max()) if len(self.counts) else 0
-        keys, scores = top_identities(self.index, emb, k, self._max_images)
-        pos = np.searchsorted(self.keys.numpy(), keys).clip(0, max(len(self.labels) - 1, 0))
-        return Candidates(torch.from_numpy(np.where(keys >= 0, pos, -1)),
-                          torch.from_numpy(scores))
-
-    def copy(self) -> Gallery:
-        """An independent copy to edit while this one is being served (tensors that edits
-        replace rather than change are shared; the index is cloned)."""
-        g = Gallery(list(self.labels), self.emb, self.owner, self.counts.clone(), self.version,
-                    self.keys, self.sha256, self.exact_below)
-        with self._index_lock:
-            g._index = self._index.copy() if self._index is not None else None
-        return g
-
-    def save(self, folder: Path) -> None:
-        """Write the gallery, then its index tagged with the gallery file's sha256 and version
-        (each atomically: an index left from an interrupted save is seen as stale)."""
-        meta_path = ckpt.save(folder / "gallery",
-                              {"emb": self.emb, "owner": self.owner, "counts": self.counts,
-                               "keys": self.keys},
-                              {"kind": "gallery", "labels": self.labels,
-                               "version": self.version, "scoring": "nearest_image",
-                               "index": INDEX_FILE})
-        self.sha256 = json.loads(meta_path.read_text())["sha256"]
-        self.index.save(folder / INDEX_FILE, self._index_tag())
-
-    def _index_tag(self) -> dict:
-        return {"gallery_sha256": self.sha256, "gallery_version": self.version,
-                "entries": int(self.emb.shape[0]), "dim": int(self.emb.shape[1])}
-
-    @classmethod
-    def load(cls, folder: Path) -> Gallery:
-        """The gallery saved in ``folder`` with its index; an index that is missing or was
-        written for another state of the gallery is rebuilt from the embeddings and saved."""
-        tensors, meta = ckpt.load(folder / "gallery.json")
-        g = cls.from_tensors(meta["labels"], tensors, "", meta["version"])
-        g.sha256 = meta["sha256"]
-        g._index = GalleryIndex.load(folder / INDEX_FILE, g._index_tag())
-        if g._index is None or not g._index.fits(g.exact_below):
-            log.info("gallery index of %s missing or stale: rebuilding it", folder)
-            try:
-                g.index.save(folder / INDEX_FILE, g._index_tag())
-            except OSError as e:  # a read-only folder: serve the rebuilt index from memory
-                log.warning("gallery index not saved (%s)", e)
-        return g
-
-    @staticmethod
-    def saved_sha256(folder: Path) -> str | None:
-        """The sha256 recorded by the gallery file in ``folder`` (None: no gallery file)."""
-        try:
-            return json.loads((folder / "gallery.json").read_text()).get("sha256")
-        except FileNotFoundError:
-            return None
-
-    @classmethod
-    def from_tensors(cls, labels: list[str], tensors: dict, prefix: str,
-                     version: int = 0) -> Gallery:
-        keys = tensors.get(prefix + "keys")
-        return cls(list(labels), tensors[prefix + "emb"].float(),
-                   tensors[prefix + "owner"].long(), tensors[prefix + "counts"].long(), version,
-                   None if keys is None else keys.long())
-
-    def enroll(self, identity: str, emb: torch.Tensor) -> None:
-        """Add embeddings (N, D) to ``identity``, creating it if new."""
-        if identity not in self.labels:
-            self.labels.append(identity)
-            self.counts = torch.cat([self.counts, torch.zeros(1, dtype=torch.long)])
-            key = int(self.keys[-1]) + 1 if len(self.keys) else 0
-            self.keys = torch.cat([self.keys, torch.tensor([key], dtype=torch.long)])
-        i = self.labels.index(identity)
-        self.emb = torch.cat([self.emb, emb.float()])
-        self.owner = torch.cat([self.owner, torch.full((emb.shape[0],), i, dtype=torch.long)])
-        self.counts[i] += emb.shape[0]
-        self._max_images = None
-        if self._index is not None:
-            self._index.add(emb.float(), torch.full((emb.shape[0],), int(self.keys[i])))
-        self.version += 1
-        self.sha256 = None
-
-    def remove(self, identity: str) -> None:
-        i = self.labels.index(identity)
-        keep = self.owner != i
-        self.labels.pop(i)
-        self.emb, self.owner = self.emb[keep], self.owner[keep]
-        self.owner = self.owner - (self.owner > i).long()
-        self.counts = torch.cat([self.counts[:i], self.counts[i + 1:]])
-        if self._index is not None:
-            self._index.remove([int(self.keys[i])])
-        self.keys = torch.cat([self.keys[:i], self.keys[i + 1:]])
-        self._max_images = None
-        self.version += 1
-        self.sha256 = None
-
-
-def gallery_from_training(model_meta_path: Path) -> Gallery:
-    tensors, meta = ckpt.load(model_meta_path)
-    return Gallery.from_tensors(meta["labels"], tensors, "gallery.")
 
 
 class _Embedding(torch.nn.Module):

@@ -8,6 +8,9 @@ normalised, and identification compares it by cosine similarity.
   Flatten-Dense(128)-Dense(classes); its 128-d hidden layer is the embedding.
 - ``facenet_s``: a small residual net with batch norm, a normalised 128-d embedding and a
   cosine-margin (CosFace) classifier, trained from scratch.
+
+Each is registered, with its defaults and normalisation, in
+:mod:`facegrad.recognition.architectures`, whose ``build_model`` builds them.
 """
 
 from __future__ import annotations
@@ -138,16 +141,6 @@ class PretrainedFace(nn.Module):
         b = self.backbone
         for i, part in enumerate([b.stem, *b.stages, b.fc]):
             part.requires_grad_(i >= stages)
-
-
-def build_model(architecture: str, num_classes: int, image_size: int = 64) -> nn.Module:
-    if architecture == "seed_cnn":
-        return SeedCNN(num_classes, image_size)
-    if architecture == "facenet_s":
-        return FaceNetS(num_classes, image_size)
-    if architecture == "dlib_resnet":
-        return PretrainedFace(num_classes)
-    raise ValueError(f"unknown architecture {architecture!r}")
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None):

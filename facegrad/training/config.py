@@ -6,7 +6,7 @@ description that ends up in the OpenAPI document.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
@@ -20,24 +20,24 @@ from facegrad.clipping.config import (  # noqa: F401 (re-exported: the clip conf
     ClipThreshold,
     ClipValue,
 )
+from facegrad.recognition import architectures as arch_registry
 
 # TrainConfig.clip: one of the registered clip modes' configs (rebuilt when one is registered)
 ClipConfig = clip_modes.clip_config_union()
 
-ARCHITECTURES = ("dlib_resnet", "facenet_s", "seed_cnn")
-DEFAULT_ARCHITECTURE = "dlib_resnet"
-PRETRAINED = ("dlib_resnet",)  # fine-tuned from pretrained weights; the others train from scratch
-# what a field left unset (null) takes, by architecture: a pretrained network is fine-tuned
-# briefly, gently, at the input size it was trained at
-FROM_SCRATCH = {"epochs": 60, "learning_rate": 3e-3, "image_size": 64, "optimizer": "adamw"}
-ARCH_DEFAULTS = {
-    # SGD as the origin's SGD(lr=0.01, clipnorm=5.0): Adam's steps of a fixed size overwhelm
-    # this network's small weights (|w| ~ 0.01 in its convolutions; without batch norm the
-    # affine scales carry the magnitude) and collapsed its embedding within an epoch
-    "dlib_resnet": {"epochs": 4, "learning_rate": 0.01, "image_size": 150, "optimizer": "sgd"},
-    "facenet_s": FROM_SCRATCH,
-    "seed_cnn": FROM_SCRATCH,
-}
+# the registered architectures (facegrad.recognition.architectures): TrainConfig.architecture's
+# choices, the defaults a field left unset (null) takes and its limits
+ARCHITECTURES = arch_registry.ARCHITECTURES
+DEFAULT_ARCHITECTURE = arch_registry.DEFAULT_ARCHITECTURE
+
+
+def _architecture_type() -> Any:
+    return Literal[tuple(ARCHITECTURES)]  # type: ignore[valid-type]
+
+
+def _architecture_description() -> str:
+    return "; ".join(f"'{a.name}'{' (default)' if a.name == DEFAULT_ARCHITECTURE else ''}: "
+                     f"{a.description}" for a in ARCHITECTURES.values()) + "."
 
 
 class _Strict(BaseModel):
@@ -63,13 +63,8 @@ class OptimizerConfig(_Strict):
 class TrainConfig(_Strict):
     """Everything that defines a training run. Only dataset_id is required by the API."""
 
-    architecture: Literal["dlib_resnet", "facenet_s", "seed_cnn"] = Field(
-        DEFAULT_ARCHITECTURE,
-        description="'dlib_resnet' (default): dlib's face-recognition ResNet, pretrained on about "
-        "3 million faces, fine-tuned on the dataset (epochs 0: used as it is); 'facenet_s' (a "
-        "small residual net trained from scratch) or 'seed_cnn' (the origin document's "
-        "Conv32-Conv64-Dense128 CNN, from scratch).",
-    )
+    architecture: _architecture_type() = Field(  # rebuilt when one is registered
+        DEFAULT_ARCHITECTURE, description=_architecture_description())
     epochs: int | None = Field(
         None, ge=0, le=1000,
         description="Passes over the training images (default 4 for dlib_resnet, 60 otherwise). "
@@ -144,22 +139,23 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _architecture_defaults(self):
-        """Fields the job leaves unset take its architecture's defaults (``ARCH_DEFAULTS``),
+        """Fields the job leaves unset take its architecture's defaults (its registry entry),
         then each architecture's limits apply."""
-        d = ARCH_DEFAULTS[self.architecture]
+        arch = arch_registry.architecture(self.architecture)
+        d = arch.defaults
         for name in ("epochs", "learning_rate", "image_size"):
             if getattr(self, name) is None:
                 setattr(self, name, d[name])
         if self.optimizer.name is None:
             self.optimizer.name = d["optimizer"]
             self.optimizer._nesterov()
-        if self.architecture == "seed_cnn" and self.image_size < 32:
-            raise ValueError("seed_cnn needs image_size >= 32")
-        if self.architecture in PRETRAINED and self.image_size != 150:
-            raise ValueError(f"{self.architecture} reads 150x150 faces: image_size must be 150")
-        if self.architecture not in PRETRAINED and self.epochs < 1:
-            raise ValueError(f"{self.architecture} trains from scratch: epochs must be >= 1 "
-                             "(epochs 0 is for the pretrained dlib_resnet)")
+        if arch.pretrained and self.image_size != d["image_size"]:
+            raise ValueError(f"{arch.name} reads {d['image_size']}x{d['image_size']} faces: "
+                             f"image_size must be {d['image_size']}")
+        if not arch.pretrained and self.epochs < 1:
+            pretrained = " or ".join(a.name for a in ARCHITECTURES.values() if a.pretrained)
+            raise ValueError(f"{arch.name} trains from scratch: epochs must be >= 1 (epochs 0 "
+                             f"is for the pretrained {pretrained or 'architectures'})")
         return self
 
 
@@ -174,3 +170,14 @@ def _rebuild_clip_union() -> None:
 
 
 clip_modes.on_change(_rebuild_clip_union)
+
+
+def _rebuild_architecture_field() -> None:
+    """Let TrainConfig.architecture accept exactly the registered architectures."""
+    old = TrainConfig.model_fields["architecture"]
+    TrainConfig.model_fields["architecture"] = FieldInfo.from_annotated_attribute(
+        _architecture_type(), Field(old.default, description=_architecture_description()))
+    TrainConfig.model_rebuild(force=True)
+
+
+arch_registry.on_change(_rebuild_architecture_field)

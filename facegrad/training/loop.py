@@ -24,16 +24,13 @@ from facegrad.clipping.telemetry import ClipTelemetry
 from facegrad.data.batches import DeviceBatches, loading_mode, make_batches, stratified_split
 from facegrad.data.preprocess import normaliser
 from facegrad.data.store import FaceArrays
+from facegrad.recognition.architectures import architecture, build_model
 from facegrad.recognition.gallery import holdout_identities
-from facegrad.recognition.models import build_model, forward_logits, plain_logits
+from facegrad.recognition.models import forward_logits, plain_logits
 from facegrad.training import checkpoint as ckpt
 from facegrad.training import distributed
-from facegrad.training.config import PRETRAINED, TrainConfig
+from facegrad.training.config import TrainConfig
 from facegrad.training.distributed import Rank
-
-# how each architecture's input is prepared (facegrad.data.preprocess.NORMALISERS)
-NORMALISATION = {"dlib_resnet": "rgb_unit", "facenet_s": "per_image_standardise",
-                 "seed_cnn": "per_image_standardise"}
 
 
 class TrainingError(RuntimeError):
@@ -112,7 +109,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 def _by_lr_scale(cfg: TrainConfig, model: torch.nn.Module):
     """[(lr scale, parameters)]: a pretrained model's backbone apart from its new head."""
-    if cfg.architecture not in PRETRAINED:
+    if not architecture(cfg.architecture).pretrained:
         return [(1.0, list(model.parameters()))]
     return [(cfg.backbone_lr_scale, list(model.backbone.parameters())),
             (1.0, list(model.classifier.parameters()))]
@@ -173,7 +170,7 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
     gradients in backward; batch norm becomes SyncBatchNorm on GPUs (PyTorch's SyncBatchNorm
     runs on CUDA only: on the CPU each rank normalises its own share)."""
     model = build_model(cfg.architecture, num_classes, cfg.image_size)
-    if cfg.architecture in PRETRAINED:
+    if architecture(cfg.architecture).pretrained:
         model.backbone.load_state_dict(pretrained_state(pretrained_dir))
         model.freeze(cfg.freeze_stages if cfg.backbone_lr_scale > 0 else 6)
     if rank.world > 1 and device.type == "cuda":
@@ -343,8 +340,8 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     """The run itself, as one rank of ``rank.world`` (the whole of it when that is 1). Only rank
     0 reports, checkpoints and returns the trained model; the others return None."""
     hooks = hooks or Hooks()
-    pretrained = cfg.architecture in PRETRAINED
-    normalise = normaliser(NORMALISATION[cfg.architecture])
+    pretrained = architecture(cfg.architecture).pretrained
+    normalise = normaliser(architecture(cfg.architecture).normalisation)
     run_dir = Path(run_dir)
     device = rank.device
     num_classes = len(data.names)
