@@ -161,6 +161,8 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
     found = [f for f in test_files if chips[f] is not None]
     stack = np.stack([chips[f] for f in found])
     out = []
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
     work = Path(tempfile.mkdtemp(prefix="verification-"))
     jobs = [("pretrained", {"epochs": 0})]
     if not args.no_train:
@@ -170,7 +172,7 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
         t0 = time.perf_counter()
         res = run_training_job(cfg, train_folder(data, train_people, chips), work / name,
                                pretrained_dir=work / "pretrained")
-        lm = LoadedModel(res.model_path.parent, args.device)
+        lm = LoadedModel(res.model_path.parent, str(device))
         emb = embed(lm.net, stack, lm.image_size, lm.device, normalisation=lm.normalisation,
                     descriptor=lm.descriptor).numpy()
         desc = {f: emb[i] for i, f in enumerate(found)}
