@@ -35,6 +35,7 @@ from facegrad.service.ingest import (
 )
 from facegrad.service.settings import Settings
 from tests.harness import Service, orl_folder, wait_dataset, wait_job, zip_of
+from tests.test_postgres import db_url  # noqa: F401 (fixture: an empty SQLite or PostgreSQL db)
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -240,26 +241,10 @@ def test_prefer_header():
     assert requested_wait("wait=soon", 10) == (10, False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_db(request, tmp_path):
-    """A URL of an empty database of each kind (PostgreSQL as tests/test_postgres.py finds it)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    from tests.test_jobs_lease import _postgres_url
-    from tests.test_postgres import _drop
-
-    url = _postgres_url()
-    if url is None:
-        pytest.skip("no PostgreSQL answers on 127.0.0.1:5432")
-    yield url
-    _drop(url)
-
-
-def test_old_datasets_table_gets_the_new_columns(empty_db):
+def test_old_datasets_table_gets_the_new_columns(db_url):  # noqa: F811 (the fixture)
     """A database made before ingests existed: its datasets get status 'ready', the rest of the
     new columns empty, when a process of this version starts on it."""
-    old = create_engine(empty_db)
+    old = create_engine(db_url)
     stamp = "TIMESTAMP WITH TIME ZONE" if old.dialect.name == "postgresql" else "DATETIME"
     with old.begin() as conn:
         conn.execute(text(
@@ -271,11 +256,11 @@ def test_old_datasets_table_gets_the_new_columns(empty_db):
             "INSERT INTO datasets VALUES ('11111111-1111-4111-8111-111111111111', 'old', "
             "'2024-01-01 00:00:00', 7, 2, '{\"a\": 4, \"b\": 3}', '{}', 'none', 'zip', '{}')"))
     old.dispose()
-    engine = get_engine(empty_db)
+    engine = get_engine(db_url)
     columns = {c["name"] for c in inspect(engine).get_columns("datasets")}
     assert {"status", "progress", "error", "ingest_owner", "ingest_expires",
             "ingest_attempts"} <= columns
-    with session_scope(empty_db) as s:
+    with session_scope(db_url) as s:
         ds = s.get(Dataset, "11111111-1111-4111-8111-111111111111")
         assert (ds.status, ds.num_images, ds.ingest_attempts, ds.error) == ("ready", 7, 0, None)
     from app.routes.datasets import to_out
