@@ -196,6 +196,15 @@ class _Face:
         return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
+def _resized(img: np.ndarray, scale: float) -> np.ndarray:
+    """``img`` scaled by ``scale`` (area-averaged when shrinking, bilinear when enlarging)."""
+    if scale == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
 def _scan(rgb: np.ndarray, side: int, pad: float = 0.0
           ) -> list[tuple[float, float, float, float]]:
     """Faces the detector finds in ``rgb`` (with a replicated border of ``pad`` times its
@@ -213,11 +222,7 @@ def _scan(rgb: np.ndarray, side: int, pad: float = 0.0
     upsample = 1 if scale == 2.0 and not p else 0
     img = rgb
     if not upsample:
-        img = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1
-                             else cv2.INTER_LINEAR)
+        img = _resized(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), scale)
     sx, sy = (img.shape[1] / w, img.shape[0] / h) if not upsample else (1.0, 1.0)
     ps = round(p * scale)
     if ps:
@@ -235,12 +240,7 @@ def _scan_cnn(rgb: np.ndarray, side: int) -> list[tuple[float, float, float, flo
     trained on faces in every pose up to full profile; its window finds faces of about 40 px
     and more at the scanned size."""
     h, w = rgb.shape[:2]
-    scale = min(MAX_UPSCALE, side / max(h, w))
-    img = rgb
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1
-                         else cv2.INTER_LINEAR)
+    img = _resized(rgb, min(MAX_UPSCALE, side / max(h, w)))
     if min(img.shape[:2]) < CNN_MIN_SIDE:  # no room for its smallest window (dlib refuses)
         return []
     sx, sy = img.shape[1] / w, img.shape[0] / h
@@ -259,13 +259,16 @@ def _find(rgb: np.ndarray, fallback: bool) -> list[_Face]:
     """The faces of an (H, W, 3) image, biggest first (module doc); the tight-crop rule only
     with ``fallback``."""
     h, w = rgb.shape[:2]
+
+    def centred_inside(rects, how: str) -> list[_Face]:
+        return [_Face(r, how) for r in rects
+                if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
+
     faces = [_Face(r, "detector") for r in _scan(rgb, DETECT_SIDE)]
     if not faces:
-        faces = [_Face(r, "padded") for r in _scan(rgb, RETRY_SIDE, PAD_RETRY)
-                 if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
+        faces = centred_inside(_scan(rgb, RETRY_SIDE, PAD_RETRY), "padded")
     if not faces:
-        faces = [_Face(r, "cnn") for r in _scan_cnn(rgb, CNN_SIDE)
-                 if 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h]
+        faces = centred_inside(_scan_cnn(rgb, CNN_SIDE), "cnn")
     if not faces and fallback and _is_crop(h, w):
         side = min(h, w)
         x0, y0 = (w - side) / 2, (h - side) / 2
