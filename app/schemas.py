@@ -145,6 +145,27 @@ class OpenSetFigures(_Record):
     note: str | None = None
 
 
+class PrivacyRecord(_Record):
+    """A private run's guarantee: the trained weights are (epsilon, delta)-differentially
+    private with respect to one ``unit`` (docs/privacy.md)."""
+
+    epsilon: float | None = Field(None, description="the privacy loss spent by the whole run "
+                                  "(the accountant's upper bound)")
+    delta: float | None = None
+    unit: Literal["person", "image"] | None = Field(
+        None, description="what is protected: one person (all their photos) or one photo")
+    accountant: Literal["prv", "rdp"] | None = None
+    noise_multiplier: float | None = Field(None, description="sigma: noise sd / max_norm")
+    sample_rate: float | None = Field(None, description="q: the chance of each unit to be in "
+                                      "a step (Poisson sampling)")
+    steps: int | None = Field(None, description="noisy steps planned")
+    steps_done: int | None = Field(None, description="noisy steps taken (the accountant's)")
+    units: int | None = Field(None, description="people (or images) trained on")
+    max_norm: float | None = Field(None, description="C: each unit's gradient clipped to it")
+    target_epsilon: float | None = None
+    covers: str | None = Field(None, description="what the guarantee covers, and what not")
+
+
 class TrainMetrics(_Record):
     """The latest epoch's losses and accuracies; once trained, the open-set figures too."""
 
@@ -153,6 +174,9 @@ class TrainMetrics(_Record):
     val_loss: float | None = None
     val_acc: float | None = None
     open_set: OpenSetFigures | None = None
+    epsilon: float | None = Field(None, description="jobs with privacy: epsilon spent so far")
+    privacy: PrivacyRecord | None = Field(None, description="jobs with privacy, once trained: "
+                                          "the guarantee")
 
 
 class Health(BaseModel):
@@ -225,6 +249,15 @@ class NormStats(BaseModel):
     max: float | None = None
 
 
+class ExampleClipping(BaseModel):
+    count: int = Field(description="examples (or people, with privacy unit 'person') whose "
+                       "gradients were clipped one by one")
+    clipped: int = Field(description="how many of them were above max_norm")
+    clip_fraction: float
+    norm_mean: float | None = Field(None, description="their mean gradient norm before clipping")
+    norm_max: float | None = None
+
+
 class ClippingOut(BaseModel):
     steps: int = 0
     clipped_steps: int = 0
@@ -234,6 +267,8 @@ class ClippingOut(BaseModel):
     grad_norm_pre: NormStats = NormStats()
     grad_norm_post: NormStats = NormStats()
     threshold: float | None = None
+    examples: ExampleClipping | None = Field(
+        None, description="clip mode per_example: the examples (or people) clipped one by one")
 
 
 class JobOut(BaseModel):
@@ -303,6 +338,9 @@ class ModelOut(BaseModel):
         description="what calibration measured and chose; fine_tuning for pretrained "
         "architectures, held_out: the identities calibration held out of training")
     detect: Detect
+    privacy: PrivacyRecord | None = Field(
+        None, description="a model trained with privacy: its weights' (epsilon, delta) "
+        "guarantee; null: no guarantee")
 
 
 class ModelList(BaseModel):

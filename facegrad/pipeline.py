@@ -174,6 +174,10 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
                     "counts": {n: int(c) for n, c in zip(full.names, counts)}},
         "too_few_to_split": [trained_on.names[i] for i in trained.split.too_few],
     }
+    if trained.privacy is not None:  # what the weights' (epsilon, delta) guarantee covers
+        model_meta["privacy"] = trained.privacy | {
+            "covers": "the training images as they shape the weights; not the gallery nor "
+                      "the calibration on held-out people (docs/privacy.md)"}
     tensors = {f"model.{k}": v for k, v in trained.model.state_dict().items()}
     tensors |= {"gallery.emb": gallery.emb, "gallery.owner": gallery.owner,
                 "gallery.counts": counts}

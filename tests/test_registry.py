@@ -50,7 +50,8 @@ def cli_help(command: str) -> str:
 
 
 def test_builtin_modes_are_registered():
-    assert list(CLIP_MODES) == ["none", "value", "norm", "threshold", "agc", "autoclip"]
+    assert list(CLIP_MODES) == ["none", "value", "norm", "threshold", "agc", "autoclip",
+                               "per_example"]
     assert TrainConfig().clip.mode == "norm"
 
 

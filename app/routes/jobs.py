@@ -12,6 +12,7 @@ from app.auth import admin_only
 from app.deps import get_db, get_settings_dep
 from app.schemas import Error, JobCreate, JobList, JobMetrics, JobOut, JobStatus
 from app.uploads import uuid_path
+from facegrad.service import storage
 from facegrad.service.db import Dataset, Job, JobEpoch, new_id, utcnow
 from facegrad.service.settings import Settings
 from worker.queue import BrokerUnavailable, publish_job
@@ -35,7 +36,7 @@ def get_or_404(db: Session, job_id: str) -> Job:
     return job
 
 
-def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate],
+def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate], settings: Settings,
                with_rows: Callable[[list[Job]], list] | None = None,
                what: str = "the job was") -> list[Job]:
     """Store one queued Job per body (with the rows ``with_rows(jobs)`` adds, e.g. their sweep)
@@ -47,6 +48,7 @@ def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate],
     A dataset that is not ready is refused with 409 (:func:`check_ready`).
     """
     check_ready(dataset)
+    check_privacy(settings, dataset, bodies)
     jobs = [Job(id=new_id(), dataset_id=dataset.id,
                 config=body.model_dump(exclude={"dataset_id"}), status="queued",
                 progress={"epoch": 0, "epochs": body.epochs, "step": 0, "steps_total": 0,
@@ -68,6 +70,25 @@ def queue_jobs(db: Session, dataset: Dataset, bodies: list[JobCreate],
                             "answers 200") from e
     db.commit()
     return jobs
+
+
+def check_privacy(settings: Settings, dataset: Dataset, bodies: list[JobCreate]) -> None:
+    """422 for a private job whose guarantee would not hold on this dataset, or whose target
+    epsilon cannot be reached (the same plan the worker will make: its sampling rate, steps
+    and noise come from the split it will train on)."""
+    private = [b for b in bodies if b.privacy is not None]
+    if not private:
+        return
+    from facegrad.data.store import FaceArrays
+    from facegrad.training.loop import privacy_plan_for_dataset
+    from facegrad.training.private import PrivacyError
+
+    data = FaceArrays.load(storage.dataset_dir(settings, dataset.id))
+    for body in private:
+        try:
+            privacy_plan_for_dataset(body, data)
+        except PrivacyError as e:
+            raise HTTPException(422, f"privacy: {e}") from None
 
 
 def dataset_or_404(db: Session, dataset_id: str) -> Dataset:
@@ -108,7 +129,7 @@ def request_cancel(job: Job) -> None:
 def create_job(body: JobCreate, response: Response, db: Session = Depends(get_db),
                settings: Settings = Depends(get_settings_dep)) -> JobOut:
     ds = dataset_or_404(db, body.dataset_id)
-    job = queue_jobs(db, ds, [body])[0]
+    job = queue_jobs(db, ds, [body], settings)[0]
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return to_out(job)
 

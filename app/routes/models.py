@@ -27,7 +27,7 @@ def to_out(m: Model) -> ModelOut:
                     architecture=m.architecture, input_size=[size, size, 3], labels=m.labels,
                     metrics=m.metrics, config=m.config, clip=m.config.get("clip", {}),
                     preprocessing=m.preprocessing, threshold=m.threshold, open_set=m.open_set,
-                    detect=m.detect)
+                    detect=m.detect, privacy=(m.metrics or {}).get("privacy"))
 
 
 def get_or_404(db: Session, model_id: str) -> Model:

@@ -79,7 +79,7 @@ def create_sweep(body: SweepCreate, response: Response, db: Session = Depends(ge
                           metric=body.metric, job_ids=[j.id for j in jobs]))
         return made
 
-    jobs = queue_jobs(db, ds, [JobCreate.model_validate(b) for b in bodies],
+    jobs = queue_jobs(db, ds, [JobCreate.model_validate(b) for b in bodies], settings,
                       with_rows=sweep_row, what="the sweep was")
     sweep = made[0]
     response.headers["Location"] = f"/v1/sweeps/{sweep.id}"

@@ -634,6 +634,10 @@ function renderJob(job) {
     item("train", `loss ${fmt(m.train_loss)} · acc ${pct(m.train_acc)}`),
     item("validation", `loss ${fmt(m.val_loss)} · acc ${pct(m.val_acc)}`),
     fineTuningItem(item, (m.open_set || {}).fine_tuning),
+    privacyItem(item, cfg.privacy, m),
+    c.examples ? item("examples clipped", `${c.examples.clipped} of ${c.examples.count} ` +
+      `(${pct(c.examples.clip_fraction)}); norm before: mean ${fmt(c.examples.norm_mean)}, ` +
+      `max ${fmt(c.examples.norm_max)}`) : null,
     item("steps clipped", `${c.clipped_steps || 0} of ${c.steps || 0} (${pct(c.clip_fraction)})` +
       (c.skipped_steps ? `, ${c.skipped_steps} skipped (non-finite)` : "") +
       (c.zeroed ? `, ${c.zeroed} elements zeroed` : "")),
@@ -689,10 +693,17 @@ function renderCharts(history, job) {
     line(x, col((r) => r.val_loss), "validation"),
   ], layout({ yaxis: { title: { text: "cross-entropy" } } }), CONFIG);
 
+  // a private job: the privacy spent (epsilon, whole run so far) beside accuracy
+  const eps = col((r) => r.epsilon ?? null);
+  const private_ = eps.some((v) => v !== null);
   Plotly.react("chart-acc", [
     line(x, col((r) => r.train_acc), "train"),
     line(x, col((r) => r.val_acc), "validation"),
-  ], layout({ yaxis: { title: { text: "accuracy" }, tickformat: ".0%", range: [0, 1.02] } }),
+    ...(private_ ? [line(x, eps, "ε spent", { yaxis: "y2",
+      line: { color: "#7a4cc2", dash: "dot" } })] : []),
+  ], layout({ yaxis: { title: { text: "accuracy" }, tickformat: ".0%", range: [0, 1.02] },
+    ...(private_ ? { yaxis2: { title: { text: "ε" }, overlaying: "y", side: "right",
+      rangemode: "tozero" }, margin: { ...LAYOUT.margin, r: 48 } } : {}) }),
   CONFIG);
 
   const pre = (k) => col((r) => (clip(r).grad_norm_pre || {})[k] ?? null);
@@ -741,12 +752,25 @@ function renderEpochTable(history) {
 
 const SWEEP_METRICS = ["val_acc", "best_val_loss", "final_val_loss", "epochs_to_90pct",
   "known_named", "strangers_rejected", "tpir_at_fpir_0.05", "skipped_steps", "clip_fraction",
-  "grad_norm_pre", "grad_norm_post", "wall_seconds"];
+  "grad_norm_pre", "grad_norm_post", "wall_seconds", "epsilon"];
 const METRIC_NAMES = { val_acc: "val acc", best_val_loss: "best val loss",
   final_val_loss: "final val loss", epochs_to_90pct: "epochs to 90%", known_named: "known named",
   strangers_rejected: "strangers rejected", "tpir_at_fpir_0.05": "TPIR @ FPIR 0.05",
   skipped_steps: "skipped steps", clip_fraction: "steps clipped", grad_norm_pre: "norm pre",
-  grad_norm_post: "norm post", wall_seconds: "seconds" };
+  grad_norm_post: "norm post", wall_seconds: "seconds", epsilon: "ε" };
+// a private job's guarantee: (ε, δ) for one person or one photo, and how it was reached
+function privacyItem(item, asked, m) {
+  if (!asked) return null;
+  const rec = m.privacy;
+  if (!rec) {
+    return item("privacy", `DP-SGD per ${asked.unit || "person"}, ε so far ` +
+      `${m.epsilon === undefined ? "–" : fmt(m.epsilon)} (δ ${asked.delta})`);
+  }
+  return item("privacy", `(ε ${fmt(rec.epsilon)}, δ ${rec.delta})-DP per ${rec.unit}: ` +
+    `σ ${fmt(rec.noise_multiplier)}, q ${fmt(rec.sample_rate, 3)}, ${rec.steps_done} steps, ` +
+    `${rec.accountant} accountant`);
+}
+
 // the held-out people's verification, pretrained → fine-tuned, and the network the model kept
 function fineTuningItem(item, ft) {
   if (!ft || !ft.pretrained || !ft.fine_tuned) return null;

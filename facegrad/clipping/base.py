@@ -22,6 +22,12 @@ class ClipResult:
     zeroed: Tensor  # int64: elements set to 0 (threshold mode only)
     finite: Tensor  # bool: norm_pre is finite
     threshold: Tensor  # effective norm threshold, NaN where the mode has none
+    # per_example only (None elsewhere): how many examples (or people) the step clipped one by
+    # one, how many of them were above the threshold, and their pre-clip norms' sum and max
+    examples: Tensor | None = None
+    examples_clipped: Tensor | None = None
+    example_norm_sum: Tensor | None = None
+    example_norm_max: Tensor | None = None
 
 
 class Clipper:

@@ -96,3 +96,14 @@ class ClipAutoClip(ClipModeConfig):
     history_size: int = Field(
         10000, ge=1, le=1_000_000, description="How many past norms the percentile looks at."
     )
+
+
+class ClipPerExample(ClipModeConfig):
+    """Clip each example's gradient (or each person's, with ``privacy.unit`` 'person') to
+    max_norm before they are summed: DP-SGD's clipping (Abadi et al. 2016). With the job's
+    ``privacy`` set, Gaussian noise of sd noise_multiplier · max_norm is added to the sum."""
+
+    mode: Literal["per_example"]
+    max_norm: float = Field(
+        1.0, gt=0, le=1e6,
+        description="C: the largest L2 norm one example's (or person's) gradient may have.")

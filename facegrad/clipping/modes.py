@@ -23,9 +23,11 @@ from .config import (
     ClipModeConfig,
     ClipNone,
     ClipNorm,
+    ClipPerExample,
     ClipThreshold,
     ClipValue,
 )
+from .per_example import PerExampleClipper
 
 
 @dataclass(frozen=True)
@@ -87,3 +89,5 @@ register(ClipMode("agc", ClipAGC, AGCClipper, "clip_factor", "agc:0.01",
                   "adaptive gradient clipping, unit-wise, relative to the weights"))
 register(ClipMode("autoclip", ClipAutoClip, AutoClipClipper, "percentile", "autoclip:10",
                   "clip the global norm to a percentile of the norms seen so far"))
+register(ClipMode("per_example", ClipPerExample, PerExampleClipper, "max_norm", "per_example:1",
+                  "clip each example's (or person's) gradient to max_norm: DP-SGD's clipping"))

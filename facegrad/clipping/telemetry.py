@@ -12,10 +12,14 @@ if TYPE_CHECKING:
 
 _COUNTS = ("clipped_steps", "skipped_steps", "finite_steps", "zeroed")
 _NORMS = ("pre", "post")
+# per_example clipping's own figures: examples (or people) clipped one by one, how many were
+# above the threshold, their pre-clip norms' sum (and, apart, max)
+_EXAMPLES = ("examples", "examples_clipped", "example_norm_sum")
 
 
 def _empty() -> dict:
-    raw: dict = {"steps": 0, **{k: 0 for k in _COUNTS}, "threshold": None}
+    raw: dict = {"steps": 0, **{k: 0 for k in _COUNTS}, "threshold": None,
+                 **{k: 0 for k in _EXAMPLES}, "example_norm_max": None}
     for n in _NORMS:
         raw.update({f"{n}_sum": 0.0, f"{n}_max": None, f"{n}_last": None})
     return raw
@@ -23,7 +27,10 @@ def _empty() -> dict:
 
 def _merge(a: dict, b: dict) -> dict:
     """Run record ``a`` followed by ``b``."""
-    out = {k: a[k] + b[k] for k in ("steps", *_COUNTS, "pre_sum", "post_sum")}
+    out = {k: a.get(k, 0) + b.get(k, 0)
+           for k in ("steps", *_COUNTS, "pre_sum", "post_sum", *_EXAMPLES)}
+    maxes = [v for v in (a.get("example_norm_max"), b.get("example_norm_max")) if v is not None]
+    out["example_norm_max"] = max(maxes) if maxes else None
     for n in _NORMS:
         maxes = [v for v in (a[f"{n}_max"], b[f"{n}_max"]) if v is not None]
         out[f"{n}_max"] = max(maxes) if maxes else None
@@ -48,6 +55,12 @@ def _summary(raw: dict) -> dict:
             "max": raw[f"{n}_max"],
         }
     out["threshold"] = raw["threshold"]
+    n = raw.get("examples", 0)
+    if n:
+        out["examples"] = {
+            "count": int(n), "clipped": int(raw["examples_clipped"]),
+            "clip_fraction": raw["examples_clipped"] / n,
+            "norm_mean": raw["example_norm_sum"] / n, "norm_max": raw["example_norm_max"]}
     return out
 
 
@@ -70,6 +83,7 @@ class ClipTelemetry:
         self._max = torch.full((len(_NORMS),), -math.inf, **f64)
         self._last = torch.full((len(_NORMS),), math.nan, **f64)
         self._thr = torch.full((1,), math.nan, **f64)
+        self._ex = torch.zeros(len(_EXAMPLES) + 1, **f64)  # the sums, then the max
 
     @torch.no_grad()
     def update(self, r: ClipResult) -> None:
@@ -84,13 +98,18 @@ class ClipTelemetry:
         self._last = torch.where(fin, norms, self._last)
         thr = r.threshold.to(dev, torch.float64).view(1)
         self._thr = torch.where(torch.isnan(thr), self._thr, thr)
+        if r.examples is not None:
+            ex = torch.stack([r.examples, r.examples_clipped, r.example_norm_sum,
+                              r.example_norm_max]).to(dev, torch.float64)
+            self._ex[:3] += ex[:3]
+            self._ex[3] = torch.maximum(self._ex[3], ex[3])
         self._steps += 1
 
     def _epoch_raw(self) -> dict:
         raw = _empty()
         if self._device is None:
             return raw
-        vals = torch.cat([self._sum, self._max, self._last, self._thr]).tolist()  # the sync
+        vals = torch.cat([self._sum, self._max, self._last, self._thr, self._ex]).tolist()
         vals = [None if not math.isfinite(v) else v for v in vals]
         k = len(_COUNTS)
         raw["steps"] = self._steps
@@ -100,6 +119,11 @@ class ClipTelemetry:
             raw[f"{n}_max"] = vals[k + 2 + i]
             raw[f"{n}_last"] = vals[k + 4 + i]
         raw["threshold"] = vals[k + 6]
+        ex = vals[k + 7:]
+        raw.update({name: ex[i] or 0 for i, name in enumerate(_EXAMPLES)})
+        raw["examples"] = int(raw["examples"])
+        raw["examples_clipped"] = int(raw["examples_clipped"])
+        raw["example_norm_max"] = ex[3] if raw["examples"] else None
         return raw
 
     def epoch_summary(self) -> dict:
@@ -119,9 +143,10 @@ class ClipTelemetry:
         return _merge(self._total, self._epoch_raw())
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(_empty()) - set(state)
+        missing = set(_empty()) - set(state) - {*_EXAMPLES, "example_norm_max"}
         if missing:
             raise ValueError(f"clip telemetry state lacks {sorted(missing)}")
-        self._total = {k: state[k] for k in _empty()}
+        # checkpoints written before per-example figures existed lack them: zero
+        self._total = _empty() | {k: state[k] for k in _empty() if k in state}
         if self._device is not None:
             self._reset_epoch(self._device)

@@ -98,6 +98,17 @@ class DeviceBatches:
                 xb = augment_batch(xb, generator, shard, len(glob))
             yield self.normalise(xb), self.y.index_select(0, idx)
 
+    def take(self, positions: torch.Tensor, generator: torch.Generator | None,
+             augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of the split's rows at ``positions``, in that order (a sampler's batch,
+        e.g. DP-SGD's Poisson sample)."""
+        idx = positions.to(self.device)
+        xb = self.x.index_select(0, idx)
+        if augment:
+            xb = augment_batch(xb, generator, (0, 1), len(idx))
+        return self.normalise(xb), self.y.index_select(0, idx)
+
+
 
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
@@ -205,6 +216,14 @@ class StreamBatches:
                 except queue.Empty:
                     pass
                 thread.join(timeout=0.05)
+
+    def take(self, positions: torch.Tensor, generator: torch.Generator | None,
+             augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`DeviceBatches.take`, read from the stored dataset."""
+        xb = self._load(positions.cpu())
+        if augment:
+            xb = augment_batch(xb, generator, (0, 1), len(positions))
+        return self.normalise(xb), self.y.index_select(0, positions.to(self.y.device))
 
     def _produce(self, jobs: list[torch.Tensor], q: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:

@@ -196,7 +196,8 @@ def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
             job.progress = {"epoch": rec["epoch"], "epochs": epochs, "step": rec["step"],
                             "steps_total": steps_total,
                             "fraction": round(rec["step"] / max(1, steps_total), 4)}
-            job.metrics = {k: rec[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+            job.metrics = {k: rec[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
+                                               "epsilon") if k in rec}
             job.clipping = rec["clipping_total"]
             config = dict(job.config)
         worker_metrics.observe_epoch(rec, config)
@@ -227,6 +228,8 @@ def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, 
     last = result.history[-1] if result.history else {}
     metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
     metrics |= {"open_set": result.open_set}
+    if meta.get("privacy"):
+        metrics |= {"epsilon": meta["privacy"]["epsilon"], "privacy": meta["privacy"]}
     with session_scope(settings.db_url) as s:
         dataset = s.get(Dataset, dataset_id)
         model = Model(job_id=job_id, dataset_id=dataset_id, architecture=cfg.architecture,

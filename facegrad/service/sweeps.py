@@ -48,6 +48,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "grad_norm_pre": ("mean gradient norm before clipping, over the run", "min"),
     "grad_norm_post": ("mean gradient norm after clipping, over the run", "min"),
     "wall_seconds": ("the job's run time, finished_at - started_at", "min"),
+    "epsilon": ("privacy: the epsilon the run spent (jobs with privacy; lower protects more)",
+                "min"),
 }
 
 
@@ -225,6 +227,7 @@ def run_metrics(job: dict) -> dict[str, float | None]:
         "grad_norm_pre": _finite((clipping.get("grad_norm_pre") or {}).get("mean")),
         "grad_norm_post": _finite((clipping.get("grad_norm_post") or {}).get("mean")),
         "wall_seconds": wall,
+        "epsilon": _finite(metrics.get("epsilon")),
     }
 
 

@@ -60,6 +60,47 @@ class OptimizerConfig(_Strict):
         return self
 
 
+class PrivacyConfig(_Strict):
+    """Differentially private training (DP-SGD, Abadi et al. 2016) with clip mode
+    'per_example': the trained weights are (epsilon, delta)-DP with respect to one ``unit``."""
+
+    target_epsilon: float | None = Field(
+        None, gt=0, le=100,
+        description="The epsilon to reach at the end of training: the noise multiplier is "
+        "chosen for it. Give this or noise_multiplier.")
+    noise_multiplier: float | None = Field(
+        None, gt=0, le=100,
+        description="sigma: the noise added to each step's sum of clipped gradients has sd "
+        "sigma * max_norm. Give this or target_epsilon; the job reports the epsilon it reached.")
+    delta: float = Field(
+        1e-5, gt=0, lt=0.01,
+        description="delta of (epsilon, delta)-DP: should be well below 1 / the number of "
+        "units (people or images) trained on.")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Opacus' accountant for epsilon: 'prv' (privacy random variables, "
+        "Gopi et al. 2021; tight) or 'rdp' (Renyi DP, Mironov 2017; an upper bound).")
+    unit: Literal["person", "image"] = Field(
+        "person",
+        description="What the guarantee protects. 'person' (default): people are sampled, the "
+        "sum of a sampled person's photos' gradients is clipped as one (user-level DP), so the "
+        "weights hardly depend on whether any one person was in the dataset at all. 'image': "
+        "each photo on its own (example-level DP, as Opacus does it), which protects one photo "
+        "but not a person with many.")
+    max_physical_batch: int = Field(
+        32, ge=1, le=4096,
+        description="Images per forward/backward pass: a step's Poisson-sampled logical batch "
+        "(batch_size images on average) is processed in chunks of this size (virtual steps), "
+        "so that per-example gradients fit in memory. A person contributes at most this many "
+        "of their photos to one step.")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self):
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("privacy needs exactly one of target_epsilon (the noise is chosen "
+                             "to reach it) and noise_multiplier")
+        return self
+
+
 class TrainConfig(_Strict):
     """Everything that defines a training run. Only dataset_id is required by the API."""
 
@@ -137,6 +178,13 @@ class TrainConfig(_Strict):
         "still identified. 0: calibrate on the trained identities (optimistic).",
     )
 
+    privacy: PrivacyConfig | None = Field(
+        None,
+        description="Differentially private training (DP-SGD): needs clip mode 'per_example'. "
+        "Each step samples people (or images) with probability q = batch_size / training "
+        "images, clips each one's gradient to max_norm, adds Gaussian noise and accounts "
+        "epsilon (docs/privacy.md). Unset: no guarantee.")
+
     @model_validator(mode="after")
     def _architecture_defaults(self):
         """Fields the job leaves unset take its architecture's defaults (its registry entry),
@@ -156,7 +204,29 @@ class TrainConfig(_Strict):
             pretrained = " or ".join(a.name for a in ARCHITECTURES.values() if a.pretrained)
             raise ValueError(f"{arch.name} trains from scratch: epochs must be >= 1 (epochs 0 "
                              f"is for the pretrained {pretrained or 'architectures'})")
+        if self.privacy is not None:
+            self._private_defaults(arch)
         return self
+
+    def _private_defaults(self, arch) -> None:
+        """Refuse what would void the guarantee (each a ValueError saying why: the API's 422);
+        a pretrained backbone trains only its last stage and projection under DP unless the job
+        says otherwise (per-example gradients of the early, large feature maps cost the most
+        and a little noise in them hurts all layers above)."""
+        if self.clip.mode != "per_example":
+            raise ValueError(f"privacy needs clip mode 'per_example' (each example's gradient "
+                             f"clipped before the noise is added); clip mode "
+                             f"{self.clip.mode!r} bounds no one example's influence, so no "
+                             "guarantee would hold")
+        if self.epochs < 1:
+            raise ValueError("privacy with epochs 0 trains nothing: there is no training to "
+                             "protect (leave privacy out)")
+        if self.devices is not None and self.devices > 1:
+            raise ValueError("privacy runs on one device: over several processes each would "
+                             "clip and add noise to its own share, which is not the mechanism "
+                             "the accountant analyses (set devices to 1 or leave it unset)")
+        if arch.pretrained and "freeze_stages" not in self.model_fields_set:
+            self.freeze_stages = 4
 
 
 def _rebuild_clip_union() -> None:

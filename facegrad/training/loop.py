@@ -28,7 +28,7 @@ from facegrad.recognition.architectures import architecture, build_model
 from facegrad.recognition.gallery import holdout_identities
 from facegrad.recognition.models import forward_logits, plain_logits
 from facegrad.training import checkpoint as ckpt
-from facegrad.training import distributed
+from facegrad.training import distributed, private
 from facegrad.training.config import TrainConfig
 from facegrad.training.distributed import Rank
 
@@ -78,6 +78,7 @@ class TrainedModel:
     split: DataSplit
     resumed_from_epoch: int | None = None
     processes: int = 1
+    privacy: dict | None = None  # the (epsilon, delta) record of a private run
 
 
 def pick_device(name: str) -> torch.device:
@@ -145,6 +146,8 @@ class StepParts:
     amp_dtype: torch.dtype | None
     device: torch.device
     forward: torch.nn.Module  # (x, y) -> (embedding, logits); DistributedDataParallel on a group
+    per_example: bool = False  # forward computes per-example gradients (Opacus), clip mode
+    # per_example
 
 
 class TrainForward(torch.nn.Module):
@@ -179,12 +182,23 @@ def make_step_parts(cfg: TrainConfig, num_classes: int, device: torch.device,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    amp_dtype = autocast_dtype(device, cfg.amp)
+    per_example = cfg.clip.mode == "per_example"
+    if per_example:  # per-example gradients (Opacus), in float32 and on one process
+        private.check_model(model, cfg.architecture)
+        for m in model.modules():  # Opacus' hooks cannot follow an in-place ReLU
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = False
+        if rank.world > 1:
+            raise TrainingError("clip mode per_example runs on one device (devices 1)")
+        forward, amp_dtype = private.wrap(TrainForward(model)), None
+    else:
+        forward, amp_dtype = distributed.wrap(TrainForward(model), rank), autocast_dtype(
+            device, cfg.amp)
     return StepParts(model=model, params=params, opt=make_optimizer(cfg, model),
                      clipper=build_clipper(cfg.clip, model), telemetry=ClipTelemetry(),
                      scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-                     amp_dtype=amp_dtype, device=device,
-                     forward=distributed.wrap(TrainForward(model), rank))
+                     amp_dtype=amp_dtype, device=device, forward=forward,
+                     per_example=per_example)
 
 
 def pretrained_state(pretrained_dir: Path | None) -> dict[str, torch.Tensor]:
@@ -230,6 +244,19 @@ def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
     for g in parts.opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     amp_dtype = parts.amp_dtype
+    if parts.per_example:  # each example's gradient clipped, then averaged (no noise)
+        parts.opt.zero_grad(set_to_none=True)
+        _, logits = parts.forward(xb, yb)
+        loss = F.cross_entropy(logits.float(), yb, reduction="sum")
+        loss.backward()
+        parts.clipper.accumulate(parts.params)
+        result = parts.clipper(parts.params)
+        parts.telemetry.update(result)
+        loss = loss.detach() / len(yb)
+        ok = bool(result.finite) and bool(torch.isfinite(loss))
+        if ok:
+            parts.opt.step()
+        return loss, logits, result, ok
     with torch.autocast(parts.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         _, logits = parts.forward(xb, yb)
         loss = F.cross_entropy(logits.float(), yb)
@@ -291,6 +318,40 @@ def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: i
     return step, loss_sum, correct, seen
 
 
+def train_private_epoch(cfg: TrainConfig, parts: StepParts, batches, sampler: private.UnitSampler,
+                        accountant: private.Accountant, gen: torch.Generator, epoch: int,
+                        step: int, total_steps: int, hooks: Hooks, progress: dict):
+    """:func:`train_epoch` for DP-SGD: 1/q steps, each over a Poisson sample of units drawn by
+    ``sampler``, each recorded by ``accountant`` (a skipped, non-finite step too: its sample
+    was drawn)."""
+    parts.model.train()
+    loss_sum = torch.zeros((), device=parts.device)
+    correct = torch.zeros((), device=parts.device, dtype=torch.long)
+    seen = 0
+    for chunks in sampler.epoch():
+        if hooks.should_stop():
+            raise Cancelled()
+        l_sum, n_right, n, result, ok = private.private_step(
+            parts, chunks, batches, gen, cfg.augment, lr_at(cfg, step, total_steps))
+        parts.telemetry.update(result)
+        accountant.step()
+        step += 1
+        if not ok and cfg.clip.on_nonfinite == "fail":
+            raise TrainingError(f"non-finite loss or gradient at epoch {epoch + 1}, step "
+                                f"{step}; lower the learning rate (on_nonfinite='skip' skips "
+                                "such steps instead)")
+        if ok:
+            loss_sum += l_sum
+            correct += n_right
+            seen += n
+        now = time.monotonic()
+        if now - progress["last_report"] >= hooks.progress_interval_s:
+            progress["last_report"] = now
+            hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
+                               "steps_total": total_steps})
+    return step, loss_sum, correct, seen
+
+
 @torch.no_grad()
 def evaluate(model, batches: DeviceBatches, batch_size: int, amp_dtype,
              rank: Rank = Rank()) -> tuple[float, float]:
@@ -318,7 +379,10 @@ def train(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks | None
     ``dataset_dir`` (``data`` is saved into the run folder for them when it is not given)."""
     device = pick_device(cfg.device)
     try:
-        world = distributed.world_size(cfg.devices, device)
+        # per-example clipping (and DP-SGD's one noise draw per step) runs in one process:
+        # unset devices means one, not every GPU (devices > 1 is refused by the config)
+        world = distributed.world_size(
+            1 if cfg.clip.mode == "per_example" and cfg.devices is None else cfg.devices, device)
     except distributed.DevicesError as e:
         raise TrainingError(str(e)) from e
     if world == 1:
@@ -347,19 +411,15 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     num_classes = len(data.names)
     if num_classes < 2:
         raise TrainingError("training needs at least 2 identities")
-    # --- identities held out of training: the strangers that calibrate the open-set threshold --
+    # --- identities held out of training (the strangers that calibrate the open-set
+    # threshold), then a seeded stratified split of the rest -----------------------------------
     full = data
-    # (the pretrained network used as it is has seen none of them: all are honest strangers)
-    held = holdout_identities(full.labels, cfg.calibration_identities if cfg.epochs else 0,
-                              cfg.seed)
-    if len(held):
-        data = without_identities(full, held)
-        num_classes = len(data.names)
+    held, data, (train_idx, val_idx, too_few) = split_for_training(cfg, full)
+    num_classes = len(data.names)
 
-    # --- data: seeded stratified split, held on the device as uint8 or streamed --------------
+    # --- data: held on the device as uint8 or streamed --------------------------------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    train_idx, val_idx, too_few = stratified_split(data.labels, cfg.val_fraction, cfg.seed)
     # held on the device ('memory') or read from the stored file batch by batch ('stream', so
     # the worker's memory does not grow with the dataset): cfg.data_loading, 'auto' by the
     # training split's size; validation is loaded the same way
@@ -370,6 +430,13 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
                            normalise, loading)
     drop_last = len(train_set) > cfg.batch_size
     steps_per_epoch = train_set.num_batches(cfg.batch_size, drop_last)
+    plan = None
+    if cfg.privacy is not None:  # DP-SGD: Poisson-sampled steps, 1/q of them an epoch
+        try:
+            plan = privacy_plan(cfg, data.labels[train_idx])
+        except private.PrivacyError as e:
+            raise TrainingError(str(e)) from e
+        steps_per_epoch = plan.steps_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
 
     # --- model, optimizer, clipping -----------------------------------------------------------
@@ -380,6 +447,13 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch, step = 0, 0
+    accountant = sampler = None
+    if plan is not None:
+        accountant = private.Accountant(plan)
+        sampler = private.UnitSampler(plan, data.labels[train_idx],
+                                      cfg.privacy.max_physical_batch)
+        clipper.set_noise(plan.noise_multiplier, plan.expected_units,
+                          private.secret_generator(device))
 
     # --- resume from the last checkpoint of an interrupted run ---------------------------------
     resumed_from = None
@@ -395,8 +469,11 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
         history = meta["history"]
         start_epoch = resumed_from = meta["epoch"]
         step = meta["step"]
+        if accountant is not None:
+            accountant.load_state_dict(meta["accountant"])
         hooks.on_resume(resumed_from)
-    elif pretrained and cfg.epochs:
+    elif pretrained and cfg.epochs and plan is None:
+        # (not under DP: imprinting reads the training images without noise)
         imprint_head(model, train_set, cfg.batch_size * 2, rank)
 
     def save_checkpoint(epoch: int) -> Path:
@@ -409,6 +486,8 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
         meta = {"kind": "resume", "epoch": epoch, "step": step, "config": cfg.model_dump(),
                 "optimizer": opt_meta, "telemetry": telemetry.state_dict(), "history": history,
                 "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
+        if accountant is not None:
+            meta["accountant"] = accountant.state_dict()
         path = ckpt.save(run_dir / "checkpoints" / f"epoch-{epoch:04d}", tensors, meta)
         hooks.on_checkpoint(path, epoch)
         return path
@@ -417,10 +496,15 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     progress = {"last_report": 0.0}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        batches = train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last,
-                                  shard=rank.shard)
-        step, loss_sum, correct, seen = train_epoch(cfg, parts, batches, epoch, step, total_steps,
-                                                    hooks, progress, rank)
+        if plan is None:
+            batches = train_set.epoch(cfg.batch_size, gen, cfg.augment, drop_last,
+                                      shard=rank.shard)
+            step, loss_sum, correct, seen = train_epoch(cfg, parts, batches, epoch, step,
+                                                        total_steps, hooks, progress, rank)
+        else:
+            step, loss_sum, correct, seen = train_private_epoch(
+                cfg, parts, train_set, sampler, accountant, gen, epoch, step, total_steps,
+                hooks, progress)
         sums = torch.stack([loss_sum.double(), correct.double(),
                             torch.tensor(float(seen), dtype=torch.float64, device=device)])
         loss_sum, correct, seen = distributed.all_reduce(sums, rank).tolist()
@@ -441,6 +525,8 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
             "epoch_seconds": time.perf_counter() - t0,
             "clipping": clip_epoch,
         }
+        if accountant is not None:  # the whole run's epsilon so far
+            record["epsilon"] = accountant.epsilon()
         history.append(record)
         hooks.on_epoch(record | {"clipping_total": telemetry.total_summary()})
         if rank.lead and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
@@ -451,12 +537,40 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     # the device-resident training copies go now: the gallery that a job builds next would
     # otherwise sit on top of them at the run's memory peak
     del train_set, val_set
-    if cfg.epochs > start_epoch:
+    if cfg.epochs > start_epoch and plan is None:
         del batches
+    if parts.per_example:
+        parts.forward.remove_hooks()  # Opacus' hooks off: the gallery is embedded next
     gc.collect()
     return TrainedModel(model, device, history, telemetry.total_summary(),
                         DataSplit(full, data, held, train_idx, val_idx, too_few),
-                        resumed_from, rank.world)
+                        resumed_from, rank.world,
+                        plan.record(accountant.epsilon()) | {"steps_done": accountant.steps}
+                        if plan is not None else None)
+
+
+def split_for_training(cfg: TrainConfig, full: FaceArrays):
+    """(held, trained_on, (train_idx, val_idx, too_few)): the identities held out of training
+    (none for epochs 0: the pretrained network used as it is has seen none of them, all are
+    honest strangers), the rest relabelled, and its seeded stratified split."""
+    held = holdout_identities(full.labels, cfg.calibration_identities if cfg.epochs else 0,
+                              cfg.seed)
+    data = without_identities(full, held) if len(held) else full
+    return held, data, stratified_split(data.labels, cfg.val_fraction, cfg.seed)
+
+
+def privacy_plan(cfg: TrainConfig, train_labels: np.ndarray) -> private.PrivacyPlan:
+    """The DP-SGD plan (sampling rate, steps, noise) for the training split's labels; raises
+    :class:`private.PrivacyError` for settings whose guarantee would not hold."""
+    return private.plan(cfg, *private.units_of(cfg, train_labels))
+
+
+def privacy_plan_for_dataset(cfg: TrainConfig, full: FaceArrays) -> private.PrivacyPlan:
+    """:func:`privacy_plan` of the split a job on ``full`` will train on (what the API checks
+    before it queues the job); refuses a network whose layers mix a batch's examples."""
+    private.check_model(build_model(cfg.architecture, 2, cfg.image_size), cfg.architecture)
+    _, data, (train_idx, _, _) = split_for_training(cfg, full)
+    return privacy_plan(cfg, data.labels[train_idx])
 
 
 def without_identities(data: FaceArrays, held: np.ndarray) -> FaceArrays:

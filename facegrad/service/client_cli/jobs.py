@@ -91,6 +91,14 @@ def train(
     devices: Annotated[int | None, typer.Option(
         help="Processes that train the job together, one per GPU (default: every GPU of the "
         "worker; 1 on a CPU worker).")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        help="Train privately (DP-SGD, needs --clip per_example:C) to this epsilon.")] = None,
+    noise: Annotated[float | None, typer.Option(
+        help="Train privately with this noise multiplier (instead of --epsilon).")] = None,
+    delta: Annotated[float | None, typer.Option(
+        help="delta of a private job (server default 1e-5).")] = None,
+    unit: Annotated[str | None, typer.Option(
+        help="What a private job protects: person (default) or image.")] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the job with a progress bar until it ends; exit 1 unless it "
         "succeeds.")] = False,
@@ -109,6 +117,10 @@ def train(
         body["optimizer"] = {"name": optimizer.value}
     if clip:
         body["clip"] = parse_clip(clip)
+    privacy = {k: v for k, v in (("target_epsilon", epsilon), ("noise_multiplier", noise),
+                                 ("delta", delta), ("unit", unit)) if v is not None}
+    if privacy:
+        body["privacy"] = privacy
     _train(body, wait, poll, url, api_key, as_json)
 
 
@@ -177,6 +189,19 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
         rows.insert(-2, ("held-out people", f"{len(ft.get('held_out') or [])}: pretrained "
                          f"{v(ft['pretrained'])} -> fine-tuned {v(ft['fine_tuned'])}; kept "
                          f"{ft.get('kept', '-').replace('_', '-')}"))
+    ex = c.get("examples")
+    if ex:
+        rows.insert(-2, ("per example", f"{ex['clipped']}/{ex['count']} clipped "
+                         f"({_pct(ex.get('clip_fraction'))}); norm pre mean "
+                         f"{_f(ex.get('norm_mean'))} max {_f(ex.get('norm_max'))}"))
+    if cfg.get("privacy"):
+        rec = m.get("privacy")
+        rows.insert(-2, ("privacy", (
+            f"(epsilon {_f(rec['epsilon'])}, delta {rec['delta']:g})-DP per {rec['unit']}: "
+            f"sigma {_f(rec['noise_multiplier'])}, q {_f(rec['sample_rate'])}, "
+            f"{rec['steps_done']} steps, {rec['accountant']} accountant") if rec else (
+            f"DP-SGD per {cfg['privacy'].get('unit', 'person')}, epsilon so far "
+            f"{_f(m.get('epsilon'))}")))
     if job.get("error"):
         rows.append(("error", f"[red]{job['error']}[/]"))
     if job.get("attempts", 1) > 1:
