@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from tests.harness import wait_job, wait_status
 
@@ -74,3 +75,22 @@ def test_a_void_guarantee_is_a_422_that_says_why(client, orl_model, change, reas
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 422, r.text
     assert re.search(reason, r.text), r.text
+
+
+def test_the_network_downloads_without_the_gallery(client, private_sweep):
+    """What a private model's guarantee covers can be shared alone: the network, not the
+    gallery of enrolled descriptors nor the head's per-person rows."""
+    from safetensors.torch import load
+
+    job = wait_job(client, private_sweep["job_ids"][0])
+    whole = load(client.get(f"/v1/models/{job['model_id']}/weights").content)
+    r = client.get(f"/v1/models/{job['model_id']}/weights", params={"part": "network"})
+    assert r.status_code == 200 and "network.safetensors" in r.headers["content-disposition"]
+    network = load(r.content)
+    assert any(k.startswith("gallery.") for k in whole)
+    assert any(k.startswith("model.classifier.") for k in whole)
+    assert set(network) == {k for k in whole if k.startswith("model.backbone.")}
+    for k, v in network.items():
+        assert torch.equal(v, whole[k])  # the same bytes, read back
+    bad = client.get(f"/v1/models/{job['model_id']}/weights", params={"part": "gallery"})
+    assert bad.status_code == 422

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -63,13 +64,32 @@ def get_model(model_id: str = uuid_path("model"), db: Session = Depends(get_db))
                 "content": {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}}},
             dependencies=[Depends(admin_only)], summary="The model's safetensors file")
-def get_model_weights(model_id: str = uuid_path("model"), db: Session = Depends(get_db)):
+def get_model_weights(
+        model_id: str = uuid_path("model"),
+        part: Literal["model", "network"] = Query(
+            "model", description="'model' (default): the whole file, the network, its "
+            "classifier head and the gallery (every enrolled photo's descriptor); 'network': "
+            "the embedding network's weights only, without the gallery and without the head "
+            "(one row per trained person), e.g. to share a model trained with privacy, whose "
+            "guarantee covers the network but not the gallery (docs/privacy.md)"),
+        db: Session = Depends(get_db)):
     m = get_or_404(db, model_id)
     path = Path(m.path).with_suffix(".safetensors")
     if not path.is_file():
         raise HTTPException(404, "the model's weights file is missing on the server")
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"facegrad-{m.id}.safetensors")
+    if part == "model":
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=f"facegrad-{m.id}.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), framework="pt") as f:
+        network = {k: f.get_tensor(k) for k in f.keys()
+                   if k.startswith("model.") and not k.startswith("model.classifier.")}
+    return Response(save(network, metadata={"facegrad_model": m.id, "part": "network"}),
+                    media_type="application/octet-stream", headers={
+                        "Content-Disposition":
+                            f'attachment; filename="facegrad-{m.id}-network.safetensors"'})
 
 
 @router.get("/{model_id}/identities", response_model=IdentityList,
