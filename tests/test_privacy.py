@@ -26,18 +26,20 @@ from facegrad.training.loop import Cancelled, Hooks, privacy_plan_for_dataset, t
 
 
 class Tiny(nn.Module):
-    """A conv, dlib's per-channel affine, a linear projection and the CosFace head: every kind
-    of layer a private dlib_resnet job trains, each with its per-sample gradient rule."""
+    """A frozen conv, dlib's per-channel affine, a conv, a linear projection and the CosFace
+    head: every kind of layer a private dlib_resnet job trains, each with its per-sample (and
+    per-unit) gradient rule."""
 
     def __init__(self, classes: int = 5):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.affine = Affine(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
         self.fc = nn.Linear(4 * 6 * 6, 16)
         self.classifier = CosineClassifier(16, classes, scale=30.0, margin=0.35)
 
     def forward(self, x, y):
-        h = F.relu(self.affine(self.conv(x)))
+        h = self.conv2(F.relu(self.affine(self.conv(x))))
         emb = F.normalize(self.fc(h.flatten(1)), dim=1)
         return emb, self.classifier(emb, y)
 
@@ -64,9 +66,11 @@ def _naive(model, x, y, groups, c):
     return [t / len(groups) for t in total]
 
 
-@pytest.mark.parametrize("unit", ["image", "person"])
+@pytest.mark.parametrize("unit", ["image", "person", "person-rows"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])  # every unit clipped; none
 def test_per_example_clipping_equals_a_naive_loop(unit, max_norm):
+    """'person': Opacus' per-photo rows summed by person in the clipper; 'person-rows': one
+    row per person from the per-unit rules (``private.grouped_rows``), as private jobs run."""
     torch.manual_seed(0)
     model = Tiny()
     model.conv.requires_grad_(False)  # a frozen layer, as a private job freezes early stages
@@ -87,8 +91,14 @@ def test_per_example_clipping_equals_a_naive_loop(unit, max_norm):
     halves = (order[: len(order) // 2], order[len(order) // 2:]) if unit == "image" else (order,)
     for rows in halves:
         loss = F.cross_entropy(gsm(x[rows], y[rows])[1], y[rows], reduction="sum")
-        loss.backward()
-        clipper.accumulate(params, None if units is None else units[rows], n_units)
+        if unit == "person-rows":
+            with private.grouped_rows(units[rows]):
+                loss.backward()
+            assert all(p.grad_sample.shape[0] == n_units for p in params)
+            clipper.accumulate(params)
+        else:
+            loss.backward()
+            clipper.accumulate(params, None if units is None else units[rows], n_units)
     result = clipper(params)
     got = [p.grad.clone() for p in params]
     gsm.remove_hooks()

@@ -58,26 +58,30 @@ class PerExampleClipper(Clipper):
         ``grad_sample`` and ``grad``."""
         params = [p for p in params if p.requires_grad]
         samples = [p.grad_sample for p in params]
-        if any(s is None for s in samples):
+        if any(not torch.is_tensor(s) for s in samples):
             raise RuntimeError("per_example clipping needs per-example gradients "
-                               "(p.grad_sample, from Opacus' GradSampleModule) on every "
-                               "trainable parameter")
+                               "(p.grad_sample, from Opacus' GradSampleModule, one forward "
+                               "per backward) on every trainable parameter")
+        # the unclipped sum is what autograd put in .grad (the telemetry's norm before clipping)
+        raw = [p.grad if p.grad is not None else s.sum(0) for p, s in zip(params, samples,
+                                                                           strict=True)]
         if units is not None:
             n = int(num_units if num_units is not None else int(units.max()) + 1)
             samples = [s.new_zeros((n, *s.shape[1:])).index_add_(0, units.to(s.device), s)
                        for s in samples]
-        sq = torch.stack([s.flatten(1).float().pow(2).sum(1) for s in samples]).sum(0)
-        norms = sq.sqrt()
+        flat = [s.flatten(1) for s in samples]
+        norms = torch.stack([torch.einsum("ni,ni->n", f, f) for f in flat]).sum(0).sqrt()
         finite = torch.isfinite(norms)
         factor = torch.where(finite, (self.max_norm / (norms + EPS)).clamp(max=1.0), 0.0)
-        clipped = [torch.einsum("u,u...->...", factor.to(s.dtype), torch.nan_to_num(s))
-                   for s in samples]
-        raw = [s.sum(0) for s in samples]
+        if not bool(finite.all()):  # (a host sync) a NaN row times 0 is still NaN
+            flat = [torch.nan_to_num(f) for f in flat]
+        clipped = [(factor.to(f.dtype) @ f).view(p.shape) for f, p in zip(flat, params,
+                                                                           strict=True)]
+        kept = torch.where(finite, norms, 0.0)
         stats = torch.stack([
             torch.tensor(float(len(norms)), device=norms.device),
             ((norms > self.max_norm) & finite).sum().float(),
-            torch.where(finite, norms, 0.0).sum(),
-            torch.where(finite, norms, 0.0).max() if len(norms) else norms.new_zeros(()),
+            kept.sum(), kept.max() if len(norms) else norms.new_zeros(()),
             (~finite).sum().float()]).double()
         if self._clipped_sum is None:
             self._clipped_sum, self._raw_sum, self._stats = clipped, raw, stats

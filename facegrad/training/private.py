@@ -26,8 +26,12 @@ import torch.nn.functional as F
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from opacus.utils.tensor_utils import unfold2d
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
+from torch import nn
 
 from facegrad.recognition.dlib_resnet import Affine
 from facegrad.recognition.models import CosineClassifier, plain_logits
@@ -43,9 +47,92 @@ class PrivacyError(ValueError):
     says why and what to change (the API answers 422 with it)."""
 
 
+# --- per-unit gradients ----------------------------------------------------------------------
+# With unit 'person' what is clipped is one person's summed gradient. Opacus computes one row
+# per photo (``grad_sample``: a copy of the trainable weights per photo, the step's largest
+# cost); the rules below compute one row per *person* directly when a chunk's rows are grouped
+# by :func:`grouped_rows` (for a convolution or linear layer, the person's photos and
+# positions together are one matrix product), and fall back to Opacus' per-photo rule
+# otherwise. ``GradSampleModule`` sizes its buffer by the rows a rule returns
+# (``max_batch_len``), so the rows are the units.
+
+_GROUPS: tuple[torch.Tensor, list[tuple[int, int]]] | None = None  # (unit of each row, spans)
+
+
+class grouped_rows:  # noqa: N801 (a context manager, used like a function)
+    """Within this block, per-sample gradient rules return one row per unit: ``units`` gives
+    each row's unit, rows of a unit contiguous and units numbered 0.. in order."""
+
+    def __init__(self, units: torch.Tensor):
+        counts = torch.bincount(units.cpu()).tolist()
+        ends = np.cumsum(counts).tolist()
+        self.groups = (units, list(zip([0, *ends[:-1]], ends, strict=True)))
+
+    def __enter__(self):
+        global _GROUPS
+        _GROUPS = self.groups
+        return self
+
+    def __exit__(self, *exc):
+        global _GROUPS
+        _GROUPS = None
+
+
+def _per_unit(per_sample):
+    """A grad sampler that sums ``per_sample``'s rows by unit (inside :class:`grouped_rows`)."""
+
+    def rule(layer, activations, backprops):
+        out = per_sample(layer, activations, backprops)
+        if _GROUPS is None:
+            return out
+        units, spans = _GROUPS
+        layer.max_batch_len = len(spans)
+        return {p: g.new_zeros((len(spans), *g.shape[1:])).index_add_(0, units.to(g.device), g)
+                for p, g in out.items()}
+
+    return rule
+
+
+def _conv_or_linear_rule(per_sample):
+    """Per unit, a convolution's (or linear layer's) weight gradient is one matrix product over
+    the unit's rows and positions: sum_i sum_q b_iq a_iq^T, never a copy per photo."""
+
+    def rule(layer, activations, backprops):
+        plain = isinstance(layer, nn.Linear) or (
+            type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str))
+        if _GROUPS is None or not plain:
+            return _per_unit(per_sample)(layer, activations, backprops)
+        units, spans = _GROUPS
+        x = activations[0].to(backprops.dtype)
+        n = x.shape[0]
+        if isinstance(layer, nn.Conv2d):
+            a = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding,
+                         stride=layer.stride, dilation=layer.dilation)  # (n, in*k*k, q)
+            b = backprops.reshape(n, backprops.shape[1], -1)  # (n, out, q)
+            a, b = a.transpose(1, 2), b.transpose(1, 2)  # (n, q, .)
+        else:
+            a = x.reshape(n, -1, x.shape[-1])
+            b = backprops.reshape(n, -1, backprops.shape[-1])
+        out = {}
+        if layer.weight.requires_grad:
+            out[layer.weight] = torch.stack([
+                b[s:e].reshape(-1, b.shape[-1]).t() @ a[s:e].reshape(-1, a.shape[-1])
+                for s, e in spans]).view(len(spans), *layer.weight.shape)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = b.sum(1).new_zeros((len(spans), b.shape[-1])).index_add_(
+                0, units.to(b.device), b.sum(1))
+        layer.max_batch_len = len(spans)
+        return out
+
+    return rule
+
+
+register_grad_sampler(nn.Linear)(_conv_or_linear_rule(compute_linear_grad_sample))
+register_grad_sampler(nn.Conv2d)(_conv_or_linear_rule(compute_conv_grad_sample))
+
+
 # --- per-sample gradient rules for this project's layers (Opacus has none for them) ----------
 
-@register_grad_sampler(Affine)
 def _affine_grad_sample(layer: Affine, activations: list[torch.Tensor], backprops: torch.Tensor):
     """y = x · w[c] + b[c] per channel: dL/dw[c] = sum over pixels of x·g, dL/db[c] of g."""
     x = activations[0].to(backprops.dtype)
@@ -57,7 +144,6 @@ def _affine_grad_sample(layer: Affine, activations: list[torch.Tensor], backprop
     return out
 
 
-@register_grad_sampler(CosineClassifier)
 def _cosine_grad_sample(layer: CosineClassifier, activations: list[torch.Tensor],
                         backprops: torch.Tensor):
     """logits = s · (e · w_k / |w_k| - margin): per example, dL/dw_k = s · g_k · (e - ŵ_k (ŵ_k · e))
@@ -72,6 +158,10 @@ def _cosine_grad_sample(layer: CosineClassifier, activations: list[torch.Tensor]
     g = backprops * layer.scale  # (n, k)
     per = torch.einsum("nk,nd->nkd", g, e) - torch.einsum("nk,kd->nkd", g * proj, w_hat)
     return {w: per / norm}
+
+
+register_grad_sampler(Affine)(_per_unit(_affine_grad_sample))
+register_grad_sampler(CosineClassifier)(_per_unit(_cosine_grad_sample))
 
 
 # --- the plan: sampling rate, steps and noise, fixed before training ---------------------------
@@ -265,8 +355,12 @@ def private_step(parts, chunks, batches, gen: torch.Generator, augment: bool, lr
         xb, yb = batches.take(positions, gen, augment)
         _, logits = parts.forward(xb, yb)
         loss = F.cross_entropy(logits.float(), yb, reduction="sum")
-        loss.backward()
-        parts.clipper.accumulate(parts.params, units.to(parts.device), n_units)
+        if n_units == len(units):  # one image a unit: Opacus' per-sample rows as they are
+            loss.backward()
+        else:  # one row per person, computed as such
+            with grouped_rows(units):
+                loss.backward()
+        parts.clipper.accumulate(parts.params)
         loss_sum += loss.detach()
         correct += (plain_logits(parts.model, logits.detach(), yb).argmax(1) == yb).sum()
         seen += len(yb)
