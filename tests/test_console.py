@@ -62,6 +62,7 @@ def save_docs_screenshot(page) -> None:
 
 
 def test_console(browser, service, client, orl, tmp_path):
+    from facegrad.clipping.config import ClipPerExample
     from facegrad.training.config import (
         ClipAGC,
         ClipAutoClip,
@@ -114,7 +115,8 @@ def test_console(browser, service, client, orl, tmp_path):
     page.click("#tab-jobs")
     page.wait_for_selector("#clip-mode option", state="attached")
     modes = {"none": ClipNone, "value": ClipValue, "norm": ClipNorm,
-             "threshold": ClipThreshold, "agc": ClipAGC, "autoclip": ClipAutoClip}
+             "threshold": ClipThreshold, "agc": ClipAGC, "autoclip": ClipAutoClip,
+             "per_example": ClipPerExample}
     offered = page.eval_on_selector_all("#clip-mode option", "os => os.map(o => o.value)")
     assert sorted(offered) == sorted(modes)
     for mode, cls in modes.items():
@@ -134,6 +136,13 @@ def test_console(browser, service, client, orl, tmp_path):
                 assert box.input_value() == str(default), (mode, name)
             help_text = page.locator(f"#f-clip-{name} ~ .help").inner_text()
             assert "default" in help_text, (mode, name, help_text)
+        # per_example offers privacy (DP-SGD): empty epsilon and sigma mean none
+        private = page.locator("#f-privacy-target_epsilon").count()
+        assert private == (mode == "per_example"), mode
+        if private:
+            assert page.input_value("#f-privacy-target_epsilon") == ""
+            assert page.input_value("#f-privacy-unit") == "person"
+            assert float(page.input_value("#f-privacy-delta")) == 1e-5
     page.select_option("#job-dataset", ds["id"])
     page.select_option("#f-architecture", "facenet_s")
     page.fill("#f-epochs", "6")

@@ -353,7 +353,7 @@ async function loadDatasets() {
 
 const BASIC = ["architecture", "epochs", "batch_size", "learning_rate", "optimizer.name",
   "image_size", "seed"];
-const HIDDEN = ["dataset_id", "clip"];
+const HIDDEN = ["dataset_id", "clip", "privacy"];
 const HELP = {
   epochs: "Passes over the training images (dlib_resnet: 0 uses the pretrained network as it is).",
   batch_size: "Images per optimizer step.",
@@ -374,6 +374,15 @@ const CLIP_HELP = {
   agc: "Adaptive gradient clipping (NFNets): each unit's gradient norm is kept under " +
     "clip_factor × its weight norm.",
   autoclip: "AutoClip: clip the global norm to a percentile of the norms seen so far.",
+  per_example: "Clip each example's gradient to max_norm on its own (DP-SGD). Give a target " +
+    "ε below to train with differential privacy (noise added, ε accounted).",
+};
+const PRIVACY_HELP = {
+  target_epsilon: "Train privately to this ε (noise chosen to reach it); empty: no privacy.",
+  noise_multiplier: "Or: the noise σ (sd σ·max_norm); the job reports the ε it reached.",
+  delta: "δ of (ε, δ)-DP: below 1 / the number of people.",
+  unit: "person: protect each person (all their photos); image: each photo.",
+  accountant: "prv (tight) or rdp (an upper bound).",
 };
 const CLIP_PARAM_HELP = {
   clip_value: "Each gradient element is clamped to ±clip_value.",
@@ -474,7 +483,10 @@ async function buildJobForm() {
   }
   // the registered modes (GET /v1/clip-modes), in the registry's order, with their labels
   const labels = Object.fromEntries((await clipModeList()).map((m) => [m.name, m.label]));
-  state.schema = { clipModes, labels };
+  // the privacy settings (DP-SGD), offered with clip mode per_example
+  const privacyRef = (job.properties.privacy.anyOf || []).find((b) => b.$ref);
+  const privacy = privacyRef ? resolve(openapi, privacyRef) : null;
+  state.schema = { clipModes, labels, privacy };
   const select = $("#clip-mode");
   const order = Object.keys(labels).filter((m) => clipModes[m]);
   fill(select, ...order.map((m) => el("option", { value: m, text: m, title: labels[m] })));
@@ -492,6 +504,14 @@ function renderClipParams() {
   const fields = Object.entries(cls.properties).filter(([n]) => n !== "mode")
     .sort(([a], [b]) => (a === "on_nonfinite") - (b === "on_nonfinite"))
     .map(([n, p]) => fieldFor(`clip.${n}`, p, CLIP_PARAM_HELP[n]));
+  const privacy = state.schema.privacy;
+  if (mode === "per_example" && privacy) {  // empty ε and σ: per-example clipping only
+    for (const n of ["target_epsilon", "noise_multiplier", "delta", "unit", "accountant"]) {
+      const p = resolve({ components: {} }, privacy.properties[n]);
+      const prop = p.anyOf ? { ...p, ...(p.anyOf.find((b) => b.type !== "null") || {}) } : p;
+      fields.push(fieldFor(`privacy.${n}`, prop, PRIVACY_HELP[n]));
+    }
+  }
   fill($("#clip-params"), ...fields);
 }
 
@@ -519,6 +539,10 @@ function readForm(form) {
 async function submitJob(e) {
   e.preventDefault();
   const body = readForm($("#job-form"));
+  if (body.privacy && body.privacy.target_epsilon === undefined
+      && body.privacy.noise_multiplier === undefined) {
+    delete body.privacy;  // per-example clipping without privacy
+  }
   if (!body.dataset_id) {
     notify("upload a dataset first (Datasets tab)", "error");
     return;
