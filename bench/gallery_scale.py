@@ -23,7 +23,7 @@ The galleries are built like face descriptors: identities of 1-9 images (5 on av
 a random centre; each image is its centre plus Gaussian noise of norm 1/3, renormalised, so two
 images of one person have cosine 1 / (1 + 1/9) = 0.90, and the centres share a common direction
 (weight 0.22) so that two different people have cosine 0.20 +- 0.07. Those figures follow the
-network a default job serves (docs/benchmarks.md, "calibration": known faces' best match 0.935,
+network a default job serves (docs/benchmarks.md, calibration: known faces' best match 0.935,
 strangers' best match 0.45 after fine-tuning); the pretrained network alone, measured on the
 400 ORL faces, gives 0.975 same-person and 0.855 different-person, with the same separation in
 standard deviations. Probes are new views of enrolled identities (the same noise).

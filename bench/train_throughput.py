@@ -33,6 +33,7 @@ from _common import (
     footer,
     header,
     orl_all,
+    pretrained_dir,
     setup,
     sync,
     table,
@@ -105,7 +106,8 @@ def main() -> None:
         # different memory and drift apart, which moved step times by more than the service's
         # own cost on an AVX2 CPU
         torch.manual_seed(0)
-        parts = make_step_parts(cfg, len(data.names), device)
+        parts = make_step_parts(cfg, len(data.names), device,
+                                pretrained_dir=pretrained_dir())
         parts.model.train()
         bare = bare_step(parts.model, parts.opt, device, parts.amp_dtype)
         hooks, progress = Hooks(), {"last_report": 0.0}

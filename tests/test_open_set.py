@@ -4,7 +4,7 @@ Two face sets: bare ORL images (30 known people, 10 strangers) and the same peop
 placed uncropped in wider photos under harsh side light (tests/scenes.py; 10 known, 5
 strangers). Each known person is trained from 7 images and asked about the 3 others; strangers
 are people the model never saw, first to be rejected, then three of them enrolled from 5 photos
-and asked about their other 5. Bars are issue 16's; figures go to docs/benchmarks.md.
+and asked about their other 5. Bars are issue 16's; figures are recorded in docs/checks.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ inner product over unit vectors:
 Each vector's id in the index is its identity's *key*, a number the gallery keeps for the
 identity as long as it is enrolled, so removing a person is one ``remove_ids`` call and a search
 answers identities directly. The sizes were chosen by ``bench/gallery_scale.py`` on synthetic
-galleries built like face descriptors (docs/benchmarks.md, "Gallery scale"), one face per search
+galleries built like face descriptors (docs/benchmarks.md, gallery_scale), one face per search
 on this project's 2-core machine: an exact scan costs about 0.025 us per image (0.3 ms at 10k,
 2.6 ms at 100k, 25 ms at 1M), so below 50k it stays near 1 ms and recalls everything; IVF with
 ``nlist`` ~ sqrt(N) and ``nprobe`` = max(32, nlist/16) answered in 0.5 ms at 100k and 2.4 ms at
