@@ -162,6 +162,9 @@ class PrivacyRecord(_Record):
     steps_done: int | None = Field(None, description="noisy steps taken (the accountant's)")
     units: int | None = Field(None, description="people (or images) trained on")
     max_norm: float | None = Field(None, description="C: each unit's gradient clipped to it")
+    expected_batch_size: int | None = Field(None, description="images per step on average "
+                                            "(q · images)")
+    images: int | None = Field(None, description="training images")
     target_epsilon: float | None = None
     covers: str | None = Field(None, description="what the guarantee covers, and what not")
 

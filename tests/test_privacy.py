@@ -177,8 +177,8 @@ def test_settings_that_void_the_guarantee_are_refused(kw, reason):
         _cfg(**kw)
 
 
-def test_private_defaults_train_the_last_stage_only_unless_asked():
-    assert _cfg().freeze_stages == 4
+def test_private_defaults_train_the_projection_only_unless_asked():
+    assert _cfg().freeze_stages == 5
     assert _cfg(freeze_stages=2).freeze_stages == 2
     assert TrainConfig().freeze_stages == 2
 
@@ -191,7 +191,8 @@ def _labels(people: int, per_person: int) -> FaceArrays:
 
 @pytest.mark.parametrize("kw,reason", [
     ({"architecture": "facenet_s"}, "cannot clip per example.*[Bb]atch"),
-    ({"batch_size": 4096}, "not smaller than the .* training images"),
+    ({"privacy": {"target_epsilon": 8, "expected_batch_size": 4096}},
+     "not smaller than the .* training images"),
     ({"privacy": {"target_epsilon": 8, "delta": 0.005}}, "is not below 1 /"),
 ])
 def test_dataset_dependent_refusals_say_why(kw, reason):
@@ -201,13 +202,19 @@ def test_dataset_dependent_refusals_say_why(kw, reason):
 
 def test_plan_counts_people_for_unit_person_and_images_for_unit_image():
     data = _labels(300, 8)
-    person = privacy_plan_for_dataset(_cfg(batch_size=64), data)
-    image = privacy_plan_for_dataset(
-        _cfg(batch_size=64, privacy={"target_epsilon": 8, "delta": 1e-5, "unit": "image"}), data)
+    person = privacy_plan_for_dataset(
+        _cfg(privacy={"target_epsilon": 8, "expected_batch_size": 64}), data)
+    image = privacy_plan_for_dataset(_cfg(privacy={
+        "target_epsilon": 8, "delta": 1e-5, "unit": "image", "expected_batch_size": 64}), data)
     # 20 % of the people are held out for calibration, 10 % of each one's photos validate
     assert person.units == 240 and image.units == person.images == image.images
     assert person.sample_rate == image.sample_rate == pytest.approx(64 / person.images)
     assert person.steps == image.steps == int(1 / person.sample_rate) * 4
+    # unset: 256 images a step, at most a quarter of the training images
+    small = privacy_plan_for_dataset(_cfg(), _labels(100, 8))
+    assert small.expected_batch_size == small.images // 4
+    default = privacy_plan_for_dataset(_cfg(), data).expected_batch_size
+    assert default == min(256, person.images // 4)
 
 
 def test_a_resumed_private_run_accounts_the_whole_run(tmp_path):
@@ -219,7 +226,8 @@ def test_a_resumed_private_run_accounts_the_whole_run(tmp_path):
     faces = _orl_faces(8)
     c = small_cfg(clip={"mode": "per_example", "max_norm": 1.0}, epochs=3, batch_size=8,
                   calibration_identities=0,
-                  privacy={"noise_multiplier": 1.0, "delta": 1e-3, "unit": "person"})
+                  privacy={"noise_multiplier": 1.0, "delta": 1e-3, "unit": "person",
+                           "expected_batch_size": 16})
     whole = train(c, faces, tmp_path / "whole")
     seen = []
     with pytest.raises(Cancelled):

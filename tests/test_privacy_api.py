@@ -47,7 +47,8 @@ def test_private_jobs_report_their_guarantee(client, private_sweep):
         model = client.get(f"/v1/models/{job['model_id']}").json()
         assert model["privacy"]["epsilon"] == rec["epsilon"]
         assert "gallery" in model["privacy"]["covers"]
-        assert job["config"]["freeze_stages"] == 4  # the private default
+        assert job["config"]["freeze_stages"] == 5  # the private default
+        assert rec["expected_batch_size"] == rec["images"] // 4  # a quarter, under 256
 
 
 def test_leaderboard_shows_epsilon(client, private_sweep):
@@ -66,7 +67,7 @@ def test_leaderboard_shows_epsilon(client, private_sweep):
     ({"clip": {"mode": "norm", "max_norm": 5.0}}, "needs clip mode 'per_example'"),
     ({"architecture": "facenet_s", "image_size": 64}, "[Bb]atch norm"),
     ({"devices": 2}, "one device"),
-    ({"batch_size": 4000}, "not smaller than the"),
+    ({"privacy": {"target_epsilon": 8, "expected_batch_size": 4000}}, "not smaller than the"),
     ({"privacy": {"target_epsilon": 8, "delta": 0.009, "unit": "image"}}, "not below 1 /"),
 ])
 def test_a_void_guarantee_is_a_422_that_says_why(client, orl_model, change, reason):

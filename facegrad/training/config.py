@@ -86,12 +86,14 @@ class PrivacyConfig(_Strict):
         "weights hardly depend on whether any one person was in the dataset at all. 'image': "
         "each photo on its own (example-level DP, as Opacus does it), which protects one photo "
         "but not a person with many.")
-    max_physical_batch: int = Field(
-        32, ge=1, le=4096,
-        description="Images per forward/backward pass: a step's Poisson-sampled logical batch "
-        "(batch_size images on average) is processed in chunks of this size (virtual steps), "
-        "so that per-example gradients fit in memory. A person contributes at most this many "
-        "of their photos to one step.")
+    expected_batch_size: int | None = Field(
+        None, ge=2, le=1_000_000,
+        description="Images per step on average: each person (or image) joins a step with "
+        "probability q = expected_batch_size / training images (Poisson sampling). Unset: 256, "
+        "at most a quarter of the training images. The noise is added once per step, so larger "
+        "steps drown less signal in it (De et al. 2022). Under privacy the job's batch_size is "
+        "the images per forward pass instead: a step is processed in chunks of that size "
+        "(virtual steps), and a person brings at most that many photos to a step.")
 
     @model_validator(mode="after")
     def _one_noise_setting(self):
@@ -209,10 +211,11 @@ class TrainConfig(_Strict):
         return self
 
     def _private_defaults(self, arch) -> None:
-        """Refuse what would void the guarantee (each a ValueError saying why: the API's 422);
-        a pretrained backbone trains only its last stage and projection under DP unless the job
-        says otherwise (per-example gradients of the early, large feature maps cost the most
-        and a little noise in them hurts all layers above)."""
+        """Refuse what would void the guarantee (each a ValueError saying why: the API's 422).
+        A pretrained backbone trains only its projection (and the head) under DP unless the job
+        says otherwise: the noise grows with the number of trained weights, and with good
+        pretrained features DP training of the last layers does best (Tramer & Boneh 2021,
+        "Differentially Private Learning Needs Better Features")."""
         if self.clip.mode != "per_example":
             raise ValueError(f"privacy needs clip mode 'per_example' (each example's gradient "
                              f"clipped before the noise is added); clip mode "
@@ -226,7 +229,7 @@ class TrainConfig(_Strict):
                              "clip and add noise to its own share, which is not the mechanism "
                              "the accountant analyses (set devices to 1 or leave it unset)")
         if arch.pretrained and "freeze_stages" not in self.model_fields_set:
-            self.freeze_stages = 4
+            self.freeze_stages = 5
 
 
 def _rebuild_clip_union() -> None:

@@ -451,7 +451,7 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     if plan is not None:
         accountant = private.Accountant(plan)
         sampler = private.UnitSampler(plan, data.labels[train_idx],
-                                      cfg.privacy.max_physical_batch)
+                                      cfg.batch_size)
         clipper.set_noise(plan.noise_multiplier, plan.expected_units,
                           private.secret_generator(device))
 

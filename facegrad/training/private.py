@@ -42,6 +42,9 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
                         category=UserWarning)
 
 
+DEFAULT_EXPECTED_BATCH = 256
+
+
 class PrivacyError(ValueError):
     """Settings under which the guarantee would not hold, or cannot be reached; the message
     says why and what to change (the API answers 422 with it)."""
@@ -182,6 +185,7 @@ class PrivacyPlan:
     accountant: str
     max_norm: float
     target_epsilon: float | None
+    expected_batch_size: int | None = None  # images per step on average (q · images)
 
     @property
     def expected_units(self) -> float:
@@ -214,20 +218,22 @@ def check_model(model: torch.nn.Module, architecture: str) -> None:
 
 def plan(cfg: TrainConfig, units: int, images: int) -> PrivacyPlan:
     """The sampling rate, steps and noise for ``cfg`` on ``units`` people (or images) holding
-    ``images`` training photos. q = batch_size / images, so a step holds batch_size images on
-    average; an epoch is 1/q steps (Opacus' convention). Raises :class:`PrivacyError`."""
+    ``images`` training photos. q = expected batch / images, so a step holds that many images on
+    average (``expected_batch_size``; unset: 256, at most a quarter of the images); an epoch
+    is 1/q steps (Opacus' convention). Raises :class:`PrivacyError`."""
     p = cfg.privacy
     if p is None:
         raise ValueError("no privacy settings")
     if units < 2:
         raise PrivacyError(f"privacy needs at least 2 {p.unit}s to train on, the dataset gives "
                            f"{units}")
-    q = cfg.batch_size / images
-    if q >= 1:
+    batch = p.expected_batch_size or min(DEFAULT_EXPECTED_BATCH, images // 4)
+    q = batch / images
+    if q >= 1 or batch < 1:
         raise PrivacyError(
-            f"batch_size {cfg.batch_size} is not smaller than the {images} training images: "
+            f"expected_batch_size {batch} is not smaller than the {images} training images: "
             "Poisson sampling, which the accountant's epsilon assumes, needs a sampling rate "
-            "below 1; lower batch_size (a tenth of the images or less amplifies privacy best)")
+            "below 1; lower privacy.expected_batch_size")
     if p.delta >= 1 / units:
         raise PrivacyError(
             f"delta {p.delta:g} is not below 1 / {units} {p.unit}s: such a guarantee allows "
@@ -243,9 +249,9 @@ def plan(cfg: TrainConfig, units: int, images: int) -> PrivacyPlan:
             raise PrivacyError(
                 f"target_epsilon {p.target_epsilon:g} cannot be reached with q={q:.4g} over "
                 f"{steps} steps at delta {p.delta:g} ({e}); raise target_epsilon, or train "
-                "fewer epochs or with a smaller batch_size") from None
+                "fewer epochs or with a smaller expected_batch_size") from None
     return PrivacyPlan(p.unit, units, images, q, steps_per_epoch, steps, float(sigma), p.delta,
-                       p.accountant, cfg.clip.max_norm, p.target_epsilon)
+                       p.accountant, cfg.clip.max_norm, p.target_epsilon, batch)
 
 
 def units_of(cfg: TrainConfig, labels: np.ndarray) -> tuple[int, int]:
