@@ -310,12 +310,19 @@ def train_epoch(cfg: TrainConfig, parts: StepParts, batches, epoch: int, step: i
         correct += (plain_logits(parts.model, logits.detach(), yb).argmax(1) == yb).sum()
         seen += yb.numel()
         step += 1
-        now = time.monotonic()
-        if now - progress["last_report"] >= hooks.progress_interval_s:
-            progress["last_report"] = now
-            hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
-                               "steps_total": total_steps})
+        report_progress(cfg, hooks, progress, epoch, step, total_steps)
     return step, loss_sum, correct, seen
+
+
+def report_progress(cfg: TrainConfig, hooks: Hooks, progress: dict, epoch: int, step: int,
+                    total_steps: int) -> None:
+    """``hooks.on_progress`` at most every ``progress_interval_s`` (``progress`` holds the
+    monotonic time of the last call)."""
+    now = time.monotonic()
+    if now - progress["last_report"] >= hooks.progress_interval_s:
+        progress["last_report"] = now
+        hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
+                           "steps_total": total_steps})
 
 
 def train_private_epoch(cfg: TrainConfig, parts: StepParts, batches, sampler: private.UnitSampler,
@@ -344,11 +351,7 @@ def train_private_epoch(cfg: TrainConfig, parts: StepParts, batches, sampler: pr
             loss_sum += l_sum
             correct += n_right
             seen += n
-        now = time.monotonic()
-        if now - progress["last_report"] >= hooks.progress_interval_s:
-            progress["last_report"] = now
-            hooks.on_progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
-                               "steps_total": total_steps})
+        report_progress(cfg, hooks, progress, epoch, step, total_steps)
     return step, loss_sum, correct, seen
 
 
