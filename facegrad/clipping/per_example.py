@@ -54,8 +54,9 @@ class PerExampleClipper(Clipper):
         """Clip this chunk's per-example gradients and add them to the step's sum.
 
         ``units`` (one int per row of ``grad_sample``, in ``0..num_units-1``) groups rows whose
-        summed gradient is clipped as one; None: every row is its own unit. Frees
-        ``grad_sample`` and ``grad``."""
+        summed gradient is clipped as one; None: every row is its own unit. Units are this
+        chunk's: a unit must not span two calls (it would be clipped, and counted, twice).
+        Frees ``grad_sample`` and ``grad``."""
         params = [p for p in params if p.requires_grad]
         samples = [p.grad_sample for p in params]
         if any(not torch.is_tensor(s) for s in samples):
