@@ -43,7 +43,7 @@ def test_console_sweep(browser, service, client, orl):  # noqa: F811
     page.fill("#sw-seeds", "1")
     # the choices come from the server's registries: GET /v1/clip-modes, the job schema
     modes = [m["name"] for m in client.get("/v1/clip-modes").json()["items"]]
-    assert modes == ["none", "value", "norm", "threshold", "agc", "autoclip"]
+    assert modes == ["none", "value", "norm", "threshold", "agc", "autoclip", "per_example"]
     for mode in modes:
         assert page.locator(f"#sw-clip-{mode}").count() == 1, mode
     assert page.input_value("#sw-clip-autoclip-percentile") == "10"
