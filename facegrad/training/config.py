@@ -206,6 +206,11 @@ class TrainConfig(_Strict):
             pretrained = " or ".join(a.name for a in ARCHITECTURES.values() if a.pretrained)
             raise ValueError(f"{arch.name} trains from scratch: epochs must be >= 1 (epochs 0 "
                              f"is for the pretrained {pretrained or 'architectures'})")
+        if self.clip.mode == "per_example" and self.devices is not None and self.devices > 1:
+            raise ValueError("clip mode per_example runs on one device: over several processes "
+                             "each would clip its own share, and with privacy add its own "
+                             "noise, which is not the mechanism the accountant analyses (set "
+                             "devices to 1 or leave it unset)")
         if self.privacy is not None:
             self._private_defaults(arch)
         return self
@@ -224,10 +229,6 @@ class TrainConfig(_Strict):
         if self.epochs < 1:
             raise ValueError("privacy with epochs 0 trains nothing: there is no training to "
                              "protect (leave privacy out)")
-        if self.devices is not None and self.devices > 1:
-            raise ValueError("privacy runs on one device: over several processes each would "
-                             "clip and add noise to its own share, which is not the mechanism "
-                             "the accountant analyses (set devices to 1 or leave it unset)")
         if arch.pretrained and "freeze_stages" not in self.model_fields_set:
             self.freeze_stages = 5
 

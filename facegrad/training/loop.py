@@ -246,13 +246,10 @@ def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
     amp_dtype = parts.amp_dtype
     if parts.per_example:  # each example's gradient clipped, then averaged (no noise)
         parts.opt.zero_grad(set_to_none=True)
-        _, logits = parts.forward(xb, yb)
-        loss = F.cross_entropy(logits.float(), yb, reduction="sum")
-        loss.backward()
-        parts.clipper.accumulate(parts.params)
+        loss, logits = private.chunk_backward(parts, xb, yb)
         result = parts.clipper(parts.params)
         parts.telemetry.update(result)
-        loss = loss.detach() / len(yb)
+        loss = loss / len(yb)
         ok = bool(result.finite) and bool(torch.isfinite(loss))
         if ok:
             parts.opt.step()

@@ -347,6 +347,22 @@ class UnitSampler:
         return rows[np.sort(pick)]
 
 
+def chunk_backward(parts, xb: torch.Tensor, yb: torch.Tensor,
+                   units: torch.Tensor | None = None, n_units: int | None = None):
+    """One chunk of a per-example step: forward, summed loss, backward (one gradient row per
+    unit: per image, or per person with ``units``) and clipping into the step's sum.
+    Returns ``(summed loss, logits)``."""
+    _, logits = parts.forward(xb, yb)
+    loss = F.cross_entropy(logits.float(), yb, reduction="sum")
+    if units is None or n_units == len(units):  # one image a unit: Opacus' rows as they are
+        loss.backward()
+    else:  # one row per person, computed as such
+        with grouped_rows(units):
+            loss.backward()
+    parts.clipper.accumulate(parts.params)
+    return loss.detach(), logits
+
+
 def private_step(parts, chunks, batches, gen: torch.Generator, augment: bool, lr: float):
     """One DP-SGD step over a Poisson sample's ``chunks`` (virtual steps): per chunk forward,
     summed loss, backward, per-unit clipping into the step's sum; then noise, the average and
@@ -359,15 +375,8 @@ def private_step(parts, chunks, batches, gen: torch.Generator, augment: bool, lr
     seen = 0
     for positions, units, n_units in chunks:
         xb, yb = batches.take(positions, gen, augment)
-        _, logits = parts.forward(xb, yb)
-        loss = F.cross_entropy(logits.float(), yb, reduction="sum")
-        if n_units == len(units):  # one image a unit: Opacus' per-sample rows as they are
-            loss.backward()
-        else:  # one row per person, computed as such
-            with grouped_rows(units):
-                loss.backward()
-        parts.clipper.accumulate(parts.params)
-        loss_sum += loss.detach()
+        loss, logits = chunk_backward(parts, xb, yb, units, n_units)
+        loss_sum += loss
         correct += (plain_logits(parts.model, logits.detach(), yb).argmax(1) == yb).sum()
         seen += len(yb)
     result = parts.clipper(parts.params)
