@@ -9,7 +9,9 @@ dlib's own upsampling, as ``face_recognition`` does) they find the same boxes, a
 chip lies inside the photo they give the same descriptor. They differ by design, and the tests
 do not hide it, on (README, "Detection and alignment"): bigger photos, which facegrad scans at
 960 px rather than at twice their size; and faces whose chip reaches past the photo's edge,
-which facegrad fills with the edge pixels where dlib reads black.
+which facegrad fills with the edge pixels where dlib reads black; and faces whose landmarks give
+a chip smaller than the detector's box (turned faces: the chip is enlarged to the box), which
+the descriptor test counts apart and bounds.
 """
 
 from __future__ import annotations
@@ -78,12 +80,19 @@ def test_photos_up_to_480_px_get_dlibs_boxes(dlib_pipeline):
     assert compared >= 45
 
 
+def enlarged(rgb: np.ndarray) -> bool:
+    """Whether facegrad enlarges the biggest face's landmark chip to its box."""
+    face = detect._find(rgb, fallback=True)[0]
+    return detect._chip_details(detect._landmarks(rgb, face), face)[1]
+
+
 def test_descriptors_are_dlibs_where_the_chip_lies_inside_the_photo(dlib_pipeline, net):
     """ORL faces in 480x360 pictures: facegrad's chip through its PyTorch port of the network
     against face_recognition's descriptor, cosine >= 0.999 on at least 99 % of the faces both
-    find (measured: all 80 above 0.99999)."""
+    find (measured: 79 of 80 above 0.99999). Faces whose chip facegrad enlarges to the
+    detector's box differ by design; they are at most 1 in 20 here (measured: 1 of 80)."""
     rng = np.random.default_rng(0)
-    cos = []
+    cos, widened = [], 0
     for s in range(1, 41):
         for image in (1, 6):
             face = np.asarray(Image.open(ORL / f"s{s:02d}" / f"{image:02d}.png").convert("RGB"))
@@ -95,8 +104,12 @@ def test_descriptors_are_dlibs_where_the_chip_lies_inside_the_photo(dlib_pipelin
             ours = detect.crop_faces(pic, max_faces=1)
             if theirs is None or not ours:
                 continue
+            if enlarged(pic):
+                widened += 1
+                continue
             mine = embed(net, torch.from_numpy(ours[0][1][None]), 150,
                          normalisation="rgb_unit", descriptor="embedding")[0].numpy()
             cos.append(cosine(mine, theirs))
-    assert len(cos) >= 76
+    assert len(cos) + widened >= 76
+    assert widened <= 4
     assert np.mean(np.array(cos) >= 0.999) >= 0.99, sorted(cos)[:5]
