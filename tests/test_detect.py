@@ -240,3 +240,31 @@ def test_bad_arguments():
         find_faces(img.astype(np.float32))
     with pytest.raises(ValueError):
         crop_faces(np.zeros((5, 5, 2), np.uint8))
+
+
+CFP = ORL.parent / "cfp_dev"
+
+
+def chip_and_box(path) -> tuple[float, float, bool]:
+    """(chip side, box width, enlarged) of the biggest face of a cfp_dev photo, in its pixels."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    face = detect._find(rgb, fallback=True)[0]
+    details, enlarged = detect._chip_details(detect._landmarks(rgb, face), face)
+    r = details.rect
+    return r.right() - r.left(), face.rect[2] - face.rect[0], enlarged
+
+
+def test_turned_faces_chip_spans_their_box_and_frontal_chips_stay_dlibs():
+    """A profile's landmark chip is zoomed in on the near eye (its eye corners foreshorten): it
+    is enlarged to span at least the detector's box. Frontal faces' chips span more than their
+    box already and stay dlib's (module doc, "Turned faces")."""
+    people = [f"{p:03d}" for p in range(1, 251, 25)]
+    profiles = [chip_and_box(CFP / p / "profile_01.jpg") for p in people]
+    frontals = [chip_and_box(CFP / p / "frontal_01.jpg") for p in people]
+    assert all(side >= width - 1e-6 for side, width, _ in profiles + frontals)
+    assert sum(enlarged for *_, enlarged in profiles) >= len(people) // 2
+    assert not any(enlarged for *_, enlarged in frontals)
+    # an enlarged chip is still a 150x150 chip, centred where the landmarks put it
+    rgb = np.asarray(Image.open(CFP / people[0] / "profile_01.jpg").convert("RGB"))
+    chips = crop_faces(rgb, max_faces=1)
+    assert chips and chips[0][1].shape == (STORE_SIZE, STORE_SIZE, 3)
