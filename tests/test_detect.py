@@ -264,7 +264,7 @@ def test_turned_faces_chip_spans_their_box_and_frontal_chips_stay_dlibs():
     assert all(side >= width - 1e-6 for side, width, _ in profiles + frontals)
     assert sum(enlarged for *_, enlarged in profiles) >= len(people) // 2
     assert not any(enlarged for *_, enlarged in frontals)
-    # an enlarged chip is still a 150x150 chip, centred where the landmarks put it
+    # an enlarged chip is still a 150x150 chip
     rgb = np.asarray(Image.open(CFP / people[0] / "profile_01.jpg").convert("RGB"))
     chips = crop_faces(rgb, max_faces=1)
     assert chips and chips[0][1].shape == (STORE_SIZE, STORE_SIZE, 3)

@@ -331,9 +331,9 @@ def _landmarks(rgb: np.ndarray, face: _Face) -> np.ndarray:
     return np.array([(p.x + x0, p.y + y0) for p in shape.parts()], dtype=np.int64)
 
 
-def _shape(points: np.ndarray, dx: int = 0, dy: int = 0):
-    """A dlib full_object_detection of ``points`` moved by (-dx, -dy)."""
-    pts = [dlib.point(int(x) - dx, int(y) - dy) for x, y in points]
+def _shape(points: np.ndarray):
+    """A dlib full_object_detection of ``points``."""
+    pts = [dlib.point(int(x), int(y)) for x, y in points]
     xs, ys = [p.x for p in pts], [p.y for p in pts]
     return dlib.full_object_detection(dlib.rectangle(min(xs), min(ys), max(xs), max(ys)), pts)
 
@@ -364,9 +364,10 @@ def _moved(details, dx: int, dy: int):
 
 
 def _chip(rgb: np.ndarray, points: np.ndarray, face: _Face) -> np.ndarray:
-    """``dlib.get_face_chip`` of the face with these landmarks (at least ``MIN_CHIP_TO_BOX``
-    times its box), edge pixels replicated past the image's edge."""
-    details, enlarged = _chip_details(points, face)
+    """``dlib.get_face_chip`` of the face with these landmarks (``extract_image_chip`` of its
+    chip details, which is what get_face_chip does; at least ``MIN_CHIP_TO_BOX`` times its
+    box), edge pixels replicated past the image's edge."""
+    details, _ = _chip_details(points, face)
     d = details.rect
     cx, cy = (d.left() + d.right()) / 2, (d.top() + d.bottom()) / 2
     c, s = abs(math.cos(details.angle)), abs(math.sin(details.angle))
@@ -376,17 +377,11 @@ def _chip(rgb: np.ndarray, points: np.ndarray, face: _Face) -> np.ndarray:
     x0, y0, x1, y1 = (math.floor(cx - hw), math.floor(cy - hh), math.ceil(cx + hw) + 1,
                       math.ceil(cy + hh) + 1)
     if _inside(h, w, x0, y0, x1, y1):
-        if not enlarged:
-            return dlib.get_face_chip(rgb, _shape(points), size=STORE_SIZE,
-                                      padding=CHIP_PADDING)
         return dlib.extract_image_chip(rgb, details)
     # keep the window's origin even so that dlib's 2:1 image pyramid samples the same pixels
     g = int(max(hw, hh) * 0.25) + 2
     x0, y0 = (x0 - g) // 2 * 2, (y0 - g) // 2 * 2
     window = _window(rgb, x0, y0, x1 + g, y1 + g)
-    if not enlarged:
-        return dlib.get_face_chip(window, _shape(points, x0, y0), size=STORE_SIZE,
-                                  padding=CHIP_PADDING)
     return dlib.extract_image_chip(window, _moved(details, x0, y0))
 
 
