@@ -1,9 +1,9 @@
 """Private training (DP-SGD): is the mechanism what the accountant assumes, does the guarantee
 hold against a membership-inference attack, and what does it cost in accuracy and time.
 
-    .venv/bin/python bench/privacy.py [--quick] [--people 64] [--epochs 4]
+    .venv/bin/python bench/privacy.py [--quick] [--people 128] [--epochs 16]
         [--epsilons 1,3,8] [--unit person|image] [--threads N] [--out-md docs/privacy.md]
-        [--job '{"freeze_stages": 5}' --label freeze5]
+        [--job '{"freeze_stages": 5}' --label freeze5] [--baseline-job '{"freeze_stages": 4}']
 
 Through the library (``facegrad.training.loop.train``, the training a job runs), on CPU:
 
@@ -20,11 +20,14 @@ Through the library (``facegrad.training.loop.train``, the training a job runs),
    'prv' accountant, RDP for 'rdp'); R = ours / theirs.
 3. Membership inference. ``--people`` people of CFP's folds 1-4 (seeded), half members and half
    non-members (unit person; unit image: every one of them trained on, half of each person's
-   photos members). Fine-tuned on the members: the service's non-private job with the private
-   jobs' trainable layers (their freeze_stages default; clip mode 'norm', head imprinted,
-   batch_size 32), and DP-SGD jobs at their defaults (expected_batch_size unset) at each target
-   epsilon (delta 1e-5, clip 'per_example'), all with the same epochs, learning rate and seed,
-   no calibration people and no validation split. Attacks (Yeom et al. 2018's threshold on a
+   photos members). Fine-tuned on the members for 16 epochs (long enough for a non-private
+   model to remember them): the service's non-private job training the last residual stage,
+   projection and head (freeze_stages 4, the fewest frozen stages the cached trunk below
+   allows; clip mode 'norm', head imprinted, batch_size 32; ``--baseline-job '{}'`` trains the
+   private jobs' layers instead), and DP-SGD jobs at their defaults (projection and head,
+   expected_batch_size unset) at each target epsilon (delta 1e-5, clip 'per_example'), all
+   with the same epochs, learning rate and seed, no calibration people and no validation
+   split. Attacks (Yeom et al. 2018's threshold on a
    per-example score, for a face-descriptor model): a photo's score is the cosine similarity of
    its descriptor to the mean descriptor of its person's other photos (unit image: of their
    member photos), since training pulls a member's photos together; 'calibrated' subtracts the
@@ -37,7 +40,8 @@ Through the library (``facegrad.training.loop.train``, the training a job runs),
    (``open_set.among_themselves``: TPIR at FPIR 0.05, verification accuracy).
 5. Cost: a DP step (``private.private_step`` on a Poisson sample of people, noise on, in
    chunks of batch_size) against the normal step (``loop.train_step``, clip 'norm') on the
-   same images as one batch, the same trainable layers; median over rounds of the ratio.
+   same images as one batch, the same trainable layers (the private job's); median over
+   rounds of the ratio.
 
 Descriptors: the stem and first three residual stages are frozen in every network measured
 (checked), so their output is computed once per photo (and its mirror image) and each network
@@ -544,15 +548,19 @@ def main() -> None:
                     help="a smoke test of a few minutes: 16 people, 1 epoch, 10 ORL people, "
                     "3 timing rounds (its figures mean little)")
     ap.add_argument("--people", type=int, default=None,
-                    help="people of folds 1-4 in the attack, half members (default 64)")
+                    help="people of folds 1-4 in the attack, half members (default 128)")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="epochs of every fine-tune (default: the job's default, 4)")
+                    help="epochs of every fine-tune (default 16)")
     ap.add_argument("--epsilons", default="1,3,8", help="target epsilons of the private runs")
     ap.add_argument("--max-norm", type=float, default=None,
                     help="C of clip mode per_example (default: the mode's default)")
     ap.add_argument("--job", default="{}",
                     help="job fields (JSON) for every fine-tune, private and not, e.g. "
                     "'{\"freeze_stages\": 5}' (default: the jobs' defaults)")
+    ap.add_argument("--baseline-job", default='{"freeze_stages": 4}',
+                    help="job fields (JSON) for the non-private fine-tune only, after --job, "
+                    "(default: the last residual stage trained too; '{}': the private jobs' "
+                    "trainable layers)")
     ap.add_argument("--label", default="",
                     help="with --out-md: the name of a results section of its own (e.g. a "
                     "--job variant) beside the default one, and of its plot")
@@ -568,8 +576,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    people_n = args.people or (16 if args.quick else 64)
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else None)
+    people_n = args.people or (16 if args.quick else 128)
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 16)
     rounds = args.rounds or (3 if args.quick else 10)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     t_start = time.perf_counter()
@@ -660,7 +668,7 @@ def main() -> None:
             "accountant": args.accountant})))
     # the non-private job trains the private jobs' layers (their freeze_stages default)
     runs.insert(0, ("non-private", TrainConfig(
-        **({"freeze_stages": runs[0][1].freeze_stages} | base))))
+        **({"freeze_stages": runs[0][1].freeze_stages} | base | json.loads(args.baseline_job)))))
     if min(cfg.freeze_stages for _, cfg in runs) < 4:
         raise SystemExit("the descriptors here assume the first three residual stages frozen "
                          "(freeze_stages >= 4)")
@@ -724,7 +732,9 @@ def main() -> None:
     noise = noise_sd(plan8, trainable)
     print(f"noise check in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
-    cost = step_cost(runs[0][1], eps8["cfg"], train_data.images, train_data.labels, rounds)
+    # the normal step trains the private step's layers, whatever the non-private run trains
+    normal = TrainConfig(**(base | {"freeze_stages": eps8["cfg"].freeze_stages}))
+    cost = step_cost(normal, eps8["cfg"], train_data.images, train_data.labels, rounds)
     print(f"step cost: {cost['rounds']} rounds in {time.perf_counter() - t0:.0f} s", flush=True)
 
     # --- report --------------------------------------------------------------------------------
@@ -809,12 +819,12 @@ def main() -> None:
             f"{len(other_people)} non-member people of CFP folds 1-4 (seed {args.seed}); "
             f"{int(member.sum())} member and {int((~member).sum())} non-member photos; every "
             f"fine-tune: {runs[0][1].epochs} epochs, batch {runs[0][1].batch_size}, "
-            f"freeze_stages {runs[0][1].freeze_stages}, learning rate "
-            f"{runs[0][1].learning_rate:g}, seed {args.seed}; "
+            f"learning rate {runs[0][1].learning_rate:g}, seed {args.seed}; "
             f"job fields {args.job}; "
-            f"private: clip per_example C = {c:g}, delta {DELTA:g}, accountant "
-            f"{args.accountant}; non-private: clip {runs[0][1].clip.mode} "
-            f"{runs[0][1].clip.max_norm:g}, head imprinted",
+            f"private: freeze_stages {eps8['cfg'].freeze_stages}, clip per_example C = "
+            f"{c:g}, delta {DELTA:g}, accountant {args.accountant}; non-private: "
+            f"freeze_stages {runs[0][1].freeze_stages}, clip {runs[0][1].clip.mode} "
+            f"{runs[0][1].clip.max_norm:g}, head imprinted (fields {args.baseline_job})",
             f"- utility on people in neither half: CFP fold 5 ("
             f"{', '.join(f'{k} {len(v)}' for k, v in pairs.items())} pairs), "
             f"ORL {len(orl)} people among themselves",
