@@ -399,6 +399,17 @@ def code_state() -> dict:
             "diff": hash(git("diff", "HEAD")) if changed else 0}
 
 
+def changed_between(start: str, end: dict) -> list[str]:
+    """Tracked files that differ between commit ``start`` and the working tree at the end."""
+    names = set(git("diff", "--name-only", start, end["commit"]).split())
+    return sorted(names | set(end["changed"]))
+
+
+def is_doc(path: str) -> bool:
+    """Prose only: a Markdown file, or anything under docs/ (no benchmark reads them)."""
+    return path.endswith(".md") or path.startswith("docs/")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -632,10 +643,15 @@ def render(a: argparse.Namespace, argv: list[str], code: dict, code_end: dict, m
         f"the end; above {mach['cores']} means other processes shared the CPUs",
     ]
     if code_end["commit"] != code["commit"] or code_end["diff"] != code["diff"]:
-        md.append("- **the code changed during the run** (commit or uncommitted changes at the "
-                  f"end: `{code_end['commit']}`, {len(code_end['changed'])} changed tracked "
-                  "files): "
-                  "the benchmarks did not all measure the same code")
+        moved = changed_between(code["commit"], code_end)
+        what = (f"`{code_end['commit']}` at the end, {len(code_end['changed'])} changed tracked "
+                f"files; changed since the start: {', '.join(moved) or 'none named'}")
+        if moved and all(is_doc(f) for f in moved):
+            md.append(f"- only documentation changed during the run ({what}): every benchmark "
+                      "measured the same code")
+        else:
+            md.append(f"- **the code changed during the run** ({what}): the benchmarks did "
+                      "not all measure the same code")
     if a.quick:
         md.append("- **quick run** (`--quick`): every script with its cheapest options "
                   "(fewer rounds, sizes, epochs): a check that the benchmarks run; its figures "
