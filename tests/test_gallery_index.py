@@ -341,3 +341,26 @@ def test_two_processes_enrolling_at_once_lose_nothing(tmp_path):
     assert sorted(g.labels[3:]) == sorted(f"{t}{i}" for t in "xy" for i in range(8))
     assert g.version == 16 and g.emb.shape[0] == 12 + 32 and g.index.ntotal == 44
     assert GalleryIndex.load(tmp_path / INDEX_FILE, g._index_tag()) is not None
+
+
+def test_faces_are_described_alike_whatever_the_forward_pass_size():
+    """embed splits a batch into the forward passes measured fastest on the CPU
+    (gallery.forward_images); the descriptors must not depend on that split (to float
+    rounding: convolutions may sum in another order at another batch size)."""
+    from facegrad.recognition import gallery as gal
+
+    net = build_model("seed_cnn", 3, 32).eval()
+    crops = np.random.default_rng(0).integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
+    chosen = gal.forward_images(net, 32, torch.device("cpu"))
+    assert chosen in gal.FORWARD_SIZES
+    assert gal.forward_images(net, 32, torch.device("cpu")) == chosen  # measured once
+    out = {}
+    for n in (2, 32):
+        gal._forward_images[net] = {(32, torch.get_num_threads()): n}
+        for descriptor in gal.DESCRIPTORS:
+            out[n, descriptor] = gal.embed(net, crops, 32, descriptor=descriptor)
+    for descriptor in gal.DESCRIPTORS:
+        assert out[2, descriptor].shape == (37, out[2, descriptor].shape[1])
+        torch.testing.assert_close(out[2, descriptor], out[32, descriptor],
+                                   atol=1e-5, rtol=1e-4)
+    assert gal.forward_images(net, 32, torch.device("cuda")) > 1000  # an accelerator: whole
