@@ -242,3 +242,25 @@ def run_measured(cmd: list[str]) -> dict:
     res = json.loads(lines[-1][7:])
     res["sampled_rss_kb"] = peak["rss"]
     return res
+
+
+def doc_section(path: Path, heading: str) -> list[str]:
+    """The lines of markdown file ``path`` from the line ``heading`` to the end ([] when the file
+    or the heading is absent): a section that another script writes and a rewrite keeps."""
+    lines = path.read_text().split("\n") if path.is_file() else []
+    return lines[lines.index(heading):] if heading in lines else []
+
+
+def write_doc_section(path: Path, heading: str, section: list[str]) -> None:
+    """Replace the section of ``path`` that starts at the line ``heading`` (to the end of the
+    file) by ``section``, or add it at the end."""
+    lines = path.read_text().rstrip("\n").split("\n") if path.is_file() else []
+    if heading in lines:
+        lines = lines[:lines.index(heading)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    path.write_text("\n".join(lines + [""] + section).rstrip("\n") + "\n")
+
+
+# docs/clipping-study.md: bench/clipping_study.py writes it, bench/finetune_sweep.py this section
+CFP_SECTION = "## Fine-tuning on turned faces (CFP), written by bench/finetune_sweep.py"
