@@ -210,9 +210,12 @@ def result_rows(ranked, pre_figs, kinds) -> tuple[list[str], list[list]]:
                      *(f"{figs[k]['accuracy']:.4f} "
                        f"({figs[k]['accuracy'] - pre_figs[k]['accuracy']:+.4f})" for k in kinds),
                      f"{last.get('train_acc', float('nan')):.3f}",
-                     f"{clipping.get('clip_fraction') or 0:.2f}", f"{secs:.0f}"])
+                     f"{clipping.get('clip_fraction') or 0:.2f}",
+                     "{mean:.0f} / {max:.0f}".format(**clipping["grad_norm_pre"])
+                     if clipping.get("grad_norm_pre") else "-", f"{secs:.0f}"])
     heads = ["setting", "judged gain", "held-out TPIR", "held-out verify", "held-out TAR",
-             "kept", *(f"test {k}" for k in kinds), "train acc", "clipped", "train s"]
+             "kept", *(f"test {k}" for k in kinds), "train acc", "clipped",
+             "grad norm mean / max", "train s"]
     return heads, rows
 
 
@@ -277,6 +280,12 @@ def markdown(args, started: str, wall: float, n_people: int, data, pairs, pre_fi
                   + ("favours it." if clip_rows[0] is default else
                      f"ranks {clip_rows[0][0]} above it ({clip_rows[0][2]:+.4f} vs "
                      f"{default[2]:+.4f})."))
+        norms = default[5].get("grad_norm_pre")
+        if norms:
+            md.append(f"- The default job's gradient norm before clipping: mean "
+                      f"{norms['mean']:.0f}, max {norms['max']:.0f}, against its cap of 5: the "
+                      f"rule scales every step "
+                      f"it clips ({default[5].get('clip_fraction', 0):.0%} of them) to that norm.")
         diverged = [r[0] for r in ranked if r[4].get("train_acc", 1) < 0.2]
         if diverged:
             md.append(f"- Training that learnt nothing (train accuracy below 0.2): "
