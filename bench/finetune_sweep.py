@@ -36,9 +36,8 @@ from pathlib import Path
 
 from _common import CFP_SECTION, code_state, footer, header, loadavg, table, write_doc_section
 from verification import (
-    DATA,
     chips_of,
-    folds_arg,
+    pair_data_args,
     people_of_folds,
     protocol,
     read_pairs,
@@ -120,9 +119,7 @@ def main() -> None:
     from facegrad.training.loop import pretrained_state, train
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--train-folds", type=folds_arg, default=folds_arg("1-4"))
-    ap.add_argument("--test-folds", type=folds_arg, default=folds_arg("5"))
+    pair_data_args(ap)
     ap.add_argument("--chips", type=Path, help="keep the aligned chips in this .npz file")
     ap.add_argument("--settings", help="JSON list of job overrides (default: the built-in list)")
     ap.add_argument("--device", default="auto")

@@ -243,11 +243,16 @@ def api_networks(args, data: Path, pairs):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def pair_data_args(ap: argparse.ArgumentParser) -> None:
+    """--data, --train-folds and --test-folds: the pair protocol's data and its split."""
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--train-folds", type=folds_arg, default=folds_arg("1-4"))
     ap.add_argument("--test-folds", type=folds_arg, default=folds_arg("5"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    pair_data_args(ap)
     ap.add_argument("--job", default="{}", help="job fields for the fine-tuned network (JSON)")
     ap.add_argument("--no-train", action="store_true", help="the pretrained network only")
     ap.add_argument("--no-dlib", action="store_true")
