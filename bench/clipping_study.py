@@ -41,7 +41,9 @@ except ImportError:
              ".venv/bin/pip install matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from _common import CFP_SECTION, ROOT, cpu_model, doc_section  # noqa: E402  (puts the repository root on sys.path)
+
+# _common puts the repository root on sys.path
+from _common import CFP_SECTION, ROOT, cpu_model, doc_section  # noqa: E402
 
 from testkit.harness import orl_split, zip_of  # noqa: E402
 

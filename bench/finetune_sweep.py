@@ -40,6 +40,7 @@ from verification import (
     pair_data_args,
     people_of_folds,
     protocol,
+    protocol_files,
     read_pairs,
     score_pairs,
     train_folder,
@@ -133,9 +134,7 @@ def main() -> None:
     header("finetune_sweep: fine-tuning settings judged by the job, confirmed on unseen people")
     pairs = read_pairs(args.data, args.test_folds)
     train_people = people_of_folds(args.data, args.train_folds)
-    test_files = sorted({f for rows in pairs.values() for _, _, a, b in rows for f in (a, b)})
-    files = test_files + [f"{p}/{f.name}" for p in train_people
-                          for f in sorted((args.data / p).iterdir())]
+    test_files, files = protocol_files(args.data, pairs, train_people)
     print(f"data: {args.data}  train folds {args.train_folds} ({len(train_people)} people)  "
           f"test folds {args.test_folds}  pairs: "
           f"{', '.join(f'{k} {len(v)}' for k, v in pairs.items())}", flush=True)

@@ -129,6 +129,14 @@ def chips_of(data: Path, files: list[str]) -> dict[str, np.ndarray | None]:
     return {f: crop_one(load_rgb(data / f)) for f in files}
 
 
+def protocol_files(data: Path, pairs, train_people: list[str]) -> tuple[list[str], list[str]]:
+    """(the photos of the pairs, those followed by every photo of the training people), as
+    paths relative to ``data``."""
+    test_files = sorted({f for rows in pairs.values() for _, _, a, b in rows for f in (a, b)})
+    return test_files, test_files + [f"{p}/{f.name}" for p in train_people
+                                     for f in sorted((data / p).iterdir())]
+
+
 def train_folder(data: Path, people: list[str], chips: dict[str, np.ndarray | None]):
     """A FaceArrays of the people's photos (those with a face), as dataset building makes it."""
     from facegrad.data.store import FaceArrays
@@ -150,11 +158,9 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
     from facegrad.recognition.inference import LoadedModel
     from facegrad.training.config import TrainConfig
 
-    test_files = sorted({f for rows in pairs.values() for _, _, a, b in rows for f in (a, b)})
     train_people = people_of_folds(data, args.train_folds)
     t0 = time.perf_counter()
-    files = test_files + [f"{p}/{f.name}" for p in train_people
-                          for f in sorted((data / p).iterdir())]
+    test_files, files = protocol_files(data, pairs, train_people)
     chips = chips_of(data, files)
     print(f"detect + align: {len(chips)} photos in {time.perf_counter() - t0:.0f} s, "
           f"{sum(c is None for c in chips.values())} with no face", flush=True)
