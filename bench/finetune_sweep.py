@@ -51,7 +51,8 @@ import torch  # isort: skip
 
 # the service's knobs that the issue names and a job can set: the clipping rule (the origin
 # document's value and threshold rules, Keras-style norm, AGC, AutoClip), how much of the
-# network learns and how fast, augmentation and the descriptor
+# network learns and how fast, augmentation, and how much of the fine-tuned weights the model
+# keeps (the rest is the pretrained network's: WiSE-FT)
 SETTINGS: list[dict] = [
     {},
     {"clip": {"mode": "none"}},
@@ -66,6 +67,8 @@ SETTINGS: list[dict] = [
     {"learning_rate": 0.03},
     {"epochs": 8},
     {"augment": False},
+    {"fine_tuned_share": 1.0},
+    {"epochs": 8, "fine_tuned_share": 1.0},
 ]
 
 
@@ -246,7 +249,9 @@ def markdown(args, started: str, wall: float, n_people: int, data, pairs, pre_fi
           "the fold itself)",
           "- every setting is the default job (`TrainConfig()`: 4 epochs, SGD lr 0.01 with the "
           "backbone at 0.1x, stages 0-1 frozen, CosFace head, augmentation, clip norm 5 "
-          "global, flip_mean) with the fields named changed",
+          "global, flip_mean, the weights then averaged half and half with the pretrained ones: "
+          "fine_tuned_share 0.5) with the fields named changed; the fine-tuned network is that "
+          "average, and fine_tuned_share 1 is the network as trained",
           "",
           f"Pretrained network on the test pairs: {fp} {acc(pre_figs, fp):.4f}, "
           f"{ff} {acc(pre_figs, ff):.4f}.", "",

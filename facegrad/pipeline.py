@@ -104,6 +104,7 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
         "held_out": [full.names[i] for i in held.tolist()],
         "measured_on": "the held-out people among themselves: each photo identified "
                        "against their other photos, and every pair of their photos verified",
+        "fine_tuned_share": cfg.fine_tuned_share,  # the fine-tuned network is this blend
         "pretrained": pre, "fine_tuned": tuned,
         "gain": {k: round(tuned[k] - pre[k], 4) for k in open_set.JUDGED
                  if tuned.get(k) is not None and pre.get(k) is not None},

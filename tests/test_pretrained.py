@@ -110,8 +110,15 @@ def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weight
     ref = pretrained_state(weights_dir)
     # the stem and the first residual stage were frozen: still the pretrained weights
     assert torch.equal(stored["model.backbone.stem.0.weight"], ref["stem.0.weight"])
-    if ft["kept"] == "fine_tuned":
-        assert not torch.equal(stored["model.backbone.fc.weight"], ref["fc.weight"])
+    # the model's backbone is the average of the trained weights (the last checkpoint) and the
+    # pretrained ones (fine_tuned_share 0.5), or the pretrained weights when the job kept them
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "epoch-0001.safetensors"))
+    assert ft["fine_tuned_share"] == 0.5
+    for name in ("fc.weight", "stages.3.3.conv2.weight"):
+        want = ref[name] if ft["kept"] == "pretrained" else torch.lerp(
+            ref[name], trained[f"model.backbone.{name}"], 0.5)
+        assert not torch.equal(trained[f"model.backbone.{name}"], ref[name])
+        torch.testing.assert_close(stored[f"model.backbone.{name}"], want)
     lm = LoadedModel(res.model_path.parent)
     xt, yt = faces["test"]
     truth = [faces["train"].names[i] for i in yt]
@@ -121,9 +128,10 @@ def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weight
 def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, weights_dir,
                                                                       tmp_path):
     # no clipping, a huge constant rate on every layer: what clipping is there to prevent
+    # (the weights as trained: fine_tuned_share 1, no average with the pretrained ones)
     cfg = TrainConfig(epochs=1, device="cpu", learning_rate=3.0, lr_schedule="constant",
                       backbone_lr_scale=1.0, freeze_stages=0, optimizer={"name": "sgd"},
-                      clip={"mode": "none"})
+                      clip={"mode": "none"}, fine_tuned_share=1.0)
     res = run_training_job(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     ft = res.open_set["fine_tuning"]
     assert ft["kept"] == "pretrained" and "did not make the network better" in ft["note"]

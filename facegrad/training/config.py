@@ -126,6 +126,13 @@ class TrainConfig(_Strict):
         description="dlib_resnet: how many of its stages (stem, then residual stages of 32, 64, "
         "128, 256 filters) stay frozen: early layers describe edges and textures any face "
         "shares; freezing them also halves the backward pass.")
+    fine_tuned_share: float = Field(
+        0.5, ge=0, le=1,
+        description="dlib_resnet: after fine-tuning, each backbone weight becomes (1 - share) "
+        "x pretrained + share x fine-tuned (weight-space ensembling, WiSE-FT: Wortsman et al. "
+        "2022, 'Robust fine-tuning of zero-shot models'; 0.5 is the paper's default). The "
+        "average keeps what the network knew of faces unlike the job's while keeping most of "
+        "what fine-tuning taught it; 1 keeps the fine-tuned weights as trained.")
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="Cosine decay with a short warm-up, or a constant rate."
     )

@@ -232,6 +232,22 @@ def imprint_head(model: torch.nn.Module, batches: DeviceBatches, batch_size: int
     w[seen] = F.normalize(sums[seen], dim=1)
 
 
+@torch.no_grad()
+def blend_with_pretrained(model: torch.nn.Module, pretrained: dict[str, torch.Tensor],
+                          share: float) -> None:
+    """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): every floating-point tensor of
+    the backbone (weights and batch-norm statistics) becomes ``(1 - share) * pretrained +
+    share * fine-tuned``. Fine-tuning from one pretrained network stays in one basin of the
+    loss, so the average is a network of its own, not a mix of two: on turned faces of people
+    no job saw it keeps most of fine-tuning's gain while frontal faces stay as the pretrained
+    network had them (docs/clipping-study.md)."""
+    state = model.backbone.state_dict()
+    for name, tuned in state.items():
+        if tuned.is_floating_point():
+            base = pretrained[name].to(tuned.device, tuned.dtype)
+            tuned.copy_(torch.lerp(base, tuned, share))
+
+
 def train_step(parts: StepParts, xb: torch.Tensor, yb: torch.Tensor, lr: float):
     """One step: forward, backward, unscale, clip, record telemetry, optimizer step.
 
@@ -533,6 +549,8 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
             save_checkpoint(epoch + 1)
     if not rank.lead:
         return None
+    if pretrained and cfg.epochs and cfg.fine_tuned_share < 1:
+        blend_with_pretrained(model, pretrained_state(pretrained_dir), cfg.fine_tuned_share)
 
     # the device-resident training copies go now: the gallery that a job builds next would
     # otherwise sit on top of them at the run's memory peak
