@@ -113,6 +113,10 @@ class FineTuning(_Record):
 
     held_out: list[str] = []
     measured_on: str | None = None
+    fine_tuned_share: float | None = Field(
+        None, description="The fine-tuned network judged (and kept, when it is) is the "
+        "average (1 - share) x pretrained + share x trained weights (the job's "
+        "fine_tuned_share)")
     pretrained: FineTuningFigures | None = None
     fine_tuned: FineTuningFigures | None = None
     gain: FineTuningGain | None = None

@@ -656,7 +656,11 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     # --- the fine-tunes ------------------------------------------------------------------------
-    base = {"calibration_identities": 0, "val_fraction": 0, "seed": args.seed, "device": "cpu"}
+    # fine_tuned_share 1: the weights as trained. The job's average with the pretrained network
+    # is post-processing (it keeps any guarantee) and can only hide membership: the attack is
+    # on what training itself left in the weights
+    base = {"calibration_identities": 0, "val_fraction": 0, "seed": args.seed, "device": "cpu",
+            "fine_tuned_share": 1.0}
     if epochs is not None:
         base["epochs"] = epochs
     base |= json.loads(args.job)
