@@ -799,9 +799,12 @@ function privacyItem(item, asked, m) {
 function fineTuningItem(item, ft) {
   if (!ft || !ft.pretrained || !ft.fine_tuned) return null;
   const v = (f) => `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+  // a share below 1: the fine-tuned network is that average of trained and pretrained weights
+  const share = ft.fine_tuned_share != null && ft.fine_tuned_share < 1
+    ? ` (${pct(ft.fine_tuned_share)} of the trained weights)` : "";
+  const kept = ft.kept === "fine_tuned" ? "fine-tuned" : "pretrained";
   return item("held-out people", `${(ft.held_out || []).length}: pretrained ${v(ft.pretrained)}` +
-    ` → fine-tuned${ft.fine_tuned_share != null && ft.fine_tuned_share < 1
-      ? ` (${pct(ft.fine_tuned_share)} of the trained weights)` : ""} ${v(ft.fine_tuned)}; kept ${ft.kept === "fine_tuned" ? "fine-tuned" : "pretrained"}`);
+    ` → fine-tuned${share} ${v(ft.fine_tuned)}; kept ${kept}`);
 }
 
 const PCT_METRICS = ["val_acc", "known_named", "strangers_rejected", "tpir_at_fpir_0.05",
