@@ -252,15 +252,21 @@ def doc_section(path: Path, heading: str) -> list[str]:
 
 
 def write_doc_section(path: Path, heading: str, section: list[str]) -> None:
-    """Replace the section of ``path`` that starts at the line ``heading`` (to the end of the
-    file) by ``section``, or add it at the end."""
+    """Replace the section of ``path`` that starts at the line ``heading`` (to the next ``## ``
+    heading, or the end of the file) by ``section``, or add it at the end."""
     lines = path.read_text().rstrip("\n").split("\n") if path.is_file() else []
+    after: list[str] = []
     if heading in lines:
-        lines = lines[:lines.index(heading)]
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        lines, after = lines[:start], lines[end:]
     while lines and not lines[-1].strip():
         lines.pop()
-    path.write_text("\n".join(lines + [""] + section).rstrip("\n") + "\n")
+    body = "\n".join(lines + [""] + section).rstrip("\n")
+    path.write_text(body + ("\n\n" + "\n".join(after) if after else "").rstrip("\n") + "\n")
 
 
 # docs/clipping-study.md: bench/clipping_study.py writes it, bench/finetune_sweep.py this section
+# and bench/finetune_rotation.py the one after it
 CFP_SECTION = "## Fine-tuning on turned faces (CFP), written by bench/finetune_sweep.py"
