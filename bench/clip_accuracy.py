@@ -8,7 +8,7 @@ trained in this process by ``facegrad.pipeline.run_training_job`` (as a worker d
 validation split and checkpoints) and scored through ``facegrad.recognition.inference.LoadedModel``:
 embed the held-out crops, match against the training-image gallery, threshold -1 (closed set).
 
-(a) the default config (dlib_resnet fine-tuned: SGD 0.01, cosine, 4 epochs, norm clipping 5
+(a) the default config (dlib_resnet fine-tuned: SGD 0.01, cosine, 8 epochs, norm clipping 5
     global);
     bars: accuracy >= 97 %, training < 5 min.
 (b) seed_cnn, clip norm 5 per_tensor, SGD lr 0.01 momentum 0.9 (the origin document's setup,

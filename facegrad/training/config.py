@@ -110,7 +110,7 @@ class TrainConfig(_Strict):
         DEFAULT_ARCHITECTURE, description=_architecture_description())
     epochs: int | None = Field(
         None, ge=0, le=1000,
-        description="Passes over the training images (default 4 for dlib_resnet, 60 otherwise). "
+        description="Passes over the training images (default 8 for dlib_resnet, 60 otherwise). "
         "0, only for dlib_resnet: the pretrained network as it is, gallery and calibration only.")
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float | None = Field(
