@@ -58,7 +58,7 @@ def _identify(lm: LoadedModel, x: np.ndarray) -> list:
 def test_defaults_follow_the_architecture():
     cfg = TrainConfig()
     assert (cfg.architecture, cfg.epochs, cfg.image_size, cfg.learning_rate) == (
-        "dlib_resnet", 4, 150, 0.01)
+        "dlib_resnet", 8, 150, 0.01)
     assert cfg.optimizer.name == "sgd"
     scratch = TrainConfig(architecture="facenet_s")
     assert (scratch.epochs, scratch.image_size, scratch.learning_rate) == (60, 64, 3e-3)

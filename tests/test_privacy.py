@@ -210,7 +210,9 @@ def test_plan_counts_people_for_unit_person_and_images_for_unit_image():
     # 20 % of the people are held out for calibration, 10 % of each one's photos validate
     assert person.units == 240 and image.units == person.images == image.images
     assert person.sample_rate == image.sample_rate == pytest.approx(64 / person.images)
-    assert person.steps == image.steps == int(1 / person.sample_rate) * 4
+    # the architecture's default epochs (8 for dlib_resnet), each of about 1/q steps
+    assert _cfg().epochs == 8
+    assert person.steps == image.steps == int(1 / person.sample_rate) * 8
     # unset: 256 images a step, at most a quarter of the training images
     small = privacy_plan_for_dataset(_cfg(), _labels(100, 8))
     assert small.expected_batch_size == small.images // 4
