@@ -35,7 +35,14 @@ from pathlib import Path
 
 from _common import code_state, cpu_model, footer, header, loadavg, table, write_doc_section
 from finetune_sweep import label, load_chips, pair_figures
-from verification import DATA, folds_arg, people_of_folds, read_pairs, train_folder
+from verification import (
+    DATA,
+    folds_arg,
+    people_of_folds,
+    protocol_files,
+    read_pairs,
+    train_folder,
+)
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
@@ -85,11 +92,11 @@ def main() -> None:
     rows, summary = [], {}
     for overrides in settings:
         name = label(overrides)
-        gains = {"FP": [], "FF": []}
+        gains, kept_tuned = {"FP": [], "FF": []}, 0
         for k in args.folds:
             cfg = TrainConfig(**({"device": args.device} | overrides))
             pairs = read_pairs(args.data, [k])
-            test = sorted({f for rows_ in pairs.values() for _, _, a, b in rows_ for f in (a, b)})
+            test, _ = protocol_files(args.data, pairs, [])
             train_people = [p for j in args.folds if j != k for p in people[j]]
             t0 = time.perf_counter()
             trained = train(cfg, train_folder(args.data, train_people, chips),
@@ -102,6 +109,7 @@ def main() -> None:
                 pre_figs[k] = pair_figures(pairs, describe(cfg, trained.model, trained.device,
                                                            test))
             kept = judged["kept"] if judged else "fine_tuned"
+            kept_tuned += kept == "fine_tuned"
             served = tuned if kept == "fine_tuned" else pre_figs[k]
             for kind in gains:
                 gains[kind].append(served[kind]["accuracy"] - pre_figs[k][kind]["accuracy"])
@@ -111,8 +119,7 @@ def main() -> None:
                          *(f"{served[t]['accuracy'] - pre_figs[k][t]['accuracy']:+.4f}"
                            for t in ("FP", "FF")), f"{secs:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-        summary[name] = gains | {"kept": sum(r[7] == "fine_tuned" for r in rows
-                                             if r[0] == name)}
+        summary[name] = gains | {"kept": kept_tuned}
     heads = ["setting", "test fold", "job's people", "pretrained FP", "pretrained FF",
              "fine-tuned FP", "fine-tuned FF", "kept", "served FP gain", "served FF gain",
              "train s"]
