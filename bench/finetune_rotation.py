@@ -2,7 +2,8 @@
 other four folds' people are the job's.
 
     .venv/bin/python bench/finetune_rotation.py [--data ../shared/data/cfp_dev] [--folds 1-5]
-        [--chips chips.npz] [--settings '[{}, {"epochs": 8}]'] [--md docs/clipping-study.md]
+        [--test 5] [--chips chips.npz] [--settings '[{}, {"epochs": 8}]']
+        [--md docs/clipping-study.md]
 
 A single test fold tells little about a gain of a point or two: fold 5's pretrained
 frontal-profile (FP) accuracy is 0.83 where folds 1-4 give 0.88-0.89, and one fold's 700 pairs
@@ -63,7 +64,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--folds", type=folds_arg, default=folds_arg("1-5"))
+    ap.add_argument("--folds", type=folds_arg, default=folds_arg("1-5"),
+                    help="the folds whose people take part (default 1-5)")
+    ap.add_argument("--test", type=folds_arg,
+                    help="which of them are the test in turn (default: each of them)")
     ap.add_argument("--chips", type=Path, help="keep the aligned chips in this .npz file")
     ap.add_argument("--settings", default="[{}]", help="JSON list of job overrides")
     ap.add_argument("--device", default="auto")
@@ -73,6 +77,9 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"no pair data at {args.data}")
     settings = json.loads(args.settings)
+    tests = args.test or args.folds
+    if not set(tests) <= set(args.folds) or len(args.folds) < 2:
+        raise SystemExit("--test must name folds among --folds, and --folds at least two")
     header("finetune_rotation: fine-tuning's gain on each fold's people, the job on the rest")
     people = {k: people_of_folds(args.data, [k]) for k in args.folds}
     files = sorted(f"{p}/{f.name}" for ps in people.values() for p in ps
@@ -93,7 +100,7 @@ def main() -> None:
     for overrides in settings:
         name = label(overrides)
         gains, kept_tuned = {"FP": [], "FF": []}, 0
-        for k in args.folds:
+        for k in tests:
             cfg = TrainConfig(**({"device": args.device} | overrides))
             pairs = read_pairs(args.data, [k])
             test, _ = protocol_files(args.data, pairs, [])
@@ -125,12 +132,12 @@ def main() -> None:
              "train s"]
     print()
     print(table(heads, rows))
-    pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in args.folds]
+    pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in tests]
     lines = [f"pretrained FP over the folds: {statistics.mean(pre_fp):.4f} ± "
              f"{statistics.stdev(pre_fp) if len(pre_fp) > 1 else 0:.4f} (mean ± sd)"]
     for name, s in summary.items():
         lines.append(f"{name}: served FP gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, "
-                     f"fine-tuned network kept in {s['kept']} of {len(args.folds)} folds")
+                     f"fine-tuned network kept in {s['kept']} of {len(tests)} folds")
     print("\n".join(lines))
     footer()
     if args.md:
@@ -152,7 +159,7 @@ def main() -> None:
         print(f"wrote the section {SECTION!r} of {args.md}")
     for name, s in summary.items():
         print(f"finetune_rotation: {name.replace(' ', '_')}: fp_gain={mean_sd(s['FP'])} "
-              f"ff_gain={mean_sd(s['FF'])} kept={s['kept']}/{len(args.folds)}".replace(" ± ", "±"))
+              f"ff_gain={mean_sd(s['FF'])} kept={s['kept']}/{len(tests)}".replace(" ± ", "±"))
 
 
 if __name__ == "__main__":
