@@ -92,6 +92,24 @@ def test_pretrained_as_is_identifies_and_rejects(faces, weights_dir, tmp_path):
     assert torch.equal(stored["model.backbone.fc.weight"], ref["fc.weight"])
 
 
+def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_path):
+    """descriptor 'fused': the gallery, the thresholds and identify use dlib's and SFace's
+    descriptors side by side (256-d, unit length); the saved model says so."""
+    res = run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
+                           faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    assert res.open_set["known_named"] >= 0.95 and res.open_set["strangers_rejected"] >= 0.95
+    lm = LoadedModel(res.model_path.parent)
+    assert lm.meta["preprocessing"]["descriptor"] == "fused"
+    xt, yt = faces["test"]
+    emb = lm.embed(xt)
+    assert emb.shape == (len(xt), 256)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(xt)))
+    named = [m[0] for m in lm.match(emb)]
+    truth = [faces["train"].names[i] for i in yt]
+    assert np.mean([a == b for a, b in zip(named, truth)]) >= 0.95
+    assert np.mean([a is None for a in _identify(lm, faces["strangers"])]) >= 0.95
+
+
 def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weights_dir,
                                                                    tmp_path):
     cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2, freeze_stages=2,

