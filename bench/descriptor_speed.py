@@ -9,7 +9,10 @@ The same 32 aligned 150x150 chips (ORL faces through
   the 32 chips in one call (its batch form);
 - facegrad: the network as identify runs it
   (``facegrad.recognition.inference._compiled_embedding``: traced and frozen), at batch 1, 8
-  and 32, on the CPU or ``--device cuda``.
+  and 32, on the CPU or ``--device cuda``;
+- the job's descriptors as the gallery computes them (``facegrad.recognition.gallery.embed``):
+  ``flip_mean`` (the chip and its mirror) and ``fused`` (that, and SFace's flip mean,
+  :mod:`facegrad.recognition.sface`).
 
 Reported: milliseconds per face (median over rounds, rounds interleaved) and the ratio to dlib
 one chip per call. No bar: the figure is recorded in docs/benchmarks.md beside dlib's.
@@ -39,6 +42,7 @@ def main() -> None:
     from facegrad.data.preprocess import to_unit
     from facegrad.recognition.detect import crop_one
     from facegrad.recognition.dlib_resnet import dlib_model_path
+    from facegrad.recognition.gallery import embed as gallery_embed
     from facegrad.recognition.inference import _compiled_embedding
     from facegrad.recognition.models import PretrainedFace
     from facegrad.training.loop import pretrained_state
@@ -69,6 +73,12 @@ def main() -> None:
         "facegrad, batch 1": ours(1),
         "facegrad, batch 8": ours(8),
         "facegrad, batch 32": ours(32),
+        "gallery, flip_mean": lambda: gallery_embed(net, chips, 150, device,
+                                                    normalisation="rgb_unit",
+                                                    descriptor="flip_mean"),
+        "gallery, fused (+ SFace)": lambda: gallery_embed(net, chips, 150, device,
+                                                          normalisation="rgb_unit",
+                                                          descriptor="fused"),
     }
     for run in variants.values():  # warm-up
         run()
@@ -85,8 +95,10 @@ def main() -> None:
             for n, t in times.items()]
     print(table(["variant", "ms per face", "x dlib 1 chip/call"], rows))
     ours32 = statistics.median(times["facegrad, batch 32"]) * 1000
+    fused = (statistics.median(times["gallery, fused (+ SFace)"])
+             / statistics.median(times["gallery, flip_mean"]))
     print(f"\ndescriptor_speed: facegrad_b32_ms={ours32:.1f} dlib_ms={base * 1000:.1f} "
-          f"device={device.type}")
+          f"fused_over_flip_mean={fused:.2f} device={device.type}")
     footer()
 
 

@@ -218,7 +218,8 @@ BENCHMARKS: list[Bench] = [
     Bench(
         "descriptor_speed", "descriptor_speed.py",
         "ms per face of facegrad's dlib_resnet (traced and frozen, as identify runs it; batch "
-        "1, 8, 32) against dlib's `compute_face_descriptor`, on the same 32 aligned ORL chips.",
+        "1, 8, 32) against dlib's `compute_face_descriptor`, on the same 32 aligned ORL chips; "
+        "and the gallery's `flip_mean` and `fused` descriptors (the latter with SFace).",
         "", quick=("--rounds", "2"), headline="descriptor_speed: ",
         notes="Medians over interleaved rounds; \"x dlib\": dlib's time per face (one chip per "
         "call) over the variant's."),

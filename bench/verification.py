@@ -2,7 +2,8 @@
 fine-tuned network and dlib's own pipeline, on people the job did not train on.
 
     .venv/bin/python bench/verification.py [--data ../shared/data/cfp_dev] [--train-folds 1-4]
-        [--test-folds 5] [--job '{"epochs": 4}'] [--no-dlib] [--no-train]
+        [--test-folds 5] [--job '{"epochs": 4}'] [--pretrained '{"descriptor": "fused"}']
+        [--no-dlib] [--no-train]
     .venv/bin/python bench/verification.py --url http://127.0.0.1:8000 [...]   (through the API)
 
 The data folder holds one sub-folder of photos per person and ``pairs_<KIND>.tsv`` files
@@ -170,7 +171,7 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     work = Path(tempfile.mkdtemp(prefix="verification-"))
-    jobs = [("pretrained", {"epochs": 0})]
+    jobs = [("pretrained", {"epochs": 0} | json.loads(args.pretrained))]
     if not args.no_train:
         jobs.append(("fine-tuned", json.loads(args.job)))
     for name, overrides in jobs:
@@ -223,7 +224,7 @@ def api_networks(args, data: Path, pairs):
     print(f"dataset {ds['id']}: {ds.get('num_images')} images, "
           f"{len(ds.get('rejected') or [])} rejected", flush=True)
     out = []
-    jobs = [("pretrained", {"epochs": 0})]
+    jobs = [("pretrained", {"epochs": 0} | json.loads(args.pretrained))]
     if not args.no_train:
         jobs.append(("fine-tuned", json.loads(args.job)))
     for name, overrides in jobs:
@@ -260,6 +261,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     pair_data_args(ap)
     ap.add_argument("--job", default="{}", help="job fields for the fine-tuned network (JSON)")
+    ap.add_argument("--pretrained", default="{}",
+                    help="job fields for the pretrained network's epochs-0 job (JSON), e.g. "
+                    "'{\"descriptor\": \"fused\"}'")
     ap.add_argument("--no-train", action="store_true", help="the pretrained network only")
     ap.add_argument("--no-dlib", action="store_true")
     ap.add_argument("--url", help="measure through this running server's API")
