@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
         "costs a second forward pass); 'embedding', the face's embedding alone; 'fused' "
         "(dlib_resnet only), flip_mean beside the flip mean of a second pretrained network, "
         "SFace, used as it is: a pair scores the mean of the two networks' cosines. Better on "
-        "faces turned to profile, at about 5 times the cost of describing a face.")
+        "faces turned to profile, at about 4 times the cost of describing a face.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(
