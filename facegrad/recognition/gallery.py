@@ -84,7 +84,7 @@ def embed(model: torch.nn.Module, images, image_size: int,
         out[i:i + len(d)] = d
     if out is None:
         probe = torch.zeros(1, 3, image_size, image_size, device=device)
-        return torch.zeros(0, _embedding(model, probe).shape[1])
+        return torch.zeros(0, _describe(model, probe, descriptor).shape[1])
     return out
 
 

@@ -197,9 +197,9 @@ def network(device: torch.device | str = "cpu") -> SFace:
     key = str(device)
     with _lock:
         if key not in _networks:
-            cpu = _networks.get("cpu") or SFace(*read_tensors(model_path()))
-            _networks.setdefault("cpu", cpu)
-            _networks[key] = cpu if key == "cpu" else SFace(*read_tensors(model_path())).to(key)
+            net = SFace(*read_tensors(model_path())).to(key)
+            # channels-last memory: depthwise convolutions run faster so on CPUs
+            _networks[key] = net.to(memory_format=torch.channels_last)
         return _networks[key]
 
 
@@ -213,8 +213,8 @@ CPU_PASS = 8
 def describe(x: torch.Tensor) -> torch.Tensor:
     """Normalised SFace descriptors of dlib chips (B, 3, 150, 150) in [0, 1]: the mean of the
     crop's and its mirror image's, as the network's own evaluation does (ArcFace, Deng et al.
-    2019). Channels-last memory: depthwise convolutions run faster so on CPUs."""
-    net = network(x.device).to(memory_format=torch.channels_last)
+    2019)."""
+    net = network(x.device)
     crops = to_arcface(x)
     both = torch.cat([crops, crops.flip(3)]).contiguous(memory_format=torch.channels_last)
     step = CPU_PASS if x.device.type == "cpu" else len(both)
