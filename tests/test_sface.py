@@ -35,7 +35,7 @@ def test_reader_matches_onnx_reference_evaluator():
 def test_chip_points_land_on_arcface_template():
     """The chip → crop transform takes where dlib's chip puts the eyes, nose tip and mouth
     corners to ArcFace's template points, within a pixel or two (one similarity fits five)."""
-    chip = (sface._DLIB_POINTS + sface._DLIB_PADDING) / 1.5 * 150
+    chip = sface._CHIP_POINTS
     fwd = sface._similarity(chip, sface._ARCFACE_POINTS)
     moved = chip @ fwd[:, :2].T + fwd[:, 2]
     assert np.abs(moved - sface._ARCFACE_POINTS).max() < 2.0

