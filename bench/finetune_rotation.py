@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from _common import code_state, cpu_model, footer, header, loadavg, table, write_doc_section
-from finetune_sweep import label, load_chips, pair_figures
+from finetune_sweep import fusion_of, label, load_chips, pair_figures
 from verification import (
     DATA,
     folds_arg,
@@ -88,11 +88,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="finetune-rotation-"))
     pretrained_dir = work / "pretrained"
 
-    def describe(cfg: TrainConfig, net: torch.nn.Module, device, test: list[str]) -> dict:
+    def describe(cfg: TrainConfig, net: torch.nn.Module, device, test: list[str],
+                 fusion=None) -> dict:
         found = [f for f in test if chips[f] is not None]
         emb = embed(net, np.stack([chips[f] for f in found]), cfg.image_size, device,
                     normalisation=architecture(cfg.architecture).normalisation,
-                    descriptor=cfg.descriptor).numpy()
+                    descriptor=cfg.descriptor, fusion=fusion).numpy()
         return {f: emb[i] for i, f in enumerate(found)}
 
     pre_figs: dict[int, dict] = {}
@@ -109,12 +110,14 @@ def main() -> None:
             trained = train(cfg, train_folder(args.data, train_people, chips),
                             work / f"{name}-{k}".replace(" ", "_"), pretrained_dir=pretrained_dir)
             secs = time.perf_counter() - t0
-            tuned = pair_figures(pairs, describe(cfg, trained.model, trained.device, test))
-            _, judged = choose_network(cfg, trained, build_gallery(cfg, trained), pretrained_dir)
+            gallery = build_gallery(cfg, trained)
+            tuned = pair_figures(pairs, describe(cfg, trained.model, trained.device, test,
+                                                 gallery.fusion))
+            _, judged = choose_network(cfg, trained, gallery, pretrained_dir)
             if k not in pre_figs:
                 trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
                 pre_figs[k] = pair_figures(pairs, describe(cfg, trained.model, trained.device,
-                                                           test))
+                                                           test, fusion_of(cfg, trained)))
             kept = judged["kept"] if judged else "fine_tuned"
             kept_tuned += kept == "fine_tuned"
             served = tuned if kept == "fine_tuned" else pre_figs[k]

@@ -106,6 +106,15 @@ def load_chips(path: Path | None, data: Path, files: list[str]) -> dict[str, np.
     return chips
 
 
+def fusion_of(cfg, trained):
+    """How the fused descriptor puts the job's network as it is now beside SFace, measured on
+    the job's images as the job does (:func:`facegrad.pipeline.build_gallery`); None for the
+    other descriptors."""
+    from facegrad.pipeline import build_gallery
+
+    return build_gallery(cfg, trained).fusion if cfg.descriptor == "fused" else None
+
+
 def pair_figures(pairs, desc: dict) -> dict[str, dict]:
     out = {}
     for kind, kp in pairs.items():
@@ -148,10 +157,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="finetune-sweep-"))
     pretrained_dir = work / "pretrained"
 
-    def describe(cfg: TrainConfig, net: torch.nn.Module, device: torch.device) -> dict:
+    def describe(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
+                 fusion=None) -> dict:
         emb = embed(net, stack, cfg.image_size, device,
                     normalisation=architecture(cfg.architecture).normalisation,
-                    descriptor=cfg.descriptor).numpy()
+                    descriptor=cfg.descriptor, fusion=fusion).numpy()
         return {f: emb[i] for i, f in enumerate(found)}
 
     results = []
@@ -161,11 +171,14 @@ def main() -> None:
         t0 = time.perf_counter()
         trained = train(cfg, data, work / f"run{i}", pretrained_dir=pretrained_dir)
         secs = time.perf_counter() - t0
-        tuned_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device))
-        _, judged = choose_network(cfg, trained, build_gallery(cfg, trained), pretrained_dir)
+        gallery = build_gallery(cfg, trained)
+        tuned_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,
+                                                  gallery.fusion))
+        _, judged = choose_network(cfg, trained, gallery, pretrained_dir)
         if pre_figs is None:  # the pretrained network, as choose_network left it
             trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
-            pre_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device))
+            pre_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,
+                                                    fusion_of(cfg, trained)))
         last = trained.history[-1]
         gain = statistics.mean(judged["gain"][k] for k in JUDGED)
         results.append((label(overrides), judged, gain, tuned_figs, last, trained.clipping, secs))

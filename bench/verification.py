@@ -155,7 +155,6 @@ def train_folder(data: Path, people: list[str], chips: dict[str, np.ndarray | No
 def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | None]]:
     """[(name, {file: descriptor}, verification threshold)] for pretrained and fine-tuned."""
     from facegrad.pipeline import run_training_job
-    from facegrad.recognition.gallery import embed
     from facegrad.recognition.inference import LoadedModel
     from facegrad.training.config import TrainConfig
 
@@ -180,8 +179,7 @@ def library_networks(args, data: Path, pairs) -> list[tuple[str, dict, float | N
         res = run_training_job(cfg, train_folder(data, train_people, chips), work / name,
                                pretrained_dir=work / "pretrained")
         lm = LoadedModel(res.model_path.parent, str(device))
-        emb = embed(lm.net, stack, lm.image_size, lm.device, normalisation=lm.normalisation,
-                    descriptor=lm.descriptor).numpy()
+        emb = lm.embed(stack).numpy()  # as the service describes faces
         desc = {f: emb[i] for i, f in enumerate(found)}
         ft = res.open_set.get("fine_tuning")
         print(f"{name}: job {time.perf_counter() - t0:.0f} s on {len(train_people)} people "

@@ -19,7 +19,7 @@ from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set
 from facegrad.recognition.architectures import architecture
-from facegrad.recognition.gallery import embed
+from facegrad.recognition.gallery import Fusion, embed, fit_fusion
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import Hooks, TrainedModel, pretrained_state, train
 
@@ -38,10 +38,13 @@ class JobResult:
 @dataclass
 class GalleryEmbeddings:
     """Every image of the dataset described by the chosen network: ``emb`` (normalised
-    descriptors, one row per image), ``owner`` (its identity, a label of the full dataset)."""
+    descriptors, one row per image), ``owner`` (its identity, a label of the full dataset);
+    ``fusion``: with the fused descriptor, how its two networks are put together, measured on
+    these images (:func:`facegrad.recognition.gallery.fit_fusion`)."""
 
     emb: torch.Tensor
     owner: torch.Tensor
+    fusion: Fusion | None = None
 
 
 def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
@@ -68,16 +71,21 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
 def build_gallery(cfg: TrainConfig, trained: TrainedModel) -> GalleryEmbeddings:
     """Every image of the dataset (the identities held out of training too) embedded by the
     trained network."""
-    full = trained.split.full
-    return GalleryEmbeddings(_embed_all(cfg, trained.model, trained.device, full),
-                   torch.from_numpy(full.labels.astype(np.int64)))
+    return _embed_all(cfg, trained.model, trained.device, trained.split.full)
 
 
 def _embed_all(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
-               full: FaceArrays) -> torch.Tensor:
-    return embed(net, np.asarray(full.images), cfg.image_size, device,
-                 normalisation=architecture(cfg.architecture).normalisation,
-                 descriptor=cfg.descriptor)
+               full: FaceArrays) -> GalleryEmbeddings:
+    """``full``'s images described by ``net``; with the fused descriptor, its two networks put
+    together as these images call for."""
+    emb = embed(net, np.asarray(full.images), cfg.image_size, device,
+                normalisation=architecture(cfg.architecture).normalisation,
+                descriptor=cfg.descriptor)
+    owner = torch.from_numpy(full.labels.astype(np.int64))
+    if cfg.descriptor != "fused":
+        return GalleryEmbeddings(emb, owner)
+    emb, fusion = fit_fusion(emb, owner)
+    return GalleryEmbeddings(emb, owner, fusion)
 
 
 def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -97,8 +105,8 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
     tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     tuned = open_set.among_themselves(gallery.emb, gallery.owner, honest)
     model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
-    emb_pre = _embed_all(cfg, model, trained.device, full)
-    pre = open_set.among_themselves(emb_pre, gallery.owner, honest)
+    pretrained = _embed_all(cfg, model, trained.device, full)
+    pre = open_set.among_themselves(pretrained.emb, gallery.owner, honest)
     keep_tuned = open_set.better(tuned, pre)
     fine_tuning = {
         "held_out": [full.names[i] for i in held.tolist()],
@@ -115,7 +123,7 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
         return gallery, fine_tuning
     fine_tuning["note"] = ("fine-tuning did not make the network better on the "
                            "held-out people: the model keeps the pretrained network")
-    return GalleryEmbeddings(emb_pre, gallery.owner), fine_tuning
+    return pretrained, fine_tuning
 
 
 def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -159,6 +167,8 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
                      "image_size": cfg.image_size, "channels": 3,
                      "normalisation": arch.normalisation,
                      "descriptor": cfg.descriptor}
+    if gallery.fusion is not None:  # its centre is a tensor of the file, fusion.centre
+        preprocessing["fusion_weights"] = list(gallery.fusion.weights)
     if arch.network:
         preprocessing["network"] = arch.network
     model_meta = {
@@ -182,4 +192,6 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
     tensors = {f"model.{k}": v for k, v in trained.model.state_dict().items()}
     tensors |= {"gallery.emb": gallery.emb, "gallery.owner": gallery.owner,
                 "gallery.counts": counts}
+    if gallery.fusion is not None and gallery.fusion.centre is not None:
+        tensors["fusion.centre"] = gallery.fusion.centre
     return ckpt.save(run_dir / "model", tensors, model_meta), model_meta

@@ -94,12 +94,21 @@ def test_pretrained_as_is_identifies_and_rejects(faces, weights_dir, tmp_path):
 
 def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_path):
     """descriptor 'fused': the gallery, the thresholds and identify use dlib's and SFace's
-    descriptors side by side (256-d, unit length); the saved model says so."""
+    descriptors side by side (256-d, unit length), SFace's centred and the two weighed on the
+    job's images; the saved model says so, and describes a face as its gallery does."""
     res = run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
                            faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     assert res.open_set["known_named"] >= 0.95 and res.open_set["strangers_rejected"] >= 0.95
     lm = LoadedModel(res.model_path.parent)
     assert lm.meta["preprocessing"]["descriptor"] == "fused"
+    w1, w2 = lm.fusion.weights
+    assert w1 ** 2 + w2 ** 2 == pytest.approx(1.0, abs=1e-5) and w1 != pytest.approx(w2)
+    assert lm.fusion.centre.shape == (128,)
+    gallery = load_file(str(res.model_path.with_suffix(".safetensors")))["gallery.emb"]
+    # the served model describes a gallery image as the job did (traced network, other batch:
+    # close, not equal)
+    train_images = np.asarray(faces["train"].images)
+    torch.testing.assert_close(lm.embed(train_images[:4]), gallery[:4], atol=1e-4, rtol=1e-3)
     xt, yt = faces["test"]
     emb = lm.embed(xt)
     assert emb.shape == (len(xt), 256)

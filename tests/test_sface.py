@@ -73,3 +73,40 @@ def test_fused_needs_dlib_chips():
     assert TrainConfig(descriptor="fused").descriptor == "fused"
     with pytest.raises(ValidationError, match="descriptor 'fused' pairs dlib_resnet"):
         TrainConfig(architecture="facenet_s", descriptor="fused")
+
+
+def test_fusion_centres_sface_and_weighs_each_network_by_its_spread_over_strangers():
+    """fit_fusion takes the dataset's mean out of SFace's descriptors and weighs each network's
+    cosine by 1 / (its standard deviation over different people's pairs): the network whose
+    scores spread less gets the larger weight, the weights' squares sum to 1, and a pair's fused
+    cosine is the weighted sum of dlib's cosine and SFace's centred one."""
+    from facegrad.recognition.gallery import DLIB_WIDTH, fit_fusion, fuse, fused_parts
+
+    rng = np.random.default_rng(0)
+    people, photos = 20, 4
+    owner = torch.arange(people).repeat_interleave(photos)
+
+    def network(width: int, spread: float) -> torch.Tensor:
+        # a common direction plus a person's own and a photo's own: cosines between different
+        # people spread with `spread`
+        base = rng.normal(size=width)
+        person = rng.normal(size=(people, width))[owner.numpy()]
+        photo = rng.normal(size=(len(owner), width)) * 0.3
+        d = torch.from_numpy(base * 3 + spread * (person + photo)).float()
+        return torch.nn.functional.normalize(d, dim=1)
+
+    tight, loose = network(DLIB_WIDTH, 0.5), network(128, 0.5)
+    emb, fusion = fit_fusion(fuse(tight, loose), owner)
+    w1, w2 = fusion.weights
+    # SFace's part loses its common direction: centred, it spreads far more than dlib's
+    assert w1 > w2 > 0
+    assert w1 ** 2 + w2 ** 2 == pytest.approx(1.0)
+    torch.testing.assert_close(fusion.centre, loose.mean(0))
+    centred = torch.nn.functional.normalize(loose - loose.mean(0), dim=1)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(emb)))
+    want = w1 ** 2 * (tight @ tight.t()) + w2 ** 2 * (centred @ centred.t())
+    torch.testing.assert_close(emb @ emb.t(), want, atol=1e-5, rtol=1e-5)
+    # the served path (fuse with the fitted fusion) gives the same descriptors
+    torch.testing.assert_close(fuse(tight, loose, fusion), emb)
+    for got, part in zip(fused_parts(emb), (tight, centred)):
+        torch.testing.assert_close(got, part)

@@ -30,6 +30,7 @@ from facegrad.recognition.architectures import build_model
 from facegrad.recognition.gallery import (
     DESCRIPTORS,
     Candidates,
+    Fusion,
     Gallery,
     embed,
     gallery_from_training,
@@ -138,6 +139,9 @@ class LoadedModel:
         self.image_size = meta["preprocessing"]["image_size"]
         self.normalisation = meta["preprocessing"]["normalisation"]
         self.descriptor = meta["preprocessing"]["descriptor"]
+        weights = meta["preprocessing"].get("fusion_weights")  # absent: the defaults (earlier)
+        self.fusion = Fusion(tuple(float(w) for w in weights), tensors.get("fusion.centre")) \
+            if weights else None
         self.threshold = float(meta["open_set"]["threshold"])
         self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
@@ -186,7 +190,8 @@ class LoadedModel:
         """(N, S, S, 3) uint8 stored-format crops → (N, D) normalised embeddings."""
         with self._lock, torch.inference_mode():
             return embed(self._embedder, crops, self.image_size, self.device,
-                         normalisation=self.normalisation, descriptor=self.descriptor)
+                         normalisation=self.normalisation, descriptor=self.descriptor,
+                         fusion=self.fusion)
 
     def embed_and_score(self, crops: np.ndarray,
                         top_k: int = 5) -> tuple[torch.Tensor, Candidates, list[str]]:
