@@ -169,8 +169,10 @@ class TrainConfig(_Strict):
         "and of its mirror image (a face turned left then compares like one turned right; "
         "costs a second forward pass); 'embedding', the face's embedding alone; 'fused' "
         "(dlib_resnet only), flip_mean beside the flip mean of a second pretrained network, "
-        "SFace, used as it is: a pair scores the mean of the two networks' cosines. Better on "
-        "faces turned to profile, at about 4 times the cost of describing a face.")
+        "SFace, used as it is: a pair scores a weighted sum of the two networks' cosines, SFace's "
+        "centred on the dataset and each weighed by 1 / its spread over different people's pairs "
+        "there. Better on faces turned to profile, at about 4 times the cost of describing a "
+        "face.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(
