@@ -187,8 +187,9 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
     }
     if trained.privacy is not None:  # what the weights' (epsilon, delta) guarantee covers
         model_meta["privacy"] = trained.privacy | {
-            "covers": "the training images as they shape the weights; not the gallery nor "
-                      "the calibration on held-out people (docs/privacy.md)"}
+            "covers": "the training images as they shape the weights; not the gallery, the "
+                      "fused descriptor's centre and weights fitted on the dataset, nor the "
+                      "calibration on held-out people (docs/privacy.md)"}
     tensors = {f"model.{k}": v for k, v in trained.model.state_dict().items()}
     tensors |= {"gallery.emb": gallery.emb, "gallery.owner": gallery.owner,
                 "gallery.counts": counts}
