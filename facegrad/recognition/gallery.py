@@ -210,16 +210,15 @@ def fit_fusion(emb: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, Fu
     """
     first, second = fused_parts(emb)
     centre = second.mean(0)
-    second = F.normalize(second - centre, dim=1)
     inverse = []
-    for part in (first, second):
+    for part in (first, F.normalize(second - centre, dim=1)):
         sims, same = pair_scores(part, owner)
         different = sims[~same]
         inverse.append(1.0 / max(float(different.std()), 1e-6) if len(different) > 1 else 1.0)
     total = sum(inverse)
     fusion = Fusion((float((inverse[0] / total) ** 0.5), float((inverse[1] / total) ** 0.5)),
                     centre)
-    return fuse(first, second, Fusion(fusion.weights)), fusion
+    return fuse(first, second, fusion), fusion  # the served model's own path (fuse)
 
 
 def identity_scores(emb: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,
