@@ -13,13 +13,14 @@ over the folds is the spread of the gain itself, not of how hard each fold's peo
 
 For each setting (a default job, ``TrainConfig()``, with some fields changed) and each fold k:
 the job runs on the other folds' people by its own steps (:mod:`facegrad.pipeline`: train,
-gallery, choose; it holds a fifth of them out and judges on them), then fold k's FP and
-frontal-frontal (FF) pairs are scored with the pretrained network, with the fine-tuned one, and
-with the network the job kept (what a user of the service gets). Accuracy is the protocol's:
-the threshold is chosen on the fold's own pairs.
+gallery, choose the network, choose the descriptor; it holds a fifth of them out and judges on
+them), then fold k's FP and frontal-frontal (FF) pairs are scored with the pretrained network,
+with the fine-tuned one (both with the job's first descriptor: flip_mean for 'auto'), and with
+the network and descriptor the job kept (what a user of the service gets). Accuracy is the
+protocol's: the threshold is chosen on the fold's own pairs.
 
-Last line: ``finetune_rotation: <setting>: fp_gain=M±S ff_gain=M±S kept=N/F`` per setting (the
-kept network's gain, mean ± sd over the folds).
+Last line: ``finetune_rotation: <setting>: fp=M±S fp_gain=M±S ff_gain=M±S kept=N/F fused=N``
+per setting (the served model's FP accuracy and gains, mean ± sd over the folds).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def mean_sd(xs: list[float]) -> str:
 
 
 def main() -> None:
-    from facegrad.pipeline import build_gallery, choose_network
+    from facegrad.pipeline import build_gallery, choose_descriptor, choose_network
     from facegrad.recognition.architectures import architecture
     from facegrad.recognition.gallery import embed
     from facegrad.training.config import TrainConfig
@@ -89,18 +90,18 @@ def main() -> None:
     pretrained_dir = work / "pretrained"
 
     def describe(cfg: TrainConfig, net: torch.nn.Module, device, test: list[str],
-                 fusion=None) -> dict:
+                 descriptor: str, fusion=None) -> dict:
         found = [f for f in test if chips[f] is not None]
         emb = embed(net, np.stack([chips[f] for f in found]), cfg.image_size, device,
                     normalisation=architecture(cfg.architecture).normalisation,
-                    descriptor=cfg.descriptor, fusion=fusion).numpy()
+                    descriptor=descriptor, fusion=fusion).numpy()
         return {f: emb[i] for i, f in enumerate(found)}
 
     pre_figs: dict[int, dict] = {}
     rows, summary = [], {}
     for overrides in settings:
         name = label(overrides)
-        gains, kept_tuned = {"FP": [], "FF": []}, 0
+        gains, kept_tuned, fused, served_fp = {"FP": [], "FF": []}, 0, 0, []
         for k in tests:
             cfg = TrainConfig(**({"device": args.device} | overrides))
             pairs = read_pairs(args.data, [k])
@@ -110,37 +111,55 @@ def main() -> None:
             trained = train(cfg, train_folder(args.data, train_people, chips),
                             work / f"{name}-{k}".replace(" ", "_"), pretrained_dir=pretrained_dir)
             secs = time.perf_counter() - t0
+            # the job's steps after training, as facegrad.pipeline runs them; the fine-tuned
+            # network is scored before the choice, which may put the pretrained weights back
             gallery = build_gallery(cfg, trained)
-            tuned = pair_figures(pairs, describe(cfg, trained.model, trained.device, test,
+            desc = gallery.descriptor  # the job's named descriptor ('auto': flip_mean first)
+            tuned = pair_figures(pairs, describe(cfg, trained.model, trained.device, test, desc,
                                                  gallery.fusion))
-            _, judged = choose_network(cfg, trained, gallery, pretrained_dir)
+            chosen, judged = choose_network(cfg, trained, gallery, pretrained_dir)
+            kept = judged["kept"] if judged else "fine_tuned"
+            served_gallery, choice = choose_descriptor(cfg, trained, chosen)
+            if served_gallery.descriptor != desc:  # the job took the fused descriptor
+                served = pair_figures(pairs, describe(
+                    cfg, trained.model, trained.device, test, served_gallery.descriptor,
+                    served_gallery.fusion))
+            else:
+                served = None
             if k not in pre_figs:
                 trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
                 pre_figs[k] = pair_figures(pairs, describe(cfg, trained.model, trained.device,
-                                                           test, fusion_of(cfg, trained)))
-            kept = judged["kept"] if judged else "fine_tuned"
+                                                           test, desc, fusion_of(cfg, trained)))
+            served = served or (tuned if kept == "fine_tuned" else pre_figs[k])
             kept_tuned += kept == "fine_tuned"
-            served = tuned if kept == "fine_tuned" else pre_figs[k]
+            fused += served_gallery.descriptor == "fused" and desc != "fused"
+            served_fp.append(served["FP"]["accuracy"])
             for kind in gains:
                 gains[kind].append(served[kind]["accuracy"] - pre_figs[k][kind]["accuracy"])
             rows.append([name, k, len(train_people),
                          *(f"{pre_figs[k][t]['accuracy']:.4f}" for t in ("FP", "FF")),
                          *(f"{tuned[t]['accuracy']:.4f}" for t in ("FP", "FF")), kept,
+                         served_gallery.descriptor,
+                         *(f"{served[t]['accuracy']:.4f}" for t in ("FP", "FF")),
                          *(f"{served[t]['accuracy'] - pre_figs[k][t]['accuracy']:+.4f}"
                            for t in ("FP", "FF")), f"{secs:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-        summary[name] = gains | {"kept": kept_tuned}
+        summary[name] = gains | {"kept": kept_tuned, "fused": fused, "served_fp": served_fp}
     heads = ["setting", "test fold", "job's people", "pretrained FP", "pretrained FF",
-             "fine-tuned FP", "fine-tuned FF", "kept", "served FP gain", "served FF gain",
-             "train s"]
+             "fine-tuned FP", "fine-tuned FF", "kept", "descriptor", "served FP", "served FF",
+             "served FP gain", "served FF gain", "train s"]
     print()
     print(table(heads, rows))
     pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in tests]
     lines = [f"pretrained FP over the folds: {statistics.mean(pre_fp):.4f} ± "
              f"{statistics.stdev(pre_fp) if len(pre_fp) > 1 else 0:.4f} (mean ± sd)"]
     for name, s in summary.items():
-        lines.append(f"{name}: served FP gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, "
-                     f"fine-tuned network kept in {s['kept']} of {len(tests)} folds")
+        fp = s["served_fp"]
+        lines.append(f"{name}: served FP {statistics.mean(fp):.4f} ± "
+                     f"{statistics.stdev(fp) if len(fp) > 1 else 0:.4f}, served FP gain "
+                     f"{mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network kept "
+                     f"in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
+                     f"{s['fused']}")
     print("\n".join(lines))
     footer()
     if args.md:
@@ -152,17 +171,21 @@ def main() -> None:
               f"load average at the end {loadavg()}",
               f"- data: {args.data.name}; for each test fold, the job runs on the other folds' "
               "people (it holds a fifth of them out and judges on them); the test fold's pairs "
-              "(FP 700, FF 700) are people in no job. Served: the network the job kept. "
-              "Gains are the served network's accuracy minus the pretrained network's on the "
-              "same pairs", "",
+              "(FP 700, FF 700) are people in no job. Served: the network and the descriptor the "
+              "job kept (descriptor 'auto': flip_mean or fused, chosen on its held-out people). "
+              "Gains are the served model's accuracy minus the pretrained network's (dlib, "
+              "flip_mean, or the job's named descriptor) on the same pairs", "",
               "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
         md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
         md += ["", *(f"- {line}" for line in lines), ""]
         write_doc_section(args.md, SECTION, md)
         print(f"wrote the section {SECTION!r} of {args.md}")
     for name, s in summary.items():
-        print(f"finetune_rotation: {name.replace(' ', '_')}: fp_gain={mean_sd(s['FP'])} "
-              f"ff_gain={mean_sd(s['FF'])} kept={s['kept']}/{len(tests)}".replace(" ± ", "±"))
+        fp = s["served_fp"]
+        print(f"finetune_rotation: {name.replace(' ', '_')}: fp={statistics.mean(fp):.4f}± "
+              f"{statistics.stdev(fp) if len(fp) > 1 else 0:.4f} fp_gain={mean_sd(s['FP'])} "
+              f"ff_gain={mean_sd(s['FF'])} kept={s['kept']}/{len(tests)} "
+              f"fused={s['fused']}".replace(" ± ", "±").replace("± ", "±"))
 
 
 if __name__ == "__main__":

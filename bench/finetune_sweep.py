@@ -158,10 +158,10 @@ def main() -> None:
     pretrained_dir = work / "pretrained"
 
     def describe(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
-                 fusion=None) -> dict:
+                 descriptor: str, fusion=None) -> dict:
         emb = embed(net, stack, cfg.image_size, device,
                     normalisation=architecture(cfg.architecture).normalisation,
-                    descriptor=cfg.descriptor, fusion=fusion).numpy()
+                    descriptor=descriptor, fusion=fusion).numpy()
         return {f: emb[i] for i, f in enumerate(found)}
 
     results = []
@@ -172,13 +172,14 @@ def main() -> None:
         trained = train(cfg, data, work / f"run{i}", pretrained_dir=pretrained_dir)
         secs = time.perf_counter() - t0
         gallery = build_gallery(cfg, trained)
+        # networks compared with the job's first descriptor ('auto': flip_mean)
         tuned_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,
-                                                  gallery.fusion))
+                                                  gallery.descriptor, gallery.fusion))
         _, judged = choose_network(cfg, trained, gallery, pretrained_dir)
         if pre_figs is None:  # the pretrained network, as choose_network left it
             trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
             pre_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,
-                                                    fusion_of(cfg, trained)))
+                                                    gallery.descriptor, fusion_of(cfg, trained)))
         last = trained.history[-1]
         gain = statistics.mean(judged["gain"][k] for k in JUDGED)
         results.append((label(overrides), judged, gain, tuned_figs, last, trained.clipping, secs))

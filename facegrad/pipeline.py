@@ -1,5 +1,5 @@
-"""A training job's steps, in order: train → build the gallery → choose the network → calibrate
-→ save the model.
+"""A training job's steps, in order: train → build the gallery → choose the network → choose
+the descriptor → calibrate → save the model.
 
 :func:`run_training_job` runs them; each step is a function of its own. Above both
 :mod:`facegrad.training` (the weights) and :mod:`facegrad.recognition` (galleries and open-set
@@ -19,7 +19,7 @@ from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set
 from facegrad.recognition.architectures import architecture
-from facegrad.recognition.gallery import Fusion, embed, fit_fusion
+from facegrad.recognition.gallery import Fusion, embed, fit_fusion, holdout_identities
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import Hooks, TrainedModel, pretrained_state, train
 
@@ -39,11 +39,13 @@ class JobResult:
 class GalleryEmbeddings:
     """Every image of the dataset described by the chosen network: ``emb`` (normalised
     descriptors, one row per image), ``owner`` (its identity, a label of the full dataset);
+    ``descriptor``: how they were described (:func:`facegrad.recognition.gallery.embed`);
     ``fusion``: with the fused descriptor, how its two networks are put together, measured on
     these images (:func:`facegrad.recognition.gallery.fit_fusion`)."""
 
     emb: torch.Tensor
     owner: torch.Tensor
+    descriptor: str = "flip_mean"
     fusion: Fusion | None = None
 
 
@@ -60,7 +62,10 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     trained = train(cfg, data, run_dir, hooks, resume, pretrained_dir, dataset_dir)
     gallery = build_gallery(cfg, trained)
     gallery, fine_tuning = choose_network(cfg, trained, gallery, pretrained_dir)
+    gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery)
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
+    if descriptor_choice is not None:
+        open_set_rec["descriptor_choice"] = descriptor_choice
     model_path, meta = save_model(cfg, trained, gallery, open_set_rec, Path(run_dir))
     return JobResult(model_path, trained.history, trained.clipping, meta["open_set"],
                      trained.resumed_from_epoch,
@@ -70,22 +75,23 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
 
 def build_gallery(cfg: TrainConfig, trained: TrainedModel) -> GalleryEmbeddings:
     """Every image of the dataset (the identities held out of training too) embedded by the
-    trained network."""
-    return _embed_all(cfg, trained.model, trained.device, trained.split.full)
+    trained network; descriptor 'auto' starts from flip_mean (:func:`choose_descriptor`)."""
+    descriptor = "flip_mean" if cfg.descriptor == "auto" else cfg.descriptor
+    return _embed_all(cfg, trained.model, trained.device, trained.split.full, descriptor)
 
 
 def _embed_all(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
-               full: FaceArrays) -> GalleryEmbeddings:
+               full: FaceArrays, descriptor: str) -> GalleryEmbeddings:
     """``full``'s images described by ``net``; with the fused descriptor, its two networks put
     together as these images call for."""
     emb = embed(net, np.asarray(full.images), cfg.image_size, device,
                 normalisation=architecture(cfg.architecture).normalisation,
-                descriptor=cfg.descriptor)
+                descriptor=descriptor)
     owner = torch.from_numpy(full.labels.astype(np.int64))
-    if cfg.descriptor != "fused":
-        return GalleryEmbeddings(emb, owner)
+    if descriptor != "fused":
+        return GalleryEmbeddings(emb, owner, descriptor)
     emb, fusion = fit_fusion(emb, owner)
-    return GalleryEmbeddings(emb, owner, fusion)
+    return GalleryEmbeddings(emb, owner, descriptor, fusion)
 
 
 def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -105,7 +111,7 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
     tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     tuned = open_set.among_themselves(gallery.emb, gallery.owner, honest)
     model.backbone.load_state_dict(pretrained_state(pretrained_dir))  # now the original
-    pretrained = _embed_all(cfg, model, trained.device, full)
+    pretrained = _embed_all(cfg, model, trained.device, full, gallery.descriptor)
     pre = open_set.among_themselves(pretrained.emb, gallery.owner, honest)
     keep_tuned = open_set.better(tuned, pre)
     fine_tuning = {
@@ -124,6 +130,60 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
     fine_tuning["note"] = ("fine-tuning did not make the network better on the "
                            "held-out people: the model keeps the pretrained network")
     return pretrained, fine_tuning
+
+
+def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings
+                      ) -> tuple[GalleryEmbeddings, dict | None]:
+    """Descriptor 'auto': the chosen network's flip_mean descriptor, or the fused one (SFace
+    beside it) where that tells people the network never trained on apart better.
+
+    Both are measured as :func:`choose_network` measures networks
+    (:func:`open_set.among_themselves` on the identities held out of training; with epochs 0,
+    when none are held out, on as many people drawn the same way, since the networks trained
+    on none of them), and fused is kept
+    only when it is better (:func:`open_set.better`: none of the figures lower, their mean
+    higher; a tie keeps flip_mean, which costs a quarter as much per face). On frontal photos
+    both networks are near perfect and the job keeps flip_mean; on faces turned to profile,
+    where dlib's network is weak and the pair together does better (docs/identification.md),
+    it takes the pair.
+
+    Returns (the chosen descriptor's gallery, the comparison record or None when the job named
+    its descriptor)."""
+    if cfg.descriptor != "auto":  # dlib_resnet's only (other architectures: flip_mean)
+        return gallery, None
+    full = trained.split.full
+    if len(trained.split.held):
+        people = trained.split.held
+    elif not cfg.epochs:
+        people = holdout_identities(full.labels, cfg.calibration_identities, cfg.seed)
+    else:
+        people = np.zeros(0, np.int64)
+    record = {"chosen": "flip_mean", "candidates": ["flip_mean", "fused"]}
+    if not len(people):
+        record["note"] = ("no identities held out (too few, or calibration_identities 0): no "
+                          "people the network did not train on to compare the descriptors on, "
+                          "so flip_mean is kept")
+        return gallery, record
+    honest = torch.from_numpy(people.astype(np.int64))
+    rows = torch.nonzero(torch.isin(gallery.owner, honest)).view(-1)
+    owner = gallery.owner[rows]
+    fused = embed(trained.model, np.asarray(full.images), cfg.image_size, trained.device,
+                  index=rows.numpy(), normalisation=architecture(cfg.architecture).normalisation,
+                  descriptor="fused")
+    fused, _ = fit_fusion(fused, owner)  # weighed on these people, as a job's dataset would be
+    figures = {"flip_mean": open_set.among_themselves(gallery.emb[rows], owner, honest),
+               "fused": open_set.among_themselves(fused, owner, honest)}
+    record |= {
+        "measured_on": "the people held out of training among themselves: each photo "
+                       "identified against their other photos, and every pair verified",
+        **figures,
+        "gain": {k: round(figures["fused"][k] - figures["flip_mean"][k], 4)
+                 for k in open_set.JUDGED if figures["fused"].get(k) is not None
+                 and figures["flip_mean"].get(k) is not None}}
+    if not open_set.better(figures["fused"], figures["flip_mean"]):
+        return gallery, record
+    record["chosen"] = "fused"
+    return _embed_all(cfg, trained.model, trained.device, full, "fused"), record
 
 
 def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -166,7 +226,7 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
     preprocessing = {"version": PREPROCESSING_VERSION, "store_size": STORE_SIZE,
                      "image_size": cfg.image_size, "channels": 3,
                      "normalisation": arch.normalisation,
-                     "descriptor": cfg.descriptor}
+                     "descriptor": gallery.descriptor}
     if gallery.fusion is not None:  # its centre is a tensor of the file, fusion.centre
         preprocessing["fusion_weights"] = list(gallery.fusion.weights)
     if arch.network:

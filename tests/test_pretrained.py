@@ -17,6 +17,7 @@ from facegrad.pipeline import run_training_job
 from facegrad.recognition.detect import crop_one
 from facegrad.recognition.inference import LoadedModel
 from facegrad.recognition.open_set import (
+    better,
     equal_error_threshold,
     leave_out_scores,
 )
@@ -63,6 +64,8 @@ def test_defaults_follow_the_architecture():
     scratch = TrainConfig(architecture="facenet_s")
     assert (scratch.epochs, scratch.image_size, scratch.learning_rate) == (60, 64, 3e-3)
     assert TrainConfig(epochs=0).epochs == 0  # the pretrained network as it is
+    # the descriptor is chosen by the job (fused needs dlib's network: others use flip_mean)
+    assert cfg.descriptor == "auto" and scratch.descriptor == "flip_mean"
     with pytest.raises(ValidationError, match="image_size must be 150"):
         TrainConfig(image_size=64)
     with pytest.raises(ValidationError, match="epochs must be >= 1"):
@@ -90,6 +93,24 @@ def test_pretrained_as_is_identifies_and_rejects(faces, weights_dir, tmp_path):
     stored = load_file(str(res.model_path.with_suffix(".safetensors")))
     ref = pretrained_state(weights_dir)
     assert torch.equal(stored["model.backbone.fc.weight"], ref["fc.weight"])
+    _check_descriptor_choice(res, lm, people=2)  # a fifth of the 12, drawn as a job holds out
+
+
+def _check_descriptor_choice(res, lm: LoadedModel, people: int) -> None:
+    """descriptor 'auto': the job measured flip_mean and fused on ``people`` people the network
+    did not train on, kept fused only where it was better, and the model is the chosen one."""
+    choice = res.open_set["descriptor_choice"]
+    assert choice["candidates"] == ["flip_mean", "fused"]
+    for d in choice["candidates"]:
+        f = choice[d]
+        assert f["people"] == people and 0.5 <= f["verify_accuracy"] <= 1
+        assert 0 <= f["tpir_at_fpir_0.05"] <= 1 and 0 <= f["verify_tar_at_far_0.01"] <= 1
+    assert choice["gain"]["verify_accuracy"] == pytest.approx(
+        choice["fused"]["verify_accuracy"] - choice["flip_mean"]["verify_accuracy"], abs=2e-4)
+    want = "fused" if better(choice["fused"], choice["flip_mean"]) else "flip_mean"
+    assert choice["chosen"] == want == lm.meta["preprocessing"]["descriptor"]
+    assert lm.gallery.emb.shape[1] == (256 if want == "fused" else 128)
+    assert (lm.fusion is not None) == (want == "fused")
 
 
 def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_path):
@@ -101,6 +122,7 @@ def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_p
     assert res.open_set["known_named"] >= 0.95 and res.open_set["strangers_rejected"] >= 0.95
     lm = LoadedModel(res.model_path.parent)
     assert lm.meta["preprocessing"]["descriptor"] == "fused"
+    assert "descriptor_choice" not in res.open_set  # named by the job: nothing to choose
     w1, w2 = lm.fusion.weights
     assert w1 ** 2 + w2 ** 2 == pytest.approx(1.0, abs=1e-5) and w1 != pytest.approx(w2)
     assert lm.fusion.centre.shape == (128,)
@@ -150,6 +172,7 @@ def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weight
     xt, yt = faces["test"]
     truth = [faces["train"].names[i] for i in yt]
     assert np.mean([a == b for a, b in zip(_identify(lm, xt), truth)]) >= 0.9
+    _check_descriptor_choice(res, lm, people=2)  # on the two people held out of training
 
 
 def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, weights_dir,

@@ -162,17 +162,20 @@ class TrainConfig(_Strict):
     augment: bool = Field(
         True, description="Random affine (scale 0.8-1.25, shift, rotation), flip, gamma/contrast "
         "and greyscale, batched on the training device.")
-    descriptor: Literal["flip_mean", "embedding", "fused"] = Field(
-        "flip_mean",
+    descriptor: Literal["auto", "flip_mean", "embedding", "fused"] = Field(
+        "auto",
         description="How a face is described for the gallery, identify and verify: "
-        "'flip_mean' (default), the normalised mean of the network's embeddings of the face "
-        "and of its mirror image (a face turned left then compares like one turned right; "
-        "costs a second forward pass); 'embedding', the face's embedding alone; 'fused' "
-        "(dlib_resnet only), flip_mean beside the flip mean of a second pretrained network, "
-        "SFace, used as it is: a pair scores a weighted sum of the two networks' cosines, SFace's "
-        "centred on the dataset and each weighed by 1 / its spread over different people's pairs "
-        "there. Better on faces turned to profile, at about 4 times the cost of describing a "
-        "face.")
+        "'flip_mean', the normalised mean of the network's embeddings of the face and of its "
+        "mirror image (a face turned left then compares like one turned right; costs a second "
+        "forward pass); 'embedding', the face's embedding alone; 'fused' (dlib_resnet only), "
+        "flip_mean beside the flip mean of a second pretrained network, SFace, used as it is: a "
+        "pair scores a weighted sum of the two networks' cosines, SFace's centred on the "
+        "dataset and each weighed by 1 / its spread over different people's pairs there; "
+        "better on faces turned to profile, at about 4 times the cost of describing a face. "
+        "'auto' (default): the job measures flip_mean and fused on the people it held out of "
+        "training and keeps fused only where it tells them apart better (model.json: "
+        "preprocessing.descriptor, open_set.descriptor_choice); architectures other than "
+        "dlib_resnet use flip_mean.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(
@@ -218,6 +221,8 @@ class TrainConfig(_Strict):
             pretrained = " or ".join(a.name for a in ARCHITECTURES.values() if a.pretrained)
             raise ValueError(f"{arch.name} trains from scratch: epochs must be >= 1 (epochs 0 "
                              f"is for the pretrained {pretrained or 'architectures'})")
+        if self.descriptor == "auto" and self.architecture != "dlib_resnet":
+            self.descriptor = "flip_mean"  # the only network fused pairs SFace with is dlib's
         if self.descriptor == "fused" and self.architecture != "dlib_resnet":
             raise ValueError("descriptor 'fused' pairs dlib_resnet with SFace, which read the "
                              "same aligned 150 px chips: use architecture dlib_resnet, or "
