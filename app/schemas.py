@@ -124,6 +124,20 @@ class FineTuning(_Record):
     note: str | None = None
 
 
+class DescriptorChoice(_Record):
+    """Descriptor 'auto': flip_mean and fused (SFace beside dlib's network) judged on people
+    held out of training, among themselves, as fine_tuning judges networks; the one kept."""
+
+    candidates: list[str] = []
+    measured_on: str | None = None
+    flip_mean: FineTuningFigures | None = None
+    fused: FineTuningFigures | None = None
+    gain: FineTuningGain | None = Field(None, description="fused minus flip_mean, per figure")
+    chosen: str | None = Field(None, description="'flip_mean' or 'fused': the model's "
+                               "descriptor (preprocessing.descriptor)")
+    note: str | None = None
+
+
 class OpenSetFigures(_Record):
     """What calibration measured and chose (a model's ``open_set``)."""
 
@@ -146,6 +160,7 @@ class OpenSetFigures(_Record):
     verify_pairs: int | None = None
     held_out: list[str] | None = None
     fine_tuning: FineTuning | None = None
+    descriptor_choice: DescriptorChoice | None = None
     note: str | None = None
 
 
@@ -343,7 +358,8 @@ class ModelOut(BaseModel):
         "(open_set.threshold); a request's threshold overrides it")
     open_set: OpenSetFigures = Field(
         description="what calibration measured and chose; fine_tuning for pretrained "
-        "architectures, held_out: the identities calibration held out of training")
+        "architectures, descriptor_choice for descriptor 'auto', held_out: the identities "
+        "calibration held out of training")
     detect: Detect
     privacy: PrivacyRecord | None = Field(
         None, description="a model trained with privacy: its weights' (epsilon, delta) "

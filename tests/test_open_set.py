@@ -109,8 +109,13 @@ def test_model_records_its_calibration_and_both_networks(case):
     ft = os_["fine_tuning"]  # held-out people compare the fine-tuned network with the original
     assert len(ft["held_out"]) == round(0.2 * len(case["known"]))
     assert ft["kept"] in ("fine_tuned", "pretrained")
+    # descriptor 'auto': flip_mean and fused measured on the same held-out people, one kept
+    dc = os_["descriptor_choice"]
+    assert dc["chosen"] == m["preprocessing"]["descriptor"] in ("flip_mean", "fused")
+    assert dc["flip_mean"]["people"] == dc["fused"]["people"] == len(ft["held_out"])
     print(f"{case['name']}: pretrained {ft['pretrained']}, fine-tuned {ft['fine_tuned']}, "
-          f"kept {ft['kept']}; threshold {m['threshold']:.4f}")
+          f"kept {ft['kept']}; descriptor flip_mean {dc['flip_mean']}, fused {dc['fused']}, "
+          f"kept {dc['chosen']}; threshold {m['threshold']:.4f}")
     # the held-out people were enrolled from their images: the gallery knows every known person
     assert sorted(m["labels"]) == sorted(case["known"])
 

@@ -658,6 +658,7 @@ function renderJob(job) {
     item("train", `loss ${fmt(m.train_loss)} · acc ${pct(m.train_acc)}`),
     item("validation", `loss ${fmt(m.val_loss)} · acc ${pct(m.val_acc)}`),
     fineTuningItem(item, (m.open_set || {}).fine_tuning),
+    descriptorItem(item, (m.open_set || {}).descriptor_choice),
     privacyItem(item, cfg.privacy, m),
     c.examples ? item("examples clipped", `${c.examples.clipped} of ${c.examples.count} ` +
       `(${pct(c.examples.clip_fraction)}); norm before: mean ${fmt(c.examples.norm_mean)}, ` +
@@ -805,6 +806,14 @@ function fineTuningItem(item, ft) {
   const kept = ft.kept === "fine_tuned" ? "fine-tuned" : "pretrained";
   return item("held-out people", `${(ft.held_out || []).length}: pretrained ${v(ft.pretrained)}` +
     ` → fine-tuned${share} ${v(ft.fine_tuned)}; kept ${kept}`);
+}
+
+/** Descriptor 'auto': flip_mean against fused on the held-out people, and the one kept. */
+function descriptorItem(item, dc) {
+  if (!dc || !dc.flip_mean || !dc.fused) return null;
+  const v = (f) => `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+  return item("descriptor", `flip_mean ${v(dc.flip_mean)} → fused ${v(dc.fused)}; ` +
+    `kept ${dc.chosen}`);
 }
 
 const PCT_METRICS = ["val_acc", "known_named", "strangers_rejected", "tpir_at_fpir_0.05",

@@ -189,6 +189,13 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
         rows.insert(-2, ("held-out people", f"{len(ft.get('held_out') or [])}: pretrained "
                          f"{v(ft['pretrained'])} -> fine-tuned {v(ft['fine_tuned'])}; kept "
                          f"{ft.get('kept', '-').replace('_', '-')}"))
+    dc = (m.get("open_set") or {}).get("descriptor_choice") or {}
+    if dc.get("flip_mean") and dc.get("fused"):
+        def d(f):
+            return (f"verify {_pct(f.get('verify_accuracy'))}, TAR@FAR1% "
+                    f"{_pct(f.get('verify_tar_at_far_0.01'))}")
+        rows.insert(-2, ("descriptor", f"flip_mean {d(dc['flip_mean'])} -> fused "
+                         f"{d(dc['fused'])}; kept {dc.get('chosen', '-')}"))
     ex = c.get("examples")
     if ex:
         rows.insert(-2, ("per example", f"{ex['clipped']}/{ex['count']} clipped "
