@@ -17,7 +17,7 @@ import torch
 from facegrad.data import checkpoint as ckpt
 from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 from facegrad.data.store import FaceArrays
-from facegrad.recognition import open_set
+from facegrad.recognition import open_set, sface
 from facegrad.recognition.architectures import architecture
 from facegrad.recognition.gallery import Fusion, embed, fit_fusion, holdout_identities
 from facegrad.training.config import TrainConfig
@@ -140,12 +140,11 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     Both are measured as :func:`choose_network` measures networks
     (:func:`open_set.among_themselves` on the identities held out of training; with epochs 0,
     when none are held out, on as many people drawn the same way, since the networks trained
-    on none of them), and fused is kept
-    only when it is better (:func:`open_set.better`: none of the figures lower, their mean
-    higher; a tie keeps flip_mean, which costs a quarter as much per face). On frontal photos
-    both networks are near perfect and the job keeps flip_mean; on faces turned to profile,
-    where dlib's network is weak and the pair together does better (docs/identification.md),
-    it takes the pair.
+    on none of them), and fused is kept only when it is better (:func:`open_set.better`: none
+    of the figures lower, their mean higher; a tie keeps flip_mean, which costs a quarter as
+    much per face). On frontal photos both are near perfect and the job keeps flip_mean; on
+    faces turned to profile, where dlib's network is weak and the pair together does better
+    (docs/identification.md), it takes the pair.
 
     Returns (the chosen descriptor's gallery, the comparison record or None when the job named
     its descriptor)."""
@@ -165,12 +164,15 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
                           "so flip_mean is kept")
         return gallery, record
     honest = torch.from_numpy(people.astype(np.int64))
-    rows = torch.nonzero(torch.isin(gallery.owner, honest)).view(-1)
+    judged = torch.isin(gallery.owner, honest)
+    rows = torch.nonzero(judged).view(-1)
     owner = gallery.owner[rows]
-    fused = embed(trained.model, np.asarray(full.images), cfg.image_size, trained.device,
-                  index=rows.numpy(), normalisation=architecture(cfg.architecture).normalisation,
-                  descriptor="fused")
-    fused, _ = fit_fusion(fused, owner)  # weighed on these people, as a job's dataset would be
+    # SFace's part beside the gallery's own flip_mean rows: the fused descriptor, weighed on
+    # these people as it would be on a dataset of them
+    part = _sface_part(cfg, trained, rows)
+    second = part.new_zeros(len(gallery.owner), part.shape[1])
+    second[rows] = part
+    fused, _ = fit_fusion(torch.cat([gallery.emb[rows], second[rows]], 1), owner)
     figures = {"flip_mean": open_set.among_themselves(gallery.emb[rows], owner, honest),
                "fused": open_set.among_themselves(fused, owner, honest)}
     record |= {
@@ -183,7 +185,18 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     if not open_set.better(figures["fused"], figures["flip_mean"]):
         return gallery, record
     record["chosen"] = "fused"
-    return _embed_all(cfg, trained.model, trained.device, full, "fused"), record
+    rest = torch.nonzero(~judged).view(-1)
+    if len(rest):
+        second[rest] = _sface_part(cfg, trained, rest)
+    emb, fusion = fit_fusion(torch.cat([gallery.emb, second], 1), gallery.owner)
+    return GalleryEmbeddings(emb, gallery.owner, "fused", fusion), record
+
+
+def _sface_part(cfg: TrainConfig, trained: TrainedModel, rows: torch.Tensor) -> torch.Tensor:
+    """SFace's descriptors (the fused descriptor's second part) of the dataset's ``rows``."""
+    return embed(sface.describer(), np.asarray(trained.split.full.images), cfg.image_size,
+                 trained.device, index=rows.numpy(),
+                 normalisation=architecture(cfg.architecture).normalisation)
 
 
 def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,

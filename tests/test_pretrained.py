@@ -141,6 +141,32 @@ def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_p
     assert np.mean([a is None for a in _identify(lm, faces["strangers"])]) >= 0.95
 
 
+def test_auto_taking_fused_serves_what_a_fused_job_would(faces, weights_dir, tmp_path,
+                                                         monkeypatch):
+    """When descriptor 'auto' judges fused better, the model is the one a job naming fused
+    makes: SFace's part computed beside the gallery's flip_mean rows (not a second pass of
+    dlib's network) gives the same gallery, fusion and served descriptors. The judgement is
+    forced here (ORL's frontal faces tie, which keeps flip_mean)."""
+    import facegrad.pipeline as pipeline
+
+    named = run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
+                             faces["train"], tmp_path / "named", pretrained_dir=weights_dir)
+    monkeypatch.setattr(pipeline.open_set, "better", lambda a, b: True)
+    auto = run_training_job(TrainConfig(epochs=0, device="cpu"), faces["train"],
+                            tmp_path / "auto", pretrained_dir=weights_dir)
+    assert auto.open_set["descriptor_choice"]["chosen"] == "fused"
+    lm, ref = LoadedModel(auto.model_path.parent), LoadedModel(named.model_path.parent)
+    assert lm.meta["preprocessing"]["descriptor"] == "fused"
+    # other batch shapes on each side: close, not equal
+    torch.testing.assert_close(lm.gallery.emb, ref.gallery.emb, atol=1e-4, rtol=1e-3)
+    assert lm.fusion.weights == pytest.approx(ref.fusion.weights, abs=1e-4)
+    torch.testing.assert_close(lm.fusion.centre, ref.fusion.centre, atol=1e-5, rtol=1e-4)
+    train_images = np.asarray(faces["train"].images)
+    torch.testing.assert_close(lm.embed(train_images[:4]), lm.gallery.emb[:4], atol=1e-4,
+                               rtol=1e-3)
+    assert auto.open_set["threshold"] == pytest.approx(named.open_set["threshold"], abs=1e-3)
+
+
 def test_fine_tuning_reports_both_networks_and_keeps_frozen_stages(faces, weights_dir,
                                                                    tmp_path):
     cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2, freeze_stages=2,

@@ -226,3 +226,19 @@ def describe(x: torch.Tensor) -> torch.Tensor:
     out = torch.cat([net(both[i:i + step]) for i in range(0, len(both), step)]).float()
     out = F.normalize(out, dim=1)
     return F.normalize(out[:len(x)] + out[len(x):], dim=1).cpu()
+
+
+class Describer(nn.Module):
+    """:func:`describe` as a module, for :func:`facegrad.recognition.gallery.embed` with
+    descriptor 'embedding' (its batching and reading of stored datasets): SFace's part of the
+    fused descriptor of dlib chips, where dlib's part is already at hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return describe(x)
+
+
+_describer = Describer()  # one, so that embed's choice of images per pass is made once
+
+
+def describer() -> Describer:
+    return _describer
