@@ -797,9 +797,13 @@ function privacyItem(item, asked, m) {
 }
 
 // the held-out people's verification, pretrained → fine-tuned, and the network the model kept
+/** One network's or descriptor's figures on the held-out people. */
+const heldOutFigures = (f) =>
+  `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+
 function fineTuningItem(item, ft) {
   if (!ft || !ft.pretrained || !ft.fine_tuned) return null;
-  const v = (f) => `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+  const v = heldOutFigures;
   // a share below 1: the fine-tuned network is that average of trained and pretrained weights
   const share = ft.fine_tuned_share != null && ft.fine_tuned_share < 1
     ? ` (${pct(ft.fine_tuned_share)} of the trained weights)` : "";
@@ -811,7 +815,7 @@ function fineTuningItem(item, ft) {
 /** Descriptor 'auto': flip_mean against fused on the held-out people, and the one kept. */
 function descriptorItem(item, dc) {
   if (!dc || !dc.flip_mean || !dc.fused) return null;
-  const v = (f) => `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
+  const v = heldOutFigures;
   return item("descriptor", `flip_mean ${v(dc.flip_mean)} → fused ${v(dc.fused)}; ` +
     `kept ${dc.chosen}`);
 }

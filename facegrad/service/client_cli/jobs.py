@@ -32,6 +32,12 @@ from facegrad.service.client_cli.specs import check_arch, parse_clip
 
 # --- training ---------------------------------------------------------------------------------
 
+def _held_out_figures(f: dict) -> str:
+    """One network's or descriptor's figures on the held-out people (open_set.among_themselves)."""
+    return (f"verify {_pct(f.get('verify_accuracy'))}, TAR@FAR1% "
+            f"{_pct(f.get('verify_tar_at_far_0.01'))}")
+
+
 def _job_line(job: dict) -> str:
     p, m, c = job.get("progress") or {}, job.get("metrics") or {}, job.get("clipping") or {}
     bits = [f"epoch {p.get('epoch', 0)}/{p.get('epochs', '?')}"]
@@ -182,20 +188,15 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
         ("finished", _when(job.get("finished_at"))),
     ]
     ft = (m.get("open_set") or {}).get("fine_tuning") or {}
+    v = _held_out_figures
     if ft.get("pretrained") and ft.get("fine_tuned"):
-        def v(f):
-            return (f"verify {_pct(f.get('verify_accuracy'))}, TAR@FAR1% "
-                    f"{_pct(f.get('verify_tar_at_far_0.01'))}")
         rows.insert(-2, ("held-out people", f"{len(ft.get('held_out') or [])}: pretrained "
                          f"{v(ft['pretrained'])} -> fine-tuned {v(ft['fine_tuned'])}; kept "
                          f"{ft.get('kept', '-').replace('_', '-')}"))
     dc = (m.get("open_set") or {}).get("descriptor_choice") or {}
     if dc.get("flip_mean") and dc.get("fused"):
-        def d(f):
-            return (f"verify {_pct(f.get('verify_accuracy'))}, TAR@FAR1% "
-                    f"{_pct(f.get('verify_tar_at_far_0.01'))}")
-        rows.insert(-2, ("descriptor", f"flip_mean {d(dc['flip_mean'])} -> fused "
-                         f"{d(dc['fused'])}; kept {dc.get('chosen', '-')}"))
+        rows.insert(-2, ("descriptor", f"flip_mean {v(dc['flip_mean'])} -> fused "
+                         f"{v(dc['fused'])}; kept {dc.get('chosen', '-')}"))
     ex = c.get("examples")
     if ex:
         rows.insert(-2, ("per example", f"{ex['clipped']}/{ex['count']} clipped "
