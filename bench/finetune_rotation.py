@@ -52,8 +52,9 @@ import torch  # isort: skip
 SECTION = "## Fine-tuning's gain fold by fold (CFP), written by bench/finetune_rotation.py"
 
 
-def mean_sd(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):+.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
+def mean_sd(xs: list[float], signed: bool = True) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0
+    return f"{statistics.mean(xs):{'+' if signed else ''}.4f} ± {sd:.4f}"
 
 
 def main() -> None:
@@ -151,14 +152,11 @@ def main() -> None:
     print()
     print(table(heads, rows))
     pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in tests]
-    lines = [f"pretrained FP over the folds: {statistics.mean(pre_fp):.4f} ± "
-             f"{statistics.stdev(pre_fp) if len(pre_fp) > 1 else 0:.4f} (mean ± sd)"]
+    lines = [f"pretrained FP over the folds: {mean_sd(pre_fp, signed=False)} (mean ± sd)"]
     for name, s in summary.items():
-        fp = s["served_fp"]
-        lines.append(f"{name}: served FP {statistics.mean(fp):.4f} ± "
-                     f"{statistics.stdev(fp) if len(fp) > 1 else 0:.4f}, served FP gain "
-                     f"{mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network kept "
-                     f"in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
+        lines.append(f"{name}: served FP {mean_sd(s['served_fp'], signed=False)}, served FP "
+                     f"gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network "
+                     f"kept in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
                      f"{s['fused']}")
     print("\n".join(lines))
     footer()
@@ -181,11 +179,10 @@ def main() -> None:
         write_doc_section(args.md, SECTION, md)
         print(f"wrote the section {SECTION!r} of {args.md}")
     for name, s in summary.items():
-        fp = s["served_fp"]
-        print(f"finetune_rotation: {name.replace(' ', '_')}: fp={statistics.mean(fp):.4f}± "
-              f"{statistics.stdev(fp) if len(fp) > 1 else 0:.4f} fp_gain={mean_sd(s['FP'])} "
+        print(f"finetune_rotation: {name.replace(' ', '_')}: "
+              f"fp={mean_sd(s['served_fp'], signed=False)} fp_gain={mean_sd(s['FP'])} "
               f"ff_gain={mean_sd(s['FF'])} kept={s['kept']}/{len(tests)} "
-              f"fused={s['fused']}".replace(" ± ", "±").replace("± ", "±"))
+              f"fused={s['fused']}".replace(" ± ", "±"))
 
 
 if __name__ == "__main__":

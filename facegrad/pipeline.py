@@ -120,8 +120,7 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
                        "against their other photos, and every pair of their photos verified",
         "fine_tuned_share": cfg.fine_tuned_share,  # the fine-tuned network is this blend
         "pretrained": pre, "fine_tuned": tuned,
-        "gain": {k: round(tuned[k] - pre[k], 4) for k in open_set.JUDGED
-                 if tuned.get(k) is not None and pre.get(k) is not None},
+        "gain": open_set.gain(tuned, pre),
         "kept": "fine_tuned" if keep_tuned else "pretrained",
     }
     if keep_tuned:
@@ -172,16 +171,14 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     part = _sface_part(cfg, trained, rows)
     second = part.new_zeros(len(gallery.owner), part.shape[1])
     second[rows] = part
-    fused, _ = fit_fusion(torch.cat([gallery.emb[rows], second[rows]], 1), owner)
+    fused, _ = fit_fusion(torch.cat([gallery.emb[rows], part], 1), owner)
     figures = {"flip_mean": open_set.among_themselves(gallery.emb[rows], owner, honest),
                "fused": open_set.among_themselves(fused, owner, honest)}
     record |= {
         "measured_on": "the people held out of training among themselves: each photo "
                        "identified against their other photos, and every pair verified",
         **figures,
-        "gain": {k: round(figures["fused"][k] - figures["flip_mean"][k], 4)
-                 for k in open_set.JUDGED if figures["fused"].get(k) is not None
-                 and figures["flip_mean"].get(k) is not None}}
+        "gain": open_set.gain(figures["fused"], figures["flip_mean"])}
     if not open_set.better(figures["fused"], figures["flip_mean"]):
         return gallery, record
     record["chosen"] = "fused"

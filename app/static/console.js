@@ -796,11 +796,11 @@ function privacyItem(item, asked, m) {
     `${rec.accountant} accountant`);
 }
 
-// the held-out people's verification, pretrained → fine-tuned, and the network the model kept
 /** One network's or descriptor's figures on the held-out people. */
 const heldOutFigures = (f) =>
   `verify ${pct(f.verify_accuracy)}, TAR@FAR1% ${pct(f["verify_tar_at_far_0.01"])}`;
 
+// the held-out people's verification, pretrained → fine-tuned, and the network the model kept
 function fineTuningItem(item, ft) {
   if (!ft || !ft.pretrained || !ft.fine_tuned) return null;
   const v = heldOutFigures;

@@ -326,6 +326,12 @@ def among_themselves(emb: torch.Tensor, owner: torch.Tensor, people: torch.Tenso
     return out
 
 
+def gain(a: dict, b: dict) -> dict:
+    """Figures ``a`` minus ``b`` (:func:`among_themselves`), per judged figure both have."""
+    return {k: round(a[k] - b[k], 4) for k in JUDGED
+            if a.get(k) is not None and b.get(k) is not None}
+
+
 def better(a: dict, b: dict) -> bool:
     """Whether figures ``a`` (:func:`among_themselves`) are better than ``b``'s: none of TPIR
     at FPIR 0.05, verification accuracy and TAR at FAR 0.01 lower, and their mean higher (a
