@@ -3,7 +3,7 @@ other four folds' people are the job's.
 
     .venv/bin/python bench/finetune_rotation.py [--data ../shared/data/cfp_dev] [--folds 1-5]
         [--test 5] [--chips chips.npz] [--settings '[{}, {"epochs": 8}]']
-        [--md docs/clipping-study.md]
+        [--md docs/clipping-study.md] [--fusion-rules --confirm 5]
 
 A single test fold tells little about a gain of a point or two: fold 5's pretrained
 frontal-profile (FP) accuracy is 0.83 where folds 1-4 give 0.88-0.89, and one fold's 700 pairs
@@ -18,6 +18,15 @@ them), then fold k's FP and frontal-frontal (FF) pairs are scored with the pretr
 with the fine-tuned one (both with the job's first descriptor: flip_mean for 'auto'), and with
 the network and descriptor the job kept (what a user of the service gets). Accuracy is the
 protocol's: the threshold is chosen on the fold's own pairs.
+
+``--fusion-rules``: where the job served the fused descriptor, the test fold's pairs are also
+scored with other rules for putting its two networks' cosines together (the job's own:
+z-score normalisation and the sum rule, :func:`facegrad.recognition.gallery.fit_fusion`, fitted
+on all its photos): each network alone, equal weights, and the z-scores weighted by each
+network's accuracy on the job's held-out people (matcher weighting, Snelick et al. 2005: by
+1 / the error of its best threshold, or by its d', the separation of its same- and
+different-person scores in pooled standard deviations). With ``--confirm K``
+the rule is chosen on the other test folds' mean and fold K confirms it.
 
 Last line: ``finetune_rotation: <setting>: fp=M±S fp_gain=M±S ff_gain=M±S kept=N/F fused=N``
 per setting (the served model's FP accuracy and gains, mean ± sd over the folds).
@@ -57,6 +66,66 @@ def mean_sd(xs: list[float], signed: bool = True) -> str:
     return f"{statistics.mean(xs):{'+' if signed else ''}.4f} ± {sd:.4f}"
 
 
+FUSION_RULES = ("z-score sum (the job's)", "error-weighted", "d'-weighted", "equal weights",
+                "dlib alone", "SFace alone")
+
+
+def fusion_rule_figures(pairs, served_desc: dict, gallery, held: np.ndarray) -> dict:
+    """{rule: {pair kind: the protocol's accuracy}} of the test pairs (``served_desc``: their
+    fused descriptors as the job serves them), each rule weighed on the held-out people."""
+    from facegrad.recognition.gallery import fused_parts
+    from facegrad.recognition.open_set import _best_cut, pair_scores
+
+    rows = torch.nonzero(torch.isin(gallery.owner, torch.from_numpy(held))).view(-1)
+    parts = fused_parts(gallery.emb[rows])
+    stats = []  # per network: (sd of different-person scores, error of the best cut, d')
+    for part in parts:
+        sims, same = pair_scores(part, gallery.owner[rows])
+        g, d = sims[same], sims[~same]
+        _, balanced, _ = _best_cut(sims, same)
+        stats.append((float(d.std()), max(1 - balanced, 1e-4),
+                      float((g.mean() - d.mean()) / ((g.var() + d.var()) / 2) ** 0.5)))
+    weights = {"error-weighted": [1 / (sd * err) for sd, err, _ in stats],
+               "d'-weighted": [dp / sd for sd, _, dp in stats],
+               "equal weights": [1.0, 1.0], "dlib alone": [1.0, 0.0], "SFace alone": [0.0, 1.0]}
+    files = sorted(served_desc)
+    first, second = (p.numpy() for p in fused_parts(
+        torch.from_numpy(np.stack([served_desc[f] for f in files]))))
+    out = {FUSION_RULES[0]: {kind: f["accuracy"]
+                             for kind, f in pair_figures(pairs, served_desc).items()}}
+    for rule, (a, b) in weights.items():
+        mixed = np.hstack([first * a ** 0.5, second * b ** 0.5])  # cosine: a·dlib's + b·SFace's
+        desc = {f: mixed[i] for i, f in enumerate(files)}
+        out[rule] = {kind: f["accuracy"] for kind, f in pair_figures(pairs, desc).items()}
+    return out
+
+
+def rule_table(rule_figs: dict[int, dict], confirm: int | None) -> list[str]:
+    """Markdown lines: per rule, FP (FF) accuracy per fold; with ``confirm``, the rule with the
+    best mean FP over the other folds and its figure on fold ``confirm``."""
+    folds = sorted(rule_figs)
+    choose = [k for k in folds if k != confirm]
+    heads = ["rule", *(f"fold {k}" for k in folds)]
+    if choose and confirm in rule_figs:
+        heads.append(f"mean FP, folds {', '.join(map(str, choose))}")
+    out = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    means = {}
+    for rule in FUSION_RULES:
+        cells = [f"{rule_figs[k][rule]['FP']:.4f} ({rule_figs[k][rule]['FF']:.4f})"
+                 for k in folds]
+        if len(heads) > len(folds) + 1:
+            means[rule] = statistics.mean(rule_figs[k][rule]["FP"] for k in choose)
+            cells.append(f"{means[rule]:.4f}")
+        out.append("| " + " | ".join([rule, *cells]) + " |")
+    if means:
+        pick = max(means, key=means.get)
+        out += ["", f"Chosen on folds {', '.join(map(str, choose))}: {pick} (mean FP "
+                    f"{means[pick]:.4f}); on fold {confirm} it gives FP "
+                    f"{rule_figs[confirm][pick]['FP']:.4f}, the job's rule "
+                    f"{rule_figs[confirm][FUSION_RULES[0]]['FP']:.4f}."]
+    return out
+
+
 def main() -> None:
     from facegrad.pipeline import build_gallery, choose_descriptor, choose_network
     from facegrad.recognition.architectures import architecture
@@ -74,6 +143,10 @@ def main() -> None:
     ap.add_argument("--settings", default="[{}]", help="JSON list of job overrides")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--md", type=Path, help="write the doc section into this markdown file")
+    ap.add_argument("--fusion-rules", action="store_true",
+                    help="also score fused models' pairs with other fusion rules")
+    ap.add_argument("--confirm", type=int,
+                    help="with --fusion-rules: the fold that confirms the rule chosen on the rest")
     args = ap.parse_args()
     t_start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if not args.data.is_dir():
@@ -99,6 +172,7 @@ def main() -> None:
         return {f: emb[i] for i, f in enumerate(found)}
 
     pre_figs: dict[int, dict] = {}
+    rule_figs: dict[int, dict] = {}  # --fusion-rules: {fold: {rule: {kind: accuracy}}}
     rows, summary = [], {}
     for overrides in settings:
         name = label(overrides)
@@ -122,9 +196,12 @@ def main() -> None:
             kept = judged["kept"] if judged else "fine_tuned"
             served_gallery, choice = choose_descriptor(cfg, trained, chosen)
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
-                served = pair_figures(pairs, describe(
-                    cfg, trained.model, trained.device, test, served_gallery.descriptor,
-                    served_gallery.fusion))
+                served_desc = describe(cfg, trained.model, trained.device, test,
+                                       served_gallery.descriptor, served_gallery.fusion)
+                served = pair_figures(pairs, served_desc)
+                if args.fusion_rules:
+                    rule_figs[k] = fusion_rule_figures(pairs, served_desc, served_gallery,
+                                                       trained.split.held)
             else:
                 served = None
             if k not in pre_figs:
@@ -158,6 +235,10 @@ def main() -> None:
                      f"gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network "
                      f"kept in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
                      f"{s['fused']}")
+    rule_md = rule_table(rule_figs, args.confirm) if rule_figs else []
+    if rule_md:
+        print("\nfusion rules (frontal-profile accuracy, frontal-frontal in brackets):")
+        print("\n".join(rule_md))
     print("\n".join(lines))
     footer()
     if args.md:
@@ -176,6 +257,10 @@ def main() -> None:
               "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
         md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
         md += ["", *(f"- {line}" for line in lines), ""]
+        if rule_figs:
+            md += ["Fusion rules: frontal-profile accuracy on each test fold's pairs, "
+                   "frontal-frontal in brackets:", "",
+                   *rule_md, ""]
         write_doc_section(args.md, SECTION, md)
         print(f"wrote the section {SECTION!r} of {args.md}")
     for name, s in summary.items():
