@@ -156,8 +156,12 @@ class OpenSetFigures(_Record):
     fpir: float | None = None
     tpir_at_fpir_0_05: float | None = _tpir()
     verify_threshold: float | None = None
-    verify_balanced_accuracy: float | None = None
+    verify_balanced_accuracy: float | None = Field(
+        None, description="balanced accuracy of the held-out people's pairs at verify_threshold")
     verify_pairs: int | None = None
+    verify_max_far: float | None = Field(
+        None, description="the cap on the share of different-person pairs passing "
+        "verify_threshold that it was calibrated with (TrainConfig.verify_max_far)")
     held_out: list[str] | None = None
     fine_tuning: FineTuning | None = None
     descriptor_choice: DescriptorChoice | None = None

@@ -17,7 +17,8 @@ gallery, choose the network, choose the descriptor; it holds a fifth of them out
 them), then fold k's FP and frontal-frontal (FF) pairs are scored with the pretrained network,
 with the fine-tuned one (both with the job's first descriptor: flip_mean for 'auto'), and with
 the network and descriptor the job kept (what a user of the service gets). Accuracy is the
-protocol's: the threshold is chosen on the fold's own pairs.
+protocol's: the threshold is chosen on the fold's own pairs; the served model is also measured at
+its own verification threshold (the job's calibration step, :func:`facegrad.pipeline.calibrate`).
 
 ``--fusion-rules``: where the job served the fused descriptor, the test fold's pairs are also
 scored with other rules for putting its two networks' cosines together (the job's own:
@@ -127,7 +128,7 @@ def rule_table(rule_figs: dict[int, dict], confirm: int | None) -> list[str]:
 
 
 def main() -> None:
-    from facegrad.pipeline import build_gallery, choose_descriptor, choose_network
+    from facegrad.pipeline import build_gallery, calibrate, choose_descriptor, choose_network
     from facegrad.recognition.architectures import architecture
     from facegrad.recognition.gallery import embed
     from facegrad.training.config import TrainConfig
@@ -172,11 +173,13 @@ def main() -> None:
         return {f: emb[i] for i, f in enumerate(found)}
 
     pre_figs: dict[int, dict] = {}
+    pre_desc: dict[int, dict] = {}
     rule_figs: dict[int, dict] = {}  # --fusion-rules: {fold: {rule: {kind: accuracy}}}
     rows, summary = [], {}
     for overrides in settings:
         name = label(overrides)
         gains, kept_tuned, fused, served_fp = {"FP": [], "FF": []}, 0, 0, []
+        at_own = {"FP": [], "FF": []}
         for k in tests:
             cfg = TrainConfig(**({"device": args.device} | overrides))
             pairs = read_pairs(args.data, [k])
@@ -190,42 +193,52 @@ def main() -> None:
             # network is scored before the choice, which may put the pretrained weights back
             gallery = build_gallery(cfg, trained)
             desc = gallery.descriptor  # the job's named descriptor ('auto': flip_mean first)
-            tuned = pair_figures(pairs, describe(cfg, trained.model, trained.device, test, desc,
-                                                 gallery.fusion))
+            tuned_desc = describe(cfg, trained.model, trained.device, test, desc,
+                                  gallery.fusion)
+            tuned = pair_figures(pairs, tuned_desc)
             chosen, judged = choose_network(cfg, trained, gallery, pretrained_dir)
             kept = judged["kept"] if judged else "fine_tuned"
             served_gallery, choice = choose_descriptor(cfg, trained, chosen)
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
                 served_desc = describe(cfg, trained.model, trained.device, test,
                                        served_gallery.descriptor, served_gallery.fusion)
-                served = pair_figures(pairs, served_desc)
                 if args.fusion_rules:
                     rule_figs[k] = fusion_rule_figures(pairs, served_desc, served_gallery,
                                                        trained.split.held)
             else:
-                served = None
+                served_desc = None
+            # the served model's own verification threshold (its calibration step)
+            own = calibrate(cfg, trained, served_gallery, judged)["verify_threshold"]
             if k not in pre_figs:
                 trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
-                pre_figs[k] = pair_figures(pairs, describe(cfg, trained.model, trained.device,
-                                                           test, desc, fusion_of(cfg, trained)))
-            served = served or (tuned if kept == "fine_tuned" else pre_figs[k])
+                pre_desc[k] = describe(cfg, trained.model, trained.device, test, desc,
+                                       fusion_of(cfg, trained))
+                pre_figs[k] = pair_figures(pairs, pre_desc[k])
+            if served_desc is None:
+                served_desc = tuned_desc if kept == "fine_tuned" else pre_desc[k]
+            served = pair_figures(pairs, served_desc, own)
             kept_tuned += kept == "fine_tuned"
             fused += served_gallery.descriptor == "fused" and desc != "fused"
             served_fp.append(served["FP"]["accuracy"])
             for kind in gains:
                 gains[kind].append(served[kind]["accuracy"] - pre_figs[k][kind]["accuracy"])
+                at_own[kind].append(served[kind]["at_threshold"])
             rows.append([name, k, len(train_people),
                          *(f"{pre_figs[k][t]['accuracy']:.4f}" for t in ("FP", "FF")),
                          *(f"{tuned[t]['accuracy']:.4f}" for t in ("FP", "FF")), kept,
                          served_gallery.descriptor,
                          *(f"{served[t]['accuracy']:.4f}" for t in ("FP", "FF")),
                          *(f"{served[t]['accuracy'] - pre_figs[k][t]['accuracy']:+.4f}"
-                           for t in ("FP", "FF")), f"{secs:.0f}"])
+                           for t in ("FP", "FF")), f"{own:.3f}",
+                         *(f"{served[t]['at_threshold']:.4f}" for t in ("FP", "FF")),
+                         f"{secs:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-        summary[name] = gains | {"kept": kept_tuned, "fused": fused, "served_fp": served_fp}
+        summary[name] = gains | {"kept": kept_tuned, "fused": fused, "served_fp": served_fp,
+                                 "at_own": at_own}
     heads = ["setting", "test fold", "job's people", "pretrained FP", "pretrained FF",
              "fine-tuned FP", "fine-tuned FF", "kept", "descriptor", "served FP", "served FF",
-             "served FP gain", "served FF gain", "train s"]
+             "served FP gain", "served FF gain", "own threshold", "FP at it", "FF at it",
+             "train s"]
     print()
     print(table(heads, rows))
     pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in tests]
@@ -235,6 +248,9 @@ def main() -> None:
                      f"gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network "
                      f"kept in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
                      f"{s['fused']}")
+        lines.append(f"{name}: at the served model's own verification threshold, FF "
+                     f"{mean_sd(s['at_own']['FF'], signed=False)}, FP "
+                     f"{mean_sd(s['at_own']['FP'], signed=False)}")
     rule_md = rule_table(rule_figs, args.confirm) if rule_figs else []
     if rule_md:
         print("\nfusion rules (frontal-profile accuracy, frontal-frontal in brackets):")
@@ -253,7 +269,9 @@ def main() -> None:
               "(FP 700, FF 700) are people in no job. Served: the network and the descriptor the "
               "job kept (descriptor 'auto': flip_mean or fused, chosen on its held-out people). "
               "Gains are the served model's accuracy minus the pretrained network's (dlib, "
-              "flip_mean, or the job's named descriptor) on the same pairs", "",
+              "flip_mean, or the job's named descriptor) on the same pairs. Own threshold: the "
+              "served model's verification threshold (its calibration step); FP and FF at it: "
+              "the accuracy of the fold's pairs there", "",
               "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
         md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
         md += ["", *(f"- {line}" for line in lines), ""]

@@ -115,11 +115,13 @@ def fusion_of(cfg, trained):
     return build_gallery(cfg, trained).fusion if cfg.descriptor == "fused" else None
 
 
-def pair_figures(pairs, desc: dict) -> dict[str, dict]:
+def pair_figures(pairs, desc: dict, threshold: float | None = None) -> dict[str, dict]:
+    """Per pair kind, the protocol's figures (:func:`verification.protocol`; with
+    ``threshold``, the accuracy at it too)."""
     out = {}
     for kind, kp in pairs.items():
         scored, refused = score_pairs(kp, desc, lambda a, b: float(a @ b))
-        out[kind] = protocol(scored, None) | {"refused": refused}
+        out[kind] = protocol(scored, threshold) | {"refused": refused}
     return out
 
 

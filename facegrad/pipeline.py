@@ -211,10 +211,10 @@ def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbedding
         rows = torch.cat([torch.nonzero(torch.isin(gallery.owner, honest)).view(-1),
                           torch.from_numpy(split.val_idx.astype(np.int64))])
         record = open_set.calibrate(gallery.emb, gallery.owner, n_ids, honest, rows,
-                                    cfg.target_fpir)
+                                    cfg.target_fpir, cfg.verify_max_far)
     else:
         record = open_set.calibrate(gallery.emb, gallery.owner, n_ids, torch.arange(n_ids), None,
-                                    cfg.target_fpir)
+                                    cfg.target_fpir, cfg.verify_max_far)
         if cfg.epochs and not len(held):
             record["note"] = ("too few identities to hold some out of training: "
                               "calibrated on the trained identities (optimistic)")

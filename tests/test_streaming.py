@@ -332,6 +332,27 @@ def test_verify_threshold_samples_pairs_of_a_large_gallery():
     assert int((owner[i] == owner[j]).sum()) == 5_000
 
 
+def test_verify_threshold_caps_the_false_accept_rate():
+    """With max_far the best cut is raised, where it lets more different-person pairs through,
+    to the score only that share of them reach; the balanced accuracy is the one at it."""
+    emb, owner = _gallery(n_ids=20, per=10, seed=7)  # hard pairs: the best cut is in the tails
+    n = len(owner)
+    iu = torch.triu_indices(n, n, 1)
+    sims = (emb @ emb.t())[iu[0], iu[1]].double()
+    same = owner[iu[0]] == owner[iu[1]]
+    best = open_set.verify_threshold(emb, owner)
+    assert float((sims[~same] >= best[0]).double().mean()) > 0.01  # the best cut alone
+    thr, acc, pairs = open_set.verify_threshold(emb, owner, max_far=0.01)
+    assert thr > best[0] and pairs == best[2]
+    assert float((sims[~same] >= thr).double().mean()) <= 0.01
+    accepted = sims >= thr
+    expected = 0.5 * (float(accepted[same].double().mean())
+                      + float((~accepted[~same]).double().mean()))
+    assert acc == pytest.approx(expected) and acc < best[1]
+    # a cap the best cut already meets changes nothing
+    assert open_set.verify_threshold(emb, owner, max_far=0.5) == best
+
+
 def test_training_streams_the_same_run_as_memory(tmp_path):
     faces = _orl_faces(6)
     folder = tmp_path / "ds"

@@ -100,15 +100,28 @@ VERIFY_SAMPLE_PAIRS = 1_000_000
 
 def verify_threshold(emb: torch.Tensor, labels: torch.Tensor,
                      max_pairs: int = VERIFY_EXACT_PAIRS,
-                     sample_pairs: int = VERIFY_SAMPLE_PAIRS) -> tuple[float, float, int]:
-    """(threshold, balanced accuracy, pairs) best separating same/different-person pairs.
+                     sample_pairs: int = VERIFY_SAMPLE_PAIRS,
+                     max_far: float | None = None) -> tuple[float, float, int]:
+    """(threshold, balanced accuracy at it, pairs) separating same/different-person pairs.
 
     Every pair of images when there are at most ``max_pairs``, else a seeded sample of
     ``sample_pairs`` same-person pairs (all of them when there are no more) and as many
     different-person pairs (:func:`_sample_pairs`); the threshold is the middle of the
-    best-separating gap.
+    best-separating gap, raised to the interpolated ``1 - max_far`` quantile of the
+    different-person scores where that is higher: a cap on the false accept rate, the operating
+    point verification is reported at (FNMR at a fixed FMR: ISO/IEC 19795-1, NIST FRVT).
     """
-    return _best_cut(*pair_scores(emb, labels, max_pairs, sample_pairs))
+    sims, same = pair_scores(emb, labels, max_pairs, sample_pairs)
+    threshold, balanced, pairs = _best_cut(sims, same)
+    if max_far is None or not pairs:
+        return threshold, balanced, pairs
+    cap = float(torch.quantile(sims[~same], 1 - max_far))
+    if cap <= threshold:
+        return threshold, balanced, pairs
+    accepted = sims >= cap
+    balanced = 0.5 * (float(accepted[same].double().mean())
+                      + float((~accepted[~same]).double().mean()))
+    return cap, balanced, pairs
 
 
 def pair_scores(emb: torch.Tensor, labels: torch.Tensor, max_pairs: int = VERIFY_EXACT_PAIRS,
@@ -275,8 +288,9 @@ def figures(scores: dict[str, torch.Tensor], threshold: float) -> dict:
 
 def calibrate(emb: torch.Tensor, owner: torch.Tensor, num_identities: int,
               honest: torch.Tensor, known_rows: torch.Tensor | None,
-              target_fpir: float | None) -> dict:
-    """The ``open_set`` record: identify and verify thresholds from :func:`leave_out_scores`."""
+              target_fpir: float | None, verify_max_far: float | None = None) -> dict:
+    """The ``open_set`` record: identify thresholds from :func:`leave_out_scores`, the verify
+    threshold from the honest identities' pairs (:func:`verify_threshold`)."""
     scores = leave_out_scores(emb, owner, num_identities, honest, known_rows)
     ok, known, stranger = scores["known_ok"], scores["known_score"], scores["stranger_score"]
     if target_fpir is not None and stranger.numel():
@@ -290,9 +304,10 @@ def calibrate(emb: torch.Tensor, owner: torch.Tensor, num_identities: int,
     if "strangers_rejected" in rec:
         rec["fpir"] = round(1 - rec["strangers_rejected"], 4)
     is_honest = torch.isin(owner.long(), honest.long())
-    vthr, vacc, pairs = verify_threshold(emb[is_honest], owner[is_honest])
+    vthr, vacc, pairs = verify_threshold(emb[is_honest], owner[is_honest],
+                                         max_far=verify_max_far)
     rec |= {"verify_threshold": round(vthr, 6), "verify_balanced_accuracy": vacc,
-            "verify_pairs": pairs}
+            "verify_pairs": pairs, "verify_max_far": verify_max_far}
     return rec
 
 

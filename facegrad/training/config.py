@@ -187,6 +187,15 @@ class TrainConfig(_Strict):
         "threshold is set so that this share of people absent from the gallery would still be "
         "given an identity (a stricter gallery rejects more known faces too)."
     )
+    verify_max_far: float | None = Field(
+        0.01, gt=0, lt=1,
+        description="The verification threshold (POST /v1/verify) is the cut that best "
+        "separates same-person from different-person pairs of the held-out people's photos "
+        "(balanced accuracy), raised where needed so that at most this share of their "
+        "different-person pairs passes it (the false accept rate at the threshold). Where the "
+        "dataset's same-person pairs are hard (faces turned to profile) the best cut alone sits "
+        "low and lets through look-alikes of frontal photos elsewhere. Unset: the best cut."
+    )
     calibration_identities: float = Field(
         0.2, ge=0, le=0.5,
         description="Share of the identities (with 10 or more in the dataset, and at least 2) "
