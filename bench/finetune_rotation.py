@@ -71,9 +71,11 @@ FUSION_RULES = ("z-score sum (the job's)", "error-weighted", "d'-weighted", "equ
                 "dlib alone", "SFace alone")
 
 
-def fusion_rule_figures(pairs, served_desc: dict, gallery, held: np.ndarray) -> dict:
+def fusion_rule_figures(pairs, served_desc: dict, served: dict, gallery,
+                        held: np.ndarray) -> dict:
     """{rule: {pair kind: the protocol's accuracy}} of the test pairs (``served_desc``: their
-    fused descriptors as the job serves them), each rule weighed on the held-out people."""
+    fused descriptors as the job serves them, ``served``: their figures, the job's rule), each
+    other rule weighed on the held-out people."""
     from facegrad.recognition.gallery import fused_parts
     from facegrad.recognition.open_set import _best_cut, pair_scores
 
@@ -92,8 +94,7 @@ def fusion_rule_figures(pairs, served_desc: dict, gallery, held: np.ndarray) -> 
     files = sorted(served_desc)
     first, second = (p.numpy() for p in fused_parts(
         torch.from_numpy(np.stack([served_desc[f] for f in files]))))
-    out = {FUSION_RULES[0]: {kind: f["accuracy"]
-                             for kind, f in pair_figures(pairs, served_desc).items()}}
+    out = {FUSION_RULES[0]: {kind: f["accuracy"] for kind, f in served.items()}}
     for rule, (a, b) in weights.items():
         mixed = np.hstack([first * a ** 0.5, second * b ** 0.5])  # cosine: a·dlib's + b·SFace's
         desc = {f: mixed[i] for i, f in enumerate(files)}
@@ -202,9 +203,6 @@ def main() -> None:
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
                 served_desc = describe(cfg, trained.model, trained.device, test,
                                        served_gallery.descriptor, served_gallery.fusion)
-                if args.fusion_rules:
-                    rule_figs[k] = fusion_rule_figures(pairs, served_desc, served_gallery,
-                                                       trained.split.held)
             else:
                 served_desc = None
             # the served model's own verification threshold (its calibration step)
@@ -217,6 +215,9 @@ def main() -> None:
             if served_desc is None:
                 served_desc = tuned_desc if kept == "fine_tuned" else pre_desc[k]
             served = pair_figures(pairs, served_desc, own)
+            if args.fusion_rules and served_gallery.descriptor == "fused" and desc != "fused":
+                rule_figs[k] = fusion_rule_figures(pairs, served_desc, served, served_gallery,
+                                                   trained.split.held)
             kept_tuned += kept == "fine_tuned"
             fused += served_gallery.descriptor == "fused" and desc != "fused"
             served_fp.append(served["FP"]["accuracy"])

@@ -336,10 +336,7 @@ def test_verify_threshold_caps_the_false_accept_rate():
     """With max_far the best cut is raised, where it lets more different-person pairs through,
     to the score only that share of them reach; the balanced accuracy is the one at it."""
     emb, owner = _gallery(n_ids=20, per=10, seed=7)  # hard pairs: the best cut is in the tails
-    n = len(owner)
-    iu = torch.triu_indices(n, n, 1)
-    sims = (emb @ emb.t())[iu[0], iu[1]].double()
-    same = owner[iu[0]] == owner[iu[1]]
+    sims, same = open_set.pair_scores(emb, owner)  # every pair, as verify_threshold scores them
     best = open_set.verify_threshold(emb, owner)
     assert float((sims[~same] >= best[0]).double().mean()) > 0.01  # the best cut alone
     thr, acc, pairs = open_set.verify_threshold(emb, owner, max_far=0.01)
