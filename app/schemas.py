@@ -107,6 +107,16 @@ class FineTuningGain(_Record):
     verify_tar_at_far_0_01: float | None = Field(None, alias="verify_tar_at_far_0.01")
 
 
+class FineTuningInFused(_Record):
+    """Descriptor 'auto' taking fused after the fine-tuned network was kept: the two networks
+    judged again, each beside SFace, on the same held-out people."""
+
+    pretrained: FineTuningFigures | None = None
+    fine_tuned: FineTuningFigures | None = None
+    gain: FineTuningGain | None = None
+    kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
+
+
 class FineTuning(_Record):
     """A pretrained network fine-tuned: both networks judged on people held out of training,
     among themselves (identification and verification of all their photos), and the one kept."""
@@ -120,7 +130,11 @@ class FineTuning(_Record):
     pretrained: FineTuningFigures | None = None
     fine_tuned: FineTuningFigures | None = None
     gain: FineTuningGain | None = None
-    kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
+    kept: str | None = Field(None, description="'fine_tuned' or 'pretrained': the network "
+                             "the model serves")
+    in_fused: FineTuningInFused | None = Field(
+        None, description="with the fused descriptor chosen: the judgement made again in it; "
+        "where it keeps the pretrained network, so does the model (kept)")
     note: str | None = None
 
 

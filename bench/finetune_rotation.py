@@ -19,6 +19,11 @@ with the fine-tuned one (both with the job's first descriptor: flip_mean for 'au
 the network and descriptor the job kept (what a user of the service gets). Accuracy is the
 protocol's: the threshold is chosen on the fold's own pairs; the served model is also measured at
 its own verification threshold (the job's calibration step, :func:`facegrad.pipeline.calibrate`).
+Where the job serves the fused descriptor after fine-tuning, fold k's pairs are also scored
+with the network it did not keep beside SFace (the fusion fitted on the job's photos as the job
+fits it): "fused: pretrained FP" and "fused: fine-tuned FP" are what fine-tuning changes in the
+descriptor the model serves, which the job judges on its held-out people
+(:func:`facegrad.pipeline.choose_descriptor`).
 
 ``--fusion-rules``: where the job served the fused descriptor, the test fold's pairs are also
 scored with other rules for putting its two networks' cosines together (the job's own:
@@ -181,6 +186,7 @@ def main() -> None:
         name = label(overrides)
         gains, kept_tuned, fused, served_fp = {"FP": [], "FF": []}, 0, 0, []
         at_own = {"FP": [], "FF": []}
+        fused_gain, fused_kept = [], 0  # fine-tuning's FP gain in the fused descriptor
         for k in tests:
             cfg = TrainConfig(**({"device": args.device} | overrides))
             pairs = read_pairs(args.data, [k])
@@ -190,6 +196,7 @@ def main() -> None:
             trained = train(cfg, train_folder(args.data, train_people, chips),
                             work / f"{name}-{k}".replace(" ", "_"), pretrained_dir=pretrained_dir)
             secs = time.perf_counter() - t0
+            tuned_state = {n: v.clone() for n, v in trained.model.backbone.state_dict().items()}
             # the job's steps after training, as facegrad.pipeline runs them; the fine-tuned
             # network is scored before the choice, which may put the pretrained weights back
             gallery = build_gallery(cfg, trained)
@@ -197,9 +204,10 @@ def main() -> None:
             tuned_desc = describe(cfg, trained.model, trained.device, test, desc,
                                   gallery.fusion)
             tuned = pair_figures(pairs, tuned_desc)
-            chosen, judged = choose_network(cfg, trained, gallery, pretrained_dir)
-            kept = judged["kept"] if judged else "fine_tuned"
-            served_gallery, choice = choose_descriptor(cfg, trained, chosen)
+            chosen, judged, pre_gallery = choose_network(cfg, trained, gallery, pretrained_dir)
+            served_gallery, choice = choose_descriptor(cfg, trained, chosen, judged,
+                                                       pre_gallery, pretrained_dir)
+            kept = judged["kept"] if judged else "fine_tuned"  # after its fused judgement
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
                 served_desc = describe(cfg, trained.model, trained.device, test,
                                        served_gallery.descriptor, served_gallery.fusion)
@@ -215,6 +223,22 @@ def main() -> None:
             if served_desc is None:
                 served_desc = tuned_desc if kept == "fine_tuned" else pre_desc[k]
             served = pair_figures(pairs, served_desc, own)
+            in_fused = {}  # fused served after fine-tuning: both networks beside SFace
+            if served_gallery.descriptor == "fused" and desc != "fused" and judged:
+                in_fused[kept] = served
+                other = "pretrained" if kept == "fine_tuned" else "fine_tuned"
+                now = {n: v.clone() for n, v in trained.model.backbone.state_dict().items()}
+                trained.model.backbone.load_state_dict(
+                    tuned_state if other == "fine_tuned" else pretrained_state(pretrained_dir))
+                cfg_fused = TrainConfig(**({"device": args.device} | overrides
+                                           | {"descriptor": "fused"}))
+                in_fused[other] = pair_figures(pairs, describe(
+                    cfg, trained.model, trained.device, test, "fused",
+                    fusion_of(cfg_fused, trained)))
+                trained.model.backbone.load_state_dict(now)
+                fused_gain.append(in_fused["fine_tuned"]["FP"]["accuracy"]
+                                  - in_fused["pretrained"]["FP"]["accuracy"])
+                fused_kept += kept == "fine_tuned"
             if args.fusion_rules and served_gallery.descriptor == "fused" and desc != "fused":
                 rule_figs[k] = fusion_rule_figures(pairs, served_desc, served, served_gallery,
                                                    trained.split.held)
@@ -230,16 +254,19 @@ def main() -> None:
                          served_gallery.descriptor,
                          *(f"{served[t]['accuracy']:.4f}" for t in ("FP", "FF")),
                          *(f"{served[t]['accuracy'] - pre_figs[k][t]['accuracy']:+.4f}"
-                           for t in ("FP", "FF")), f"{own:.3f}",
+                           for t in ("FP", "FF")),
+                         *(f"{in_fused[n]['FP']['accuracy']:.4f}" if in_fused else "-"
+                           for n in ("pretrained", "fine_tuned")), f"{own:.3f}",
                          *(f"{served[t]['at_threshold']:.4f}" for t in ("FP", "FF")),
                          f"{secs:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
         summary[name] = gains | {"kept": kept_tuned, "fused": fused, "served_fp": served_fp,
-                                 "at_own": at_own}
+                                 "at_own": at_own, "fused_gain": fused_gain,
+                                 "fused_kept": fused_kept}
     heads = ["setting", "test fold", "job's people", "pretrained FP", "pretrained FF",
              "fine-tuned FP", "fine-tuned FF", "kept", "descriptor", "served FP", "served FF",
-             "served FP gain", "served FF gain", "own threshold", "FP at it", "FF at it",
-             "train s"]
+             "served FP gain", "served FF gain", "fused: pretrained FP", "fused: fine-tuned FP",
+             "own threshold", "FP at it", "FF at it", "train s"]
     print()
     print(table(heads, rows))
     pre_fp = [pre_figs[k]["FP"]["accuracy"] for k in tests]
@@ -249,6 +276,11 @@ def main() -> None:
                      f"gain {mean_sd(s['FP'])}, FF gain {mean_sd(s['FF'])}, fine-tuned network "
                      f"kept in {s['kept']} of {len(tests)} folds, fused descriptor chosen in "
                      f"{s['fused']}")
+        if s["fused_gain"]:
+            lines.append(f"{name}: in the fused descriptor, fine-tuning's FP gain "
+                         f"{mean_sd(s['fused_gain'])} over the {len(s['fused_gain'])} folds that "
+                         f"served it; the job kept the fine-tuned network beside SFace in "
+                         f"{s['fused_kept']}")
         lines.append(f"{name}: at the served model's own verification threshold, FF "
                      f"{mean_sd(s['at_own']['FF'], signed=False)}, FP "
                      f"{mean_sd(s['at_own']['FP'], signed=False)}")

@@ -177,7 +177,7 @@ def main() -> None:
         # networks compared with the job's first descriptor ('auto': flip_mean)
         tuned_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,
                                                   gallery.descriptor, gallery.fusion))
-        _, judged = choose_network(cfg, trained, gallery, pretrained_dir)
+        _, judged, _ = choose_network(cfg, trained, gallery, pretrained_dir)
         if pre_figs is None:  # the pretrained network, as choose_network left it
             trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
             pre_figs = pair_figures(pairs, describe(cfg, trained.model, trained.device,

@@ -61,8 +61,9 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     multi-device run (:func:`facegrad.training.loop.train`)."""
     trained = train(cfg, data, run_dir, hooks, resume, pretrained_dir, dataset_dir)
     gallery = build_gallery(cfg, trained)
-    gallery, fine_tuning = choose_network(cfg, trained, gallery, pretrained_dir)
-    gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery)
+    gallery, fine_tuning, pretrained = choose_network(cfg, trained, gallery, pretrained_dir)
+    gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery, fine_tuning,
+                                                   pretrained, pretrained_dir)
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
         open_set_rec["descriptor_choice"] = descriptor_choice
@@ -95,17 +96,19 @@ def _embed_all(cfg: TrainConfig, net: torch.nn.Module, device: torch.device,
 
 
 def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
-                   pretrained_dir: Path | None) -> tuple[GalleryEmbeddings, dict | None]:
+                   pretrained_dir: Path | None
+                   ) -> tuple[GalleryEmbeddings, dict | None, GalleryEmbeddings | None]:
     """A pretrained architecture fine-tuned with identities held out is compared with the
     pretrained network on them (:func:`open_set.among_themselves`: each of their photos
     identified against their other photos, every pair verified). When fine-tuning made them
     worse, ``trained.model`` gets the pretrained weights back and the gallery is theirs.
 
     Returns (the chosen network's gallery, the comparison record or None when there was none
-    to make)."""
+    to make, the pretrained network's gallery when the fine-tuned one was kept, for
+    :func:`choose_descriptor` to judge the two again in the descriptor it serves)."""
     held = trained.split.held
     if not (architecture(cfg.architecture).pretrained and cfg.epochs and len(held)):
-        return gallery, None
+        return gallery, None, None
     model, full = trained.model, trained.split.full
     honest = torch.from_numpy(held.astype(np.int64))
     tuned_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -125,13 +128,15 @@ def choose_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbe
     }
     if keep_tuned:
         model.backbone.load_state_dict(tuned_state)
-        return gallery, fine_tuning
+        return gallery, fine_tuning, pretrained
     fine_tuning["note"] = ("fine-tuning did not make the network better on the "
                            "held-out people: the model keeps the pretrained network")
-    return pretrained, fine_tuning
+    return pretrained, fine_tuning, None
 
 
-def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings
+def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
+                      fine_tuning: dict | None = None, pretrained: GalleryEmbeddings | None = None,
+                      pretrained_dir: Path | None = None
                       ) -> tuple[GalleryEmbeddings, dict | None]:
     """Descriptor 'auto': the chosen network's flip_mean descriptor, or the fused one (SFace
     beside it) where that tells people the network never trained on apart better.
@@ -144,6 +149,15 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     much per face). On frontal photos both are near perfect and the job keeps flip_mean; on
     faces turned to profile, where dlib's network is weak and the pair together does better
     (docs/identification.md), it takes the pair.
+
+    When fused is taken and :func:`choose_network` kept the fine-tuned network (``pretrained``:
+    the pretrained network's gallery, ``fine_tuning``: that judgement's record), fine-tuning
+    is judged again in the descriptor the model will serve: the fine-tuned network beside
+    SFace against the pretrained one beside SFace, on the same people, by the same rule. A
+    gain dlib's network alone shows may be one SFace already brings; where fine-tuning does
+    not make the fused pair better, the model serves the pretrained network beside SFace,
+    ``fine_tuning`` says so (``kept``, ``in_fused``) and ``trained.model`` gets the pretrained
+    weights back (from ``pretrained_dir``).
 
     Returns (the chosen descriptor's gallery, the comparison record or None when the job named
     its descriptor)."""
@@ -171,9 +185,13 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     part = _sface_part(cfg, trained, rows)
     second = part.new_zeros(len(gallery.owner), part.shape[1])
     second[rows] = part
-    fused, _ = fit_fusion(torch.cat([gallery.emb[rows], part], 1), owner)
+
+    def fused_figures(first: torch.Tensor) -> dict:
+        fused, _ = fit_fusion(torch.cat([first[rows], part], 1), owner)
+        return open_set.among_themselves(fused, owner, honest)
+
     figures = {"flip_mean": open_set.among_themselves(gallery.emb[rows], owner, honest),
-               "fused": open_set.among_themselves(fused, owner, honest)}
+               "fused": fused_figures(gallery.emb)}
     record |= {
         "measured_on": "the people held out of training among themselves: each photo "
                        "identified against their other photos, and every pair verified",
@@ -185,6 +203,19 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
     rest = torch.nonzero(~judged).view(-1)
     if len(rest):
         second[rest] = _sface_part(cfg, trained, rest)
+    if pretrained is not None and fine_tuning is not None:
+        pre = fused_figures(pretrained.emb)
+        keep_tuned = open_set.better(figures["fused"], pre)
+        fine_tuning["in_fused"] = {"pretrained": pre, "fine_tuned": figures["fused"],
+                                   "gain": open_set.gain(figures["fused"], pre),
+                                   "kept": "fine_tuned" if keep_tuned else "pretrained"}
+        if not keep_tuned:
+            trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
+            gallery = pretrained
+            fine_tuning["kept"] = "pretrained"
+            fine_tuning["note"] = ("fine-tuning made dlib's network better on the held-out "
+                                   "people alone but not beside SFace, in the fused descriptor "
+                                   "the model serves: the model keeps the pretrained network")
     emb, fusion = fit_fusion(torch.cat([gallery.emb, second], 1), gallery.owner)
     return GalleryEmbeddings(emb, gallery.owner, "fused", fusion), record
 

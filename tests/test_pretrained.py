@@ -218,6 +218,43 @@ def test_fine_tuning_that_wrecks_the_network_keeps_the_pretrained_one(faces, wei
     assert res.open_set["known_named"] >= 0.95
 
 
+def test_fine_tuning_judged_again_in_the_fused_descriptor(faces, weights_dir, tmp_path,
+                                                         monkeypatch):
+    """When descriptor 'auto' takes fused after the fine-tuned network was kept, the two
+    networks are judged again, each beside SFace, on the same held-out people; where the
+    fine-tuned one is not better there, the model serves the pretrained network beside SFace
+    and says so. The three judgements are forced (ORL's frontal faces tie): fine-tuned kept,
+    fused taken, then the pretrained network beside SFace preferred."""
+    import facegrad.pipeline as pipeline
+
+    verdicts = iter([True, True, False])  # choose_network, choose_descriptor, in fused
+    monkeypatch.setattr(pipeline.open_set, "better", lambda a, b: next(verdicts))
+    cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2)
+    res = run_training_job(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    assert next(verdicts, None) is None  # each judgement made once
+    ft, choice = res.open_set["fine_tuning"], res.open_set["descriptor_choice"]
+    assert choice["chosen"] == "fused"
+    in_fused = ft["in_fused"]
+    assert in_fused["kept"] == ft["kept"] == "pretrained" and "beside SFace" in ft["note"]
+    assert in_fused["fine_tuned"] == choice["fused"]  # the fine-tuned pair the choice measured
+    assert in_fused["pretrained"]["people"] == 2
+    assert in_fused["gain"]["verify_accuracy"] == pytest.approx(
+        in_fused["fine_tuned"]["verify_accuracy"] - in_fused["pretrained"]["verify_accuracy"],
+        abs=2e-4)
+    stored = load_file(str(res.model_path.with_suffix(".safetensors")))
+    ref = pretrained_state(weights_dir)
+    for name in ("fc.weight", "stages.3.3.conv2.weight"):  # the pretrained weights, as read
+        assert torch.equal(stored[f"model.backbone.{name}"], ref[name])
+    lm = LoadedModel(res.model_path.parent)
+    assert lm.meta["preprocessing"]["descriptor"] == "fused" and lm.fusion is not None
+    # the gallery is the pretrained pair's: the served model describes its images so
+    # (other batch shapes: close, not equal)
+    train_images = np.asarray(faces["train"].images)
+    torch.testing.assert_close(lm.embed(train_images[:4]), lm.gallery.emb[:4], atol=1e-4,
+                               rtol=1e-3)
+    assert res.open_set["known_named"] >= 0.95
+
+
 def test_leave_out_scores_leave_out_the_probe_and_its_person():
     # three people, two images each, on orthogonal axes; image 0 of person 0 has a twin
     emb = torch.eye(4)[[0, 0, 1, 1, 2, 3]]

@@ -808,8 +808,12 @@ function fineTuningItem(item, ft) {
   const share = ft.fine_tuned_share != null && ft.fine_tuned_share < 1
     ? ` (${pct(ft.fine_tuned_share)} of the trained weights)` : "";
   const kept = ft.kept === "fine_tuned" ? "fine-tuned" : "pretrained";
+  // descriptor 'auto' took fused: the two networks judged again, each beside SFace
+  const f = ft.in_fused;
+  const fused = f && f.pretrained && f.fine_tuned
+    ? `; beside SFace ${v(f.pretrained)} → ${v(f.fine_tuned)}` : "";
   return item("held-out people", `${(ft.held_out || []).length}: pretrained ${v(ft.pretrained)}` +
-    ` → fine-tuned${share} ${v(ft.fine_tuned)}; kept ${kept}`);
+    ` → fine-tuned${share} ${v(ft.fine_tuned)}${fused}; kept ${kept}`);
 }
 
 /** Descriptor 'auto': flip_mean against fused on the held-out people, and the one kept. */

@@ -190,9 +190,12 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
     ft = (m.get("open_set") or {}).get("fine_tuning") or {}
     v = _held_out_figures
     if ft.get("pretrained") and ft.get("fine_tuned"):
+        f = ft.get("in_fused") or {}  # descriptor 'auto' took fused: judged again beside SFace
+        fused = (f"; beside SFace {v(f['pretrained'])} -> {v(f['fine_tuned'])}"
+                 if f.get("pretrained") and f.get("fine_tuned") else "")
         rows.insert(-2, ("held-out people", f"{len(ft.get('held_out') or [])}: pretrained "
-                         f"{v(ft['pretrained'])} -> fine-tuned {v(ft['fine_tuned'])}; kept "
-                         f"{ft.get('kept', '-').replace('_', '-')}"))
+                         f"{v(ft['pretrained'])} -> fine-tuned {v(ft['fine_tuned'])}{fused}; "
+                         f"kept {ft.get('kept', '-').replace('_', '-')}"))
     dc = (m.get("open_set") or {}).get("descriptor_choice") or {}
     if dc.get("flip_mean") and dc.get("fused"):
         rows.insert(-2, ("descriptor", f"flip_mean {v(dc['flip_mean'])} -> fused "
