@@ -1,0 +1,255 @@
+"""The CUDA path beside the CPU path, in one run on a machine with a GPU.
+
+    python bench/cuda_check.py [--skip-cpu-job]
+
+Three checks, each printed with MET / MISSED:
+
+1. Clip modes. The default job's network (dlib's pretrained ResNet in ``PretrainedFace``) takes
+   one backward pass on the same 16 ORL chips on the CPU and on the GPU, in float32 with TF32
+   off, so the two sets of gradients differ only by kernel rounding. Every registered clip mode
+   but ``per_example`` (check 3) then clips both sets, with its knob set so that it bites. Bar:
+   the clipped gradients agree within 1e-3 relative (``torch.testing.assert_close``; never exact,
+   the kernels differ) and both devices agree on whether the step was clipped.
+2. The default job (``TrainConfig()``: fine-tuning, calibration, descriptor choice, saved
+   model) on 12 ORL people, once with ``device='cuda'`` (autocast and channels_last, as the
+   service runs it) and once on the CPU. Each saved model is loaded as identify loads it
+   (``LoadedModel``, on the CPU) and names the 12 people's other photos and rejects 4 strangers.
+   Bar: the CUDA-trained model names >= 0.95 and rejects >= 0.95, as the CPU one does in
+   tests/test_pretrained.py. The job times are printed side by side (a ratio, same run).
+3. A private job (clip mode ``per_example`` with ``privacy``: Opacus' per-sample gradients and
+   accountant) on the GPU. Bar: it finishes, every example is clipped one by one, and the epsilon
+   it reports is at most its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+from _common import footer, header, pretrained_dir, table
+
+import numpy as np  # isort: skip
+import torch  # isort: skip
+
+N_IDS = 12
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+def orl_chips():
+    """The split tests/test_pretrained.py uses: 12 people's training photos, their test
+    photos, and 4 strangers' photos, as aligned 150x150 chips."""
+    from facegrad.data.imageio import decode_image
+    from facegrad.data.store import FaceArrays
+    from facegrad.recognition.detect import crop_one
+    from testkit.harness import orl_split
+
+    tr, te = orl_split()
+    names = sorted(tr)
+
+    def chips(split, ids):
+        paths = [p for n in ids for p in split[n]]
+        x = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
+        return x, np.array([i for i, n in enumerate(ids) for _ in split[n]])
+
+    known, strangers = names[:N_IDS], names[N_IDS:N_IDS + 4]
+    x, y = chips(tr, known)
+    xt, yt = chips(te, known)
+    xs, _ = chips({n: tr[n] + te[n] for n in strangers}, strangers)
+    return FaceArrays(x, y, known), (xt, yt), xs
+
+
+def knobs(grads: list[torch.Tensor]) -> list[dict]:
+    """One setting per mode that clips these gradients (the defaults where they already do)."""
+    flat = torch.cat([g.flatten() for g in grads])
+    pre, top = float(flat.norm()), float(flat.abs().max())
+    return [
+        {"mode": "none"},
+        {"mode": "value", "clip_value": 0.1 * top},
+        {"mode": "norm", "max_norm": 0.5 * pre},
+        {"mode": "norm", "max_norm": 0.5 * top, "norm_type": "inf"},
+        {"mode": "threshold", "alpha": 0.9},
+        {"mode": "threshold", "alpha": 0.9, "scope": "per_tensor"},
+        {"mode": "agc", "clip_factor": 0.01},
+        {"mode": "autoclip", "percentile": 10.0, "warmup_steps": 0},
+    ]
+
+
+def check_clip_modes(chips, device: torch.device) -> bool:
+    from pydantic import TypeAdapter
+
+    from facegrad.clipping import CLIP_MODES, build_clipper
+    from facegrad.clipping.modes import clip_config_union
+    from facegrad.data.preprocess import to_unit
+    from facegrad.recognition.models import PretrainedFace, forward_logits
+    from facegrad.training.loop import pretrained_state
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    net = PretrainedFace(N_IDS)
+    net.backbone.load_state_dict(pretrained_state(pretrained_dir()))
+    x = to_unit(torch.from_numpy(chips.images[:16]).permute(0, 3, 1, 2).contiguous())
+    y = torch.from_numpy(chips.labels[:16]).long()
+    models = {}
+    for key, dev in (("cpu", torch.device("cpu")), ("cuda", device)):
+        m = copy.deepcopy(net).to(dev).train()
+        logits = forward_logits(m, x.to(dev), y.to(dev))[1]
+        torch.nn.functional.cross_entropy(logits, y.to(dev)).backward()
+        models[key] = m
+    base = {k: [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]
+            for k, m in models.items()}
+    torch.testing.assert_close(base["cuda"], [g.to(device) for g in base["cpu"]],
+                               rtol=1e-3, atol=1e-5)
+    adapter = TypeAdapter(clip_config_union())
+    rows, ok_all = [], True
+    seen = set()
+    for setting in knobs(base["cpu"]):
+        cfg = adapter.validate_python(setting)
+        seen.add(cfg.mode)
+        out = {}
+        for k, m in models.items():
+            params = [p for p in m.parameters() if p.grad is not None]
+            for p, g in zip(params, base[k]):
+                p.grad.copy_(g)
+            res = build_clipper(cfg, m)(params)
+            out[k] = ([p.grad.detach().cpu() for p in params], res)
+        (g_cpu, r_cpu), (g_gpu, r_gpu) = out["cpu"], out["cuda"]
+        flat_cpu, flat_gpu = torch.cat([g.flatten() for g in g_cpu]), torch.cat(
+            [g.flatten() for g in g_gpu])
+        rel = float((flat_cpu - flat_gpu).norm() / flat_cpu.norm().clamp_min(1e-30))
+        try:
+            torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-3, atol=1e-3 * float(
+                flat_cpu.abs().max()))
+            close = True
+        except AssertionError:
+            close = False
+        same_call = bool(r_cpu.clipped) == bool(r_gpu.clipped)
+        ok = close and same_call
+        ok_all &= ok
+        label = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in setting.items() if k != "mode")
+        rows.append([setting["mode"] + (f" ({label})" if label else ""),
+                     bool(r_cpu.clipped), bool(r_gpu.clipped), int(r_cpu.zeroed),
+                     int(r_gpu.zeroed), f"{rel:.1e}", verdict(ok)])
+    print(table(["mode (setting)", "clipped cpu", "clipped cuda", "zeroed cpu", "zeroed cuda",
+                 "|g_cuda - g_cpu| / |g_cpu|", "agree"], rows))
+    missing = set(CLIP_MODES) - seen - {"per_example"}
+    if missing:
+        print(f"modes not checked here: {', '.join(sorted(missing))}")
+        ok_all = False
+    print(f"clip modes on CUDA agree with the CPU: {verdict(ok_all)}")
+    return ok_all
+
+
+def named_and_rejected(model_dir: Path, test, strangers, names) -> tuple[float, float]:
+    from facegrad.recognition.inference import LoadedModel
+
+    lm = LoadedModel(model_dir)
+    xt, yt = test
+    named = [m[0] for m in lm.match(lm.embed(xt))]
+    known = float(np.mean([a == names[i] for a, i in zip(named, yt)]))
+    rejected = float(np.mean([m[0] is None for m in lm.match(lm.embed(strangers))]))
+    return known, rejected
+
+
+def check_default_job(chips, test, strangers, device: torch.device, with_cpu: bool) -> bool:
+    from facegrad.pipeline import run_training_job
+    from facegrad.training.config import TrainConfig
+
+    rows, ok = [], True
+    devices = [device] + ([torch.device("cpu")] if with_cpu else [])
+    for k, dev in enumerate(devices):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = run_training_job(TrainConfig(device=dev.type), chips, Path(tmp) / "run",
+                                   pretrained_dir=pretrained_dir())
+            took = time.perf_counter() - t0
+            known, rejected = named_and_rejected(res.model_path.parent, test, strangers,
+                                                 chips.names)
+        os_ = res.open_set
+        ft = os_.get("fine_tuning", {})
+        last = res.history[-1] if res.history else {}
+        rows.append([res.info["device"], f"{took:.1f}", len(res.history),
+                     last.get("train_acc"),
+                     ft.get("kept"), res.model_meta["preprocessing"]["descriptor"], known,
+                     rejected])
+        if k == 0:
+            ok = known >= 0.95 and rejected >= 0.95 and res.info["device"].startswith(
+                device.type)
+    print(table(["trained on", "job s", "epochs", "train acc (last)", "network kept",
+                 "descriptor", "test photos named", "strangers rejected"], rows))
+    if with_cpu:
+        print(f"job time cuda / cpu: {float(rows[0][1]) / float(rows[1][1]):.2f}x")
+    print(f"default job trained on CUDA names and rejects >= 0.95: {verdict(ok)}")
+    return ok
+
+
+def check_private_job(chips, test, strangers, device: torch.device) -> bool:
+    from facegrad.pipeline import run_training_job
+    from facegrad.training.config import TrainConfig
+
+    target = 8.0
+    cfg = TrainConfig.model_validate({
+        "device": device.type, "epochs": 2,
+        "clip": {"mode": "per_example", "max_norm": 1.0},
+        "privacy": {"target_epsilon": target, "delta": 1e-3}})
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run_training_job(cfg, chips, Path(tmp) / "run", pretrained_dir=pretrained_dir())
+        took = time.perf_counter() - t0
+        known, rejected = named_and_rejected(res.model_path.parent, test, strangers,
+                                             chips.names)
+    priv = res.model_meta.get("privacy") or {}
+    eps = priv.get("epsilon")
+    per_example = [h["clipping"].get("examples", {}) for h in res.history]
+    counted = sum(e.get("count", 0) for e in per_example)
+    print(table(["device", "job s", "epsilon (target)", "delta", "examples clipped one by one",
+                 "test photos named", "strangers rejected"],
+                [[res.info["device"], f"{took:.1f}", f"{eps} ({target})", priv.get("delta"),
+                  counted, known, rejected]]))
+    ok = eps is not None and 0 < eps <= target and counted > 0 \
+        and res.info["device"].startswith(device.type)
+    print(f"private job on CUDA finishes within its epsilon: {verdict(ok)}")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-cpu-job", action="store_true",
+                    help="train the default job on the GPU only (no CPU run beside it)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a dry run of this script on a machine without a GPU (the CPU "
+                    "checked against itself)")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/cuda_check.py needs a CUDA device (or --device cpu for a dry run)")
+    device = torch.device(args.device)
+    header("cuda_check: the CUDA path beside the CPU", device)
+    chips, test, strangers = orl_chips()
+    results = {}
+    for name, check in (
+            ("clip modes", lambda: check_clip_modes(chips, device)),
+            ("default job", lambda: check_default_job(chips, test, strangers, device,
+                                                      not args.skip_cpu_job)),
+            ("private job", lambda: check_private_job(chips, test, strangers, device))):
+        print(f"\n-- {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = check()
+        except Exception as e:  # report and go on: one broken path should not hide the others
+            print(f"{name}: failed with {type(e).__name__}: {e}")
+            results[name] = False
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\n" + ", ".join(f"{k}: {verdict(v)}" for k, v in results.items()))
+    footer()
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
