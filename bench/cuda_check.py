@@ -8,8 +8,10 @@ Three checks, each printed with MET / MISSED:
    one backward pass on the same 16 ORL chips on the CPU and on the GPU, in float32 with TF32
    off, so the two sets of gradients differ only by kernel rounding. Every registered clip mode
    but ``per_example`` (check 3) then clips both sets, with its knob set so that it bites. Bar:
-   the clipped gradients agree within 1e-3 relative (``torch.testing.assert_close``; never exact,
-   the kernels differ) and both devices agree on whether the step was clipped.
+   the clipped gradients differ by at most 1e-3 of their norm, at most 1e-4 of the elements are
+   off by more than 1e-3 of their tensor's largest (a threshold mode may zero an element lying
+   within rounding of T on one device only), and both devices agree on whether the step was
+   clipped. Never exact equality: the kernels differ.
 2. The default job (``TrainConfig()``: fine-tuning, calibration, descriptor choice, saved
    model) on 12 ORL people, once with ``device='cuda'`` (autocast and channels_last, as the
    service runs it) and once on the CPU. Each saved model is loaded as identify loads it
@@ -80,6 +82,17 @@ def knobs(grads: list[torch.Tensor]) -> list[dict]:
     ]
 
 
+def disagreement(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+    """(|got - want| / |want| over all elements, the share of elements that differ by more than
+    1e-3 of their tensor's largest magnitude): a scale-aware comparison, since a gradient
+    element near zero can differ by a large factor through rounding alone."""
+    diff = torch.cat([(g - w).flatten() for g, w in zip(got, want)])
+    ref = torch.cat([w.flatten() for w in want])
+    scale = torch.cat([torch.full((w.numel(),), float(w.abs().max())) for w in want])
+    off = diff.abs() > 1e-3 * scale
+    return float(diff.norm() / ref.norm().clamp_min(1e-30)), float(off.float().mean())
+
+
 def check_clip_modes(chips, device: torch.device) -> bool:
     from pydantic import TypeAdapter
 
@@ -104,8 +117,9 @@ def check_clip_modes(chips, device: torch.device) -> bool:
         models[key] = m
     base = {k: [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]
             for k, m in models.items()}
-    torch.testing.assert_close(base["cuda"], [g.to(device) for g in base["cpu"]],
-                               rtol=1e-3, atol=1e-5)
+    rel0, off0 = disagreement([g.cpu() for g in base["cuda"]], base["cpu"])
+    print(f"gradients before clipping: |g_cuda - g_cpu| / |g_cpu| = {rel0:.1e}, elements off "
+          f"by more than 1e-3 of their tensor's largest: {off0:.1e}")
     adapter = TypeAdapter(clip_config_union())
     rows, ok_all = [], True
     seen = set()
@@ -120,15 +134,10 @@ def check_clip_modes(chips, device: torch.device) -> bool:
             res = build_clipper(cfg, m)(params)
             out[k] = ([p.grad.detach().cpu() for p in params], res)
         (g_cpu, r_cpu), (g_gpu, r_gpu) = out["cpu"], out["cuda"]
-        flat_cpu, flat_gpu = torch.cat([g.flatten() for g in g_cpu]), torch.cat(
-            [g.flatten() for g in g_gpu])
-        rel = float((flat_cpu - flat_gpu).norm() / flat_cpu.norm().clamp_min(1e-30))
-        try:
-            torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-3, atol=1e-3 * float(
-                flat_cpu.abs().max()))
-            close = True
-        except AssertionError:
-            close = False
+        rel, off = disagreement(g_gpu, g_cpu)
+        # threshold modes zero the elements above T: an element within rounding of T may fall
+        # on either side, so a few elements may differ outright
+        close = rel <= 1e-3 and off <= 1e-4
         same_call = bool(r_cpu.clipped) == bool(r_gpu.clipped)
         ok = close and same_call
         ok_all &= ok
@@ -136,9 +145,9 @@ def check_clip_modes(chips, device: torch.device) -> bool:
                          for k, v in setting.items() if k != "mode")
         rows.append([setting["mode"] + (f" ({label})" if label else ""),
                      bool(r_cpu.clipped), bool(r_gpu.clipped), int(r_cpu.zeroed),
-                     int(r_gpu.zeroed), f"{rel:.1e}", verdict(ok)])
+                     int(r_gpu.zeroed), f"{rel:.1e}", f"{off:.1e}", verdict(ok)])
     print(table(["mode (setting)", "clipped cpu", "clipped cuda", "zeroed cpu", "zeroed cuda",
-                 "|g_cuda - g_cpu| / |g_cpu|", "agree"], rows))
+                 "|g_cuda - g_cpu| / |g_cpu|", "elements off", "agree"], rows))
     missing = set(CLIP_MODES) - seen - {"per_example"}
     if missing:
         print(f"modes not checked here: {', '.join(sorted(missing))}")
