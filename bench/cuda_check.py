@@ -9,8 +9,9 @@ Three checks, each printed with MET / MISSED:
    off, so the two sets of gradients differ only by kernel rounding. Every registered clip mode
    but ``per_example`` (check 3) then clips both sets, with its knob set so that it bites. Bar:
    the clipped gradients differ by at most 1e-3 of their norm, at most 1e-4 of the elements are
-   off by more than 1e-3 of their tensor's largest (a threshold mode may zero an element lying
-   within rounding of T on one device only), and both devices agree on whether the step was
+   off by more than 1e-3 of their tensor's largest before clipping (a threshold mode may zero
+   an element lying within rounding of T on one device only), and both devices agree on
+   whether the step was
    clipped. Never exact equality: the kernels differ.
 2. The default job (``TrainConfig()``: fine-tuning, calibration, descriptor choice, saved
    model) on 12 ORL people, once with ``device='cuda'`` (autocast and channels_last, as the
@@ -82,13 +83,15 @@ def knobs(grads: list[torch.Tensor]) -> list[dict]:
     ]
 
 
-def disagreement(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+def disagreement(got: list[torch.Tensor], want: list[torch.Tensor],
+                 unclipped: list[torch.Tensor]) -> tuple[float, float]:
     """(|got - want| / |want| over all elements, the share of elements that differ by more than
-    1e-3 of their tensor's largest magnitude): a scale-aware comparison, since a gradient
-    element near zero can differ by a large factor through rounding alone."""
+    1e-3 of the largest element of their tensor's ``unclipped`` gradient): a comparison by
+    scale, since an element near zero can differ by a large factor through rounding alone,
+    and by the scale before clipping, which a mode such as AGC shrinks for some tensors only."""
     diff = torch.cat([(g - w).flatten() for g, w in zip(got, want)])
     ref = torch.cat([w.flatten() for w in want])
-    scale = torch.cat([torch.full((w.numel(),), float(w.abs().max())) for w in want])
+    scale = torch.cat([torch.full((u.numel(),), float(u.abs().max())) for u in unclipped])
     off = diff.abs() > 1e-3 * scale
     return float(diff.norm() / ref.norm().clamp_min(1e-30)), float(off.float().mean())
 
@@ -117,7 +120,7 @@ def check_clip_modes(chips, device: torch.device) -> bool:
         models[key] = m
     base = {k: [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]
             for k, m in models.items()}
-    rel0, off0 = disagreement([g.cpu() for g in base["cuda"]], base["cpu"])
+    rel0, off0 = disagreement([g.cpu() for g in base["cuda"]], base["cpu"], base["cpu"])
     print(f"gradients before clipping: |g_cuda - g_cpu| / |g_cpu| = {rel0:.1e}, elements off "
           f"by more than 1e-3 of their tensor's largest: {off0:.1e}")
     adapter = TypeAdapter(clip_config_union())
@@ -134,7 +137,7 @@ def check_clip_modes(chips, device: torch.device) -> bool:
             res = build_clipper(cfg, m)(params)
             out[k] = ([p.grad.detach().cpu() for p in params], res)
         (g_cpu, r_cpu), (g_gpu, r_gpu) = out["cpu"], out["cuda"]
-        rel, off = disagreement(g_gpu, g_cpu)
+        rel, off = disagreement(g_gpu, g_cpu, base["cpu"])
         # threshold modes zero the elements above T: an element within rounding of T may fall
         # on either side, so a few elements may differ outright
         close = rel <= 1e-3 and off <= 1e-4
