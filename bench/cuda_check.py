@@ -11,8 +11,7 @@ Three checks, each printed with MET / MISSED:
    the clipped gradients differ by at most 1e-3 of their norm, at most 1e-4 of the elements are
    off by more than 1e-3 of their tensor's largest before clipping (a threshold mode may zero
    an element lying within rounding of T on one device only), and both devices agree on
-   whether the step was
-   clipped. Never exact equality: the kernels differ.
+   whether the step was clipped. Never exact equality: the kernels differ.
 2. The default job (``TrainConfig()``: fine-tuning, calibration, descriptor choice, saved
    model) on 12 ORL people, once with ``device='cuda'`` (autocast and channels_last, as the
    service runs it) and once on the CPU. Each saved model is loaded as identify loads it

@@ -376,6 +376,12 @@ BENCHMARKS: list[Bench] = [
         full=("--device", "cuda"), quick=("--device", "cuda", "--rounds", "2"), cuda=True,
         headline="descriptor_speed: "),
     Bench(
+        "cuda_check", "cuda_check.py",
+        "every clip mode on the same gradients on the GPU and the CPU; the default job and a "
+        "private job trained on the GPU, their models identifying ORL photos as identify "
+        "loads them.", "clip modes agree; jobs name and reject >= 0.95; epsilon <= target",
+        full=(), quick=("--skip-cpu-job",), cuda=True),
+    Bench(
         "ddp_scaling_cuda", "ddp_scaling.py",
         "ddp_scaling over 1, 2, 4, ... up to every GPU (NCCL; dlib_resnet by default).", "",
         full=("--device", "cuda"), quick=("--device", "cuda", "--images", "1000"), cuda=True,
