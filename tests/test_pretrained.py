@@ -113,12 +113,20 @@ def _check_descriptor_choice(res, lm: LoadedModel, people: int) -> None:
     assert (lm.fusion is not None) == (want == "fused")
 
 
-def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_path):
+@pytest.fixture(scope="module")
+def fused_job(faces, weights_dir, tmp_path_factory):
+    """The pretrained network as it is with descriptor 'fused' named (read, not changed, by
+    the tests that use it)."""
+    return run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
+                            faces["train"], tmp_path_factory.mktemp("fused") / "run",
+                            pretrained_dir=weights_dir)
+
+
+def test_fused_descriptor_model_identifies_and_rejects(faces, fused_job):
     """descriptor 'fused': the gallery, the thresholds and identify use dlib's and SFace's
     descriptors side by side (256-d, unit length), SFace's centred and the two weighed on the
     job's images; the saved model says so, and describes a face as its gallery does."""
-    res = run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
-                           faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
+    res = fused_job
     assert res.open_set["known_named"] >= 0.95 and res.open_set["strangers_rejected"] >= 0.95
     lm = LoadedModel(res.model_path.parent)
     assert lm.meta["preprocessing"]["descriptor"] == "fused"
@@ -141,16 +149,15 @@ def test_fused_descriptor_model_identifies_and_rejects(faces, weights_dir, tmp_p
     assert np.mean([a is None for a in _identify(lm, faces["strangers"])]) >= 0.95
 
 
-def test_auto_taking_fused_serves_what_a_fused_job_would(faces, weights_dir, tmp_path,
-                                                         monkeypatch):
+def test_auto_taking_fused_serves_what_a_fused_job_would(faces, weights_dir, fused_job,
+                                                         tmp_path, monkeypatch):
     """When descriptor 'auto' judges fused better, the model is the one a job naming fused
     makes: SFace's part computed beside the gallery's flip_mean rows (not a second pass of
     dlib's network) gives the same gallery, fusion and served descriptors. The judgement is
     forced here (ORL's frontal faces tie, which keeps flip_mean)."""
     import facegrad.pipeline as pipeline
 
-    named = run_training_job(TrainConfig(epochs=0, device="cpu", descriptor="fused"),
-                             faces["train"], tmp_path / "named", pretrained_dir=weights_dir)
+    named = fused_job
     monkeypatch.setattr(pipeline.open_set, "better", lambda a, b: True)
     auto = run_training_job(TrainConfig(epochs=0, device="cpu"), faces["train"],
                             tmp_path / "auto", pretrained_dir=weights_dir)
