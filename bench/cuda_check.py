@@ -7,7 +7,8 @@ Three checks, each printed with MET / MISSED:
 1. Clip modes. The default job's network (dlib's pretrained ResNet in ``PretrainedFace``) takes
    one backward pass on the same 16 ORL chips on the CPU and on the GPU, in float32 with TF32
    off, so the two sets of gradients differ only by kernel rounding. Every registered clip mode
-   but ``per_example`` (check 3) then clips both sets, with its knob set so that it bites. Bar:
+   but ``per_example`` (check 3) then clips both sets, with its knob set so that it bites
+   (AutoClip's first step cannot: the percentile of one norm is that norm). Bar:
    the clipped gradients differ by at most 1e-3 of their norm, at most 1e-4 of the elements are
    off by more than 1e-3 of their tensor's largest before clipping (a threshold mode may zero
    an element lying within rounding of T on one device only), and both devices agree on
@@ -19,8 +20,8 @@ Three checks, each printed with MET / MISSED:
    Bar: the CUDA-trained model names >= 0.95 and rejects >= 0.95, as the CPU one does in
    tests/test_pretrained.py. The job times are printed side by side (a ratio, same run).
 3. A private job (clip mode ``per_example`` with ``privacy``: Opacus' per-sample gradients and
-   accountant) on the GPU. Bar: it finishes, every example is clipped one by one, and the epsilon
-   it reports is at most its target.
+   accountant) on the GPU. Bar: it finishes with examples clipped one by one (its telemetry
+   counts them) and an epsilon at most its target.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def disagreement(got: list[torch.Tensor], want: list[torch.Tensor],
 
 
 def check_clip_modes(chips, device: torch.device) -> bool:
+    """Check 1, in float32 with TF32 off on both devices."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _check_clip_modes(chips, device)
+    finally:  # the jobs after this check run as the service runs them
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _check_clip_modes(chips, device: torch.device) -> bool:
     from pydantic import TypeAdapter
 
     from facegrad.clipping import CLIP_MODES, build_clipper
@@ -104,8 +115,6 @@ def check_clip_modes(chips, device: torch.device) -> bool:
     from facegrad.recognition.models import PretrainedFace, forward_logits
     from facegrad.training.loop import pretrained_state
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     net = PretrainedFace(N_IDS)
     net.backbone.load_state_dict(pretrained_state(pretrained_dir()))
