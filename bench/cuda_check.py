@@ -44,29 +44,6 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
-def orl_chips():
-    """The split tests/test_pretrained.py uses: 12 people's training photos, their test
-    photos, and 4 strangers' photos, as aligned 150x150 chips."""
-    from facegrad.data.imageio import decode_image
-    from facegrad.data.store import FaceArrays
-    from facegrad.recognition.detect import crop_one
-    from testkit.harness import orl_split
-
-    tr, te = orl_split()
-    names = sorted(tr)
-
-    def chips(split, ids):
-        paths = [p for n in ids for p in split[n]]
-        x = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
-        return x, np.array([i for i, n in enumerate(ids) for _ in split[n]])
-
-    known, strangers = names[:N_IDS], names[N_IDS:N_IDS + 4]
-    x, y = chips(tr, known)
-    xt, yt = chips(te, known)
-    xs, _ = chips({n: tr[n] + te[n] for n in strangers}, strangers)
-    return FaceArrays(x, y, known), (xt, yt), xs
-
-
 def knobs(grads: list[torch.Tensor]) -> list[dict]:
     """One setting per mode that clips these gradients (the defaults where they already do)."""
     flat = torch.cat([g.flatten() for g in grads])
@@ -251,7 +228,9 @@ def main() -> int:
         raise SystemExit("bench/cuda_check.py needs a CUDA device (or --device cpu for a dry run)")
     device = torch.device(args.device)
     header("cuda_check: the CUDA path beside the CPU", device)
-    chips, test, strangers = orl_chips()
+    from testkit.harness import orl_chips
+
+    chips, test, strangers = orl_chips(N_IDS, 4)  # the split tests/test_pretrained.py uses
     results = {}
     for name, check in (
             ("clip modes", lambda: check_clip_modes(chips, device)),

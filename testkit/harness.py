@@ -187,6 +187,30 @@ def orl_split(k_test: int = 3, seed: int = 1234):
     return train, test
 
 
+def orl_chips(known: int, strangers: int):
+    """``orl_split`` as aligned 150×150 chips, in process: the first ``known`` people's training
+    photos (a FaceArrays), their test photos ``(images, labels)``, and every photo of the next
+    ``strangers`` people (images)."""
+    import numpy as np
+
+    from facegrad.data.imageio import decode_image
+    from facegrad.data.store import FaceArrays
+    from facegrad.recognition.detect import crop_one
+
+    tr, te = orl_split()
+    names = sorted(tr)
+
+    def chips(split, ids):
+        paths = [p for n in ids for p in split[n]]
+        x = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
+        return x, np.array([i for i, n in enumerate(ids) for _ in split[n]])
+
+    ids, others = names[:known], names[known:known + strangers]
+    x, y = chips(tr, ids)
+    xs, _ = chips({n: tr[n] + te[n] for n in others}, others)
+    return FaceArrays(x, y, ids), chips(te, ids), xs
+
+
 def zip_of(folder: dict[str, list[Path]]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

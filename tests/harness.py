@@ -10,6 +10,7 @@ from testkit.harness import (  # noqa: F401
     accuracy,
     free_port,
     identify_all,
+    orl_chips,
     orl_folder,
     orl_split,
     post_dataset,

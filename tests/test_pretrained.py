@@ -11,10 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from facegrad.data.imageio import decode_image
-from facegrad.data.store import FaceArrays
 from facegrad.pipeline import run_training_job
-from facegrad.recognition.detect import crop_one
 from facegrad.recognition.inference import LoadedModel
 from facegrad.recognition.open_set import (
     better,
@@ -23,7 +20,7 @@ from facegrad.recognition.open_set import (
 )
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import pretrained_state
-from tests.harness import ORL, orl_split
+from tests.harness import ORL, orl_chips
 
 N_IDS = 12  # people trained / enrolled; the next 4 are strangers
 
@@ -32,19 +29,8 @@ N_IDS = 12  # people trained / enrolled; the next 4 are strangers
 def faces():
     if not ORL.is_dir():
         pytest.skip(f"shared face data not found at {ORL}")
-    tr, te = orl_split()
-    names = sorted(tr)
-
-    def chips(split, ids):
-        paths = [p for n in ids for p in split[n]]
-        x = np.stack([crop_one(decode_image(p.read_bytes(), filename=p.name)) for p in paths])
-        return x, np.array([i for i, n in enumerate(ids) for _ in split[n]])
-
-    known, strangers = names[:N_IDS], names[N_IDS:N_IDS + 4]
-    x, y = chips(tr, known)
-    xt, yt = chips(te, known)
-    xs, _ = chips({n: tr[n] + te[n] for n in strangers}, strangers)
-    return {"train": FaceArrays(x, y, known), "test": (xt, yt), "strangers": xs}
+    train, test, strangers = orl_chips(N_IDS, 4)
+    return {"train": train, "test": test, "strangers": strangers}
 
 
 @pytest.fixture(scope="module")
