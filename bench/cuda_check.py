@@ -159,20 +159,19 @@ def check_default_job(chips, test, strangers, device: torch.device, with_cpu: bo
     from facegrad.pipeline import run_training_job
     from facegrad.training.config import TrainConfig
 
-    rows, ok = [], True
+    rows, times, ok = [], [], False
     devices = [device] + ([torch.device("cpu")] if with_cpu else [])
     for k, dev in enumerate(devices):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             res = run_training_job(TrainConfig(device=dev.type), chips, Path(tmp) / "run",
                                    pretrained_dir=pretrained_dir())
-            took = time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
             known, rejected = named_and_rejected(res.model_path.parent, test, strangers,
                                                  chips.names)
-        os_ = res.open_set
-        ft = os_.get("fine_tuning", {})
+        ft = res.open_set.get("fine_tuning", {})
         last = res.history[-1] if res.history else {}
-        rows.append([res.info["device"], f"{took:.1f}", len(res.history),
+        rows.append([res.info["device"], f"{times[-1]:.1f}", len(res.history),
                      last.get("train_acc"),
                      ft.get("kept"), res.model_meta["preprocessing"]["descriptor"], known,
                      rejected])
@@ -182,7 +181,7 @@ def check_default_job(chips, test, strangers, device: torch.device, with_cpu: bo
     print(table(["trained on", "job s", "epochs", "train acc (last)", "network kept",
                  "descriptor", "test photos named", "strangers rejected"], rows))
     if with_cpu:
-        print(f"job time cuda / cpu: {float(rows[0][1]) / float(rows[1][1]):.2f}x")
+        print(f"job time cuda / cpu: {times[0] / times[1]:.2f}x")
     print(f"default job trained on CUDA names and rejects >= 0.95: {verdict(ok)}")
     return ok
 
