@@ -152,6 +152,21 @@ class DescriptorChoice(_Record):
     note: str | None = None
 
 
+class SFaceFineTuning(_Record):
+    """A model serving the fused descriptor: SFace fine-tuned on the people trained on
+    (sface_epochs), judged against SFace as it is on the held-out people, in the fused
+    descriptor; the one kept (preprocessing.sface)."""
+
+    epochs: int | None = None
+    seconds: float | None = None
+    measured_on: str | None = None
+    pretrained: FineTuningFigures | None = None
+    fine_tuned: FineTuningFigures | None = None
+    gain: FineTuningGain | None = Field(None, description="fine-tuned minus pretrained SFace")
+    kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
+    note: str | None = Field(None, description="why SFace was not fine-tuned, where it was not")
+
+
 class OpenSetFigures(_Record):
     """What calibration measured and chose (a model's ``open_set``)."""
 
@@ -179,6 +194,7 @@ class OpenSetFigures(_Record):
     held_out: list[str] | None = None
     fine_tuning: FineTuning | None = None
     descriptor_choice: DescriptorChoice | None = None
+    sface_fine_tuning: SFaceFineTuning | None = None
     note: str | None = None
 
 

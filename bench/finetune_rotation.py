@@ -134,7 +134,13 @@ def rule_table(rule_figs: dict[int, dict], confirm: int | None) -> list[str]:
 
 
 def main() -> None:
-    from facegrad.pipeline import build_gallery, calibrate, choose_descriptor, choose_network
+    from facegrad.pipeline import (
+        build_gallery,
+        calibrate,
+        choose_descriptor,
+        choose_network,
+        tune_second_network,
+    )
     from facegrad.recognition.architectures import architecture
     from facegrad.recognition.gallery import embed
     from facegrad.training.config import TrainConfig
@@ -207,6 +213,10 @@ def main() -> None:
             chosen, judged, pre_gallery = choose_network(cfg, trained, gallery, pretrained_dir)
             served_gallery, choice = choose_descriptor(cfg, trained, chosen, judged,
                                                        pre_gallery, pretrained_dir)
+            served_gallery, sface_tuning = tune_second_network(cfg, trained, served_gallery)
+            if sface_tuning is not None:
+                print(f"fold {k}: SFace fine-tuning kept {sface_tuning['kept']}, gain "
+                      f"{sface_tuning.get('gain')}", flush=True)
             kept = judged["kept"] if judged else "fine_tuned"  # after its fused judgement
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
                 served_desc = describe(cfg, trained.model, trained.device, test,

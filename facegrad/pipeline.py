@@ -1,5 +1,5 @@
 """A training job's steps, in order: train → build the gallery → choose the network → choose
-the descriptor → calibrate → save the model.
+the descriptor → fine-tune the fused descriptor's second network → calibrate → save the model.
 
 :func:`run_training_job` runs them; each step is a function of its own. Above both
 :mod:`facegrad.training` (the weights) and :mod:`facegrad.recognition` (galleries and open-set
@@ -8,7 +8,8 @@ thresholds); the service calls it with hooks that record progress, and knows the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from facegrad.data.preprocess import PREPROCESSING_VERSION, STORE_SIZE
 from facegrad.data.store import FaceArrays
 from facegrad.recognition import open_set, sface
 from facegrad.recognition.architectures import architecture
-from facegrad.recognition.gallery import Fusion, embed, fit_fusion, holdout_identities
+from facegrad.recognition.gallery import (
+    Fusion,
+    embed,
+    fit_fusion,
+    fused_parts,
+    holdout_identities,
+)
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import Hooks, TrainedModel, pretrained_state, train
 
@@ -47,6 +54,7 @@ class GalleryEmbeddings:
     owner: torch.Tensor
     descriptor: str = "flip_mean"
     fusion: Fusion | None = None
+    second: torch.Tensor | None = None  # fused, where at hand: SFace's unit descriptors as is
 
 
 def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
@@ -64,9 +72,12 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     gallery, fine_tuning, pretrained = choose_network(cfg, trained, gallery, pretrained_dir)
     gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery, fine_tuning,
                                                    pretrained, pretrained_dir)
+    gallery, sface_tuning = tune_second_network(cfg, trained, gallery)
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
         open_set_rec["descriptor_choice"] = descriptor_choice
+    if sface_tuning is not None:
+        open_set_rec["sface_fine_tuning"] = sface_tuning
     model_path, meta = save_model(cfg, trained, gallery, open_set_rec, Path(run_dir))
     return JobResult(model_path, trained.history, trained.clipping, meta["open_set"],
                      trained.resumed_from_epoch,
@@ -217,14 +228,79 @@ def choose_descriptor(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryE
                                    "people alone but not beside SFace, in the fused descriptor "
                                    "the model serves: the model keeps the pretrained network")
     emb, fusion = fit_fusion(torch.cat([gallery.emb, second], 1), gallery.owner)
-    return GalleryEmbeddings(emb, gallery.owner, "fused", fusion), record
+    return GalleryEmbeddings(emb, gallery.owner, "fused", fusion, second), record
 
 
-def _sface_part(cfg: TrainConfig, trained: TrainedModel, rows: torch.Tensor) -> torch.Tensor:
-    """SFace's descriptors (the fused descriptor's second part) of the dataset's ``rows``."""
-    return embed(sface.describer(), np.asarray(trained.split.full.images), cfg.image_size,
+def _sface_part(cfg: TrainConfig, trained: TrainedModel, rows: torch.Tensor,
+                net: torch.nn.Module | None = None) -> torch.Tensor:
+    """SFace's descriptors (the fused descriptor's second part) of the dataset's ``rows``;
+    ``net``: a fine-tuned SFace (default: the file's)."""
+    describer = sface.describer() if net is None else sface.Describer(net)
+    return embed(describer, np.asarray(trained.split.full.images), cfg.image_size,
                  trained.device, index=rows.numpy(),
                  normalisation=architecture(cfg.architecture).normalisation)
+
+
+def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings
+                        ) -> tuple[GalleryEmbeddings, dict | None]:
+    """With the fused descriptor: SFace fine-tuned on the people dlib's network trained on
+    (:func:`facegrad.training.sface_tune.fine_tune`), judged as the networks are: the fused
+    descriptors of the held-out people with the fine-tuned SFace against those with SFace as it
+    is (:func:`open_set.among_themselves`, kept only when :func:`open_set.better`).
+
+    Skipped (the record says why) with ``sface_epochs`` or ``epochs`` 0, with no people held out
+    to judge on, and in a private job: its guarantee covers the training that clips and noises
+    each example, which this fine-tuning does not.
+
+    Returns (the served gallery, the record; None for other descriptors)."""
+    if gallery.descriptor != "fused":
+        return gallery, None
+    record: dict = {}
+    held = trained.split.held
+    if not (cfg.sface_epochs and cfg.epochs):
+        record["note"] = "sface_epochs or epochs 0: SFace as it is"
+    elif cfg.privacy is not None or cfg.clip.mode == "per_example":
+        record["note"] = ("a private job: SFace is not fine-tuned on the dataset, which the "
+                          "privacy guarantee would not cover")
+    elif not len(held):
+        record["note"] = "no identities held out to judge a fine-tuned SFace on: SFace as it is"
+    if record:
+        return gallery, record | {"kept": "pretrained"}
+    from facegrad.training import sface_tune
+
+    full = trained.split.full
+    first = fused_parts(gallery.emb)[0]  # dlib's unit descriptors
+    # SFace as it is, unit and not centred (fit_fusion centres it again)
+    second = gallery.second if gallery.second is not None else _sface_part(
+        cfg, trained, torch.arange(len(gallery.owner)))
+    honest = torch.from_numpy(held.astype(np.int64))
+    judged = torch.isin(gallery.owner, honest)
+    train_rows = torch.from_numpy(trained.split.train_idx.astype(np.int64))
+    t0 = time.perf_counter()
+    net = sface_tune.fine_tune(cfg, np.asarray(full.images), full.labels, train_rows.numpy(),
+                               second[train_rows], trained.device)
+    secs = time.perf_counter() - t0
+    rows = torch.nonzero(judged).view(-1)
+    owner = gallery.owner[rows]
+    tuned_part = _sface_part(cfg, trained, rows, net)
+
+    def figures(part: torch.Tensor) -> dict:
+        fused, _ = fit_fusion(torch.cat([first[rows], part], 1), owner)
+        return open_set.among_themselves(fused, owner, honest)
+
+    pre, tuned = figures(second[rows]), figures(tuned_part)
+    keep = open_set.better(tuned, pre)
+    record = {"epochs": cfg.sface_epochs, "seconds": round(secs, 1),
+              "measured_on": "the people held out of training among themselves, in the fused "
+                             "descriptor the model serves",
+              "pretrained": pre, "fine_tuned": tuned, "gain": open_set.gain(tuned, pre),
+              "kept": "fine_tuned" if keep else "pretrained"}
+    if not keep:
+        return gallery, record
+    second = _sface_part(cfg, trained, torch.arange(len(gallery.owner)), net)
+    emb, fusion = fit_fusion(torch.cat([first, second], 1), gallery.owner)
+    return GalleryEmbeddings(emb, gallery.owner, "fused", replace(fusion, network=net),
+                             second), record
 
 
 def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -270,6 +346,8 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
                      "descriptor": gallery.descriptor}
     if gallery.fusion is not None:  # its centre is a tensor of the file, fusion.centre
         preprocessing["fusion_weights"] = list(gallery.fusion.weights)
+        # SFace's weights: the file's, or fine-tuned ones in the tensors sface.*
+        preprocessing["sface"] = "pretrained" if gallery.fusion.network is None else "fine_tuned"
     if arch.network:
         preprocessing["network"] = arch.network
     model_meta = {
@@ -296,4 +374,7 @@ def save_model(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddin
                 "gallery.counts": counts}
     if gallery.fusion is not None and gallery.fusion.centre is not None:
         tensors["fusion.centre"] = gallery.fusion.centre
+    if gallery.fusion is not None and gallery.fusion.network is not None:  # fine-tuned SFace
+        tensors |= {f"sface.{k}": v.detach().cpu().contiguous()
+                    for k, v in gallery.fusion.network.state_dict().items()}
     return ckpt.save(run_dir / "model", tensors, model_meta), model_meta

@@ -110,3 +110,40 @@ def test_fusion_centres_sface_and_weighs_each_network_by_its_spread_over_strange
     torch.testing.assert_close(fuse(tight, loose, fusion), emb)
     for got, part in zip(fused_parts(emb), (tight, centred)):
         torch.testing.assert_close(got, part)
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")
+def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
+    """A fused job fine-tunes SFace on the people it trained on, judges it against the file's
+    SFace on the held-out people and records both; the model serves the SFace it kept (its
+    tensors sface.* when fine-tuned), describing faces as the job's gallery did. The file's
+    shared network is left as it is."""
+    from facegrad.data.store import FaceArrays
+    from facegrad.pipeline import run_training_job
+    from facegrad.recognition.inference import LoadedModel
+    from testkit.harness import orl_chips
+
+    ten, _, _ = orl_chips(10, 1)  # 10 people: the fewest a job holds some out of
+    keep = np.concatenate([np.nonzero(ten.labels == i)[0][:4] for i in range(10)])
+    train = FaceArrays(np.asarray(ten.images)[keep], ten.labels[keep], ten.names)
+    before = {k: v.clone() for k, v in sface.network().state_dict().items()}
+    cfg = TrainConfig(descriptor="fused", epochs=1, sface_epochs=1)
+    res = run_training_job(cfg, train, tmp_path / "run", pretrained_dir=tmp_path / "pre")
+    rec = res.open_set["sface_fine_tuning"]
+    assert rec["epochs"] == 1 and rec["kept"] in ("fine_tuned", "pretrained")
+    for side in ("pretrained", "fine_tuned"):
+        assert set(rec[side]) >= {"tpir_at_fpir_0.05", "verify_accuracy"}, rec
+    lm = LoadedModel(tmp_path / "run")
+    assert lm.meta["preprocessing"]["sface"] == rec["kept"]
+    assert (lm.fusion.network is not None) == (rec["kept"] == "fine_tuned")
+    torch.testing.assert_close(lm.embed(np.asarray(train.images[:8])), lm.gallery.emb[:8],
+                               rtol=1e-4, atol=1e-4)  # same shapes and path: close, not equal
+    if lm.fusion.network is not None:  # a fine-tuned SFace describes otherwise than the file's
+        tuned = sface.describe(torch.rand(2, 3, 150, 150, generator=torch.Generator()
+                                          .manual_seed(0)), lm.fusion.network)
+        plain = sface.describe(torch.rand(2, 3, 150, 150, generator=torch.Generator()
+                                          .manual_seed(0)))
+        assert float((tuned - plain).abs().max()) > 1e-3
+    after = sface.network().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+

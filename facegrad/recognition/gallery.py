@@ -112,6 +112,8 @@ def forward_images(model: torch.nn.Module, image_size: int, device: torch.device
     cuDNN's benchmark mode and FFTW's planner choose by timing; Frigo & Johnson 2005)."""
     if device.type != "cpu":
         return 1 << 30
+    if getattr(model, "images_per_pass", None):  # a module that splits its passes itself
+        return model.images_per_pass
     key = (image_size, torch.get_num_threads())
     with _forward_lock:
         chosen = _forward_images.setdefault(model, {})
@@ -156,7 +158,7 @@ def _describe(model: torch.nn.Module, x: torch.Tensor, descriptor: str,
     # al. 1998)
     from facegrad.recognition import sface
 
-    return fuse(mean, sface.describe(x), fusion)
+    return fuse(mean, sface.describe(x, fusion.network if fusion else None), fusion)
 
 
 @dataclass(frozen=True)
@@ -164,10 +166,12 @@ class Fusion:
     """How a fused descriptor puts its two networks' unit descriptors side by side: SFace's less
     ``centre`` (the mean of its descriptors over the job's dataset, None: not centred) and
     normalised again, then each scaled by its weight (w1² + w2² = 1), so that a pair's cosine is
-    w1² × dlib's cosine + w2² × SFace's."""
+    w1² × dlib's cosine + w2² × SFace's. ``network``: SFace fine-tuned on the job's dataset
+    (None: the file's network as it is)."""
 
     weights: tuple[float, float] = FUSED_WEIGHTS
     centre: torch.Tensor | None = None
+    network: torch.nn.Module | None = field(default=None, compare=False)
 
 
 def fuse(first: torch.Tensor, second: torch.Tensor, fusion: Fusion | None = None

@@ -140,8 +140,8 @@ class LoadedModel:
         self.normalisation = meta["preprocessing"]["normalisation"]
         self.descriptor = meta["preprocessing"]["descriptor"]
         weights = meta["preprocessing"].get("fusion_weights")  # absent: the defaults (earlier)
-        self.fusion = Fusion(tuple(float(w) for w in weights), tensors.get("fusion.centre")) \
-            if weights else None
+        self.fusion = Fusion(tuple(float(w) for w in weights), tensors.get("fusion.centre"),
+                             self._sface(tensors)) if weights else None
         self.threshold = float(meta["open_set"]["threshold"])
         self.verify_threshold = float(meta["open_set"].get("verify_threshold", self.threshold))
         self.net = build_model(meta["architecture"], meta["num_classes"], self.image_size)
@@ -151,6 +151,15 @@ class LoadedModel:
         self._embedder = _compiled_embedding(self.net, self.image_size, self.device)
         self._lock = threading.Lock()
         self.gallery = self._load_gallery()
+
+    def _sface(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+        """The model's fine-tuned SFace (tensors ``sface.*``); None: the file's, as it is."""
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("sface.")}
+        if not state:
+            return None
+        from facegrad.recognition import sface  # reads SFace's file: only for fused models
+
+        return sface.from_state(state, self.device)
 
     def _load_gallery(self) -> Gallery:
         with gallery_file_lock(self.folder, exclusive=False):

@@ -18,6 +18,7 @@ repeat the edge.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import threading
@@ -214,12 +215,20 @@ def network(device: torch.device | str = "cpu") -> SFace:
 CPU_PASS = 8
 
 
+def from_state(state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> SFace:
+    """SFace with the weights of ``state`` (a fine-tuned copy's ``state_dict``, as a model file
+    keeps it), ready to describe faces on ``device``."""
+    net = copy.deepcopy(network("cpu"))
+    net.load_state_dict(state)
+    return net.to(device).to(memory_format=torch.channels_last).eval()
+
+
 @torch.no_grad()
-def describe(x: torch.Tensor) -> torch.Tensor:
+def describe(x: torch.Tensor, net: SFace | None = None) -> torch.Tensor:
     """Normalised SFace descriptors of dlib chips (B, 3, 150, 150) in [0, 1]: the mean of the
     crop's and its mirror image's, as the network's own evaluation does (ArcFace, Deng et al.
-    2019)."""
-    net = network(x.device)
+    2019). ``net``: a fine-tuned SFace (default: the file's, as it is)."""
+    net = network(x.device) if net is None else net
     crops = to_arcface(x)
     both = torch.cat([crops, crops.flip(3)]).contiguous(memory_format=torch.channels_last)
     step = CPU_PASS if x.device.type == "cpu" else len(both)
@@ -231,10 +240,19 @@ def describe(x: torch.Tensor) -> torch.Tensor:
 class Describer(nn.Module):
     """:func:`describe` as a module, for :func:`facegrad.recognition.gallery.embed` with
     descriptor 'embedding' (its batching and reading of stored datasets): SFace's part of the
-    fused descriptor of dlib chips, where dlib's part is already at hand."""
+    fused descriptor of dlib chips, where dlib's part is already at hand. ``net``: a
+    fine-tuned SFace (default: the file's). ``images_per_pass``: what ``embed`` hands it at a
+    time; :func:`describe` splits them into passes of ``CPU_PASS`` itself, so ``embed`` does not
+    time passes of several sizes to choose one."""
+
+    images_per_pass = 4 * CPU_PASS
+
+    def __init__(self, net: SFace | None = None):
+        super().__init__()
+        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return describe(x)
+        return describe(x, self.net)
 
 
 _describer = Describer()  # one, so that embed's choice of images per pass is made once

@@ -168,14 +168,22 @@ class TrainConfig(_Strict):
         "'flip_mean', the normalised mean of the network's embeddings of the face and of its "
         "mirror image (a face turned left then compares like one turned right; costs a second "
         "forward pass); 'embedding', the face's embedding alone; 'fused' (dlib_resnet only), "
-        "flip_mean beside the flip mean of a second pretrained network, SFace, used as it is: a "
-        "pair scores a weighted sum of the two networks' cosines, SFace's centred on the "
-        "dataset and each weighed by 1 / its spread over different people's pairs there; "
-        "better on faces turned to profile, at about 4 times the cost of describing a face. "
+        "flip_mean beside the flip mean of a second pretrained network, SFace (fine-tuned "
+        "too, see sface_epochs): a pair scores a weighted sum of the two networks' cosines, "
+        "SFace's centred on the dataset and each weighed by 1 / its spread over different "
+        "people's pairs there; better on faces turned to profile, at about 4 times the cost of "
+        "describing a face. "
         "'auto' (default): the job measures flip_mean and fused on the people it held out of "
         "training and keeps fused only where it tells them apart better (model.json: "
         "preprocessing.descriptor, open_set.descriptor_choice); architectures other than "
         "dlib_resnet use flip_mean.")
+    sface_epochs: int = Field(
+        3, ge=0, le=100,
+        description="With the fused descriptor, after training dlib's network: epochs that "
+        "fine-tune SFace on the people trained on, with the same head, rates, clipping and "
+        "fine_tuned_share; the job keeps it only where it tells the held-out people apart "
+        "better than SFace as it is (model.json: open_set.sface_fine_tuning). "
+        "0, epochs 0 or a private job: SFace as it is.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(

@@ -200,6 +200,12 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
     if dc.get("flip_mean") and dc.get("fused"):
         rows.insert(-2, ("descriptor", f"flip_mean {v(dc['flip_mean'])} -> fused "
                          f"{v(dc['fused'])}; kept {dc.get('chosen', '-')}"))
+    st = (m.get("open_set") or {}).get("sface_fine_tuning") or {}
+    if st.get("pretrained") and st.get("fine_tuned"):
+        rows.insert(-2, ("SFace", f"as it is {v(st['pretrained'])} -> fine-tuned "
+                         f"{v(st['fine_tuned'])}; kept {st.get('kept', '-').replace('_', '-')}"))
+    elif st.get("note"):
+        rows.insert(-2, ("SFace", st["note"]))
     ex = c.get("examples")
     if ex:
         rows.insert(-2, ("per example", f"{ex['clipped']}/{ex['count']} clipped "

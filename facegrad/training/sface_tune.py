@@ -1,0 +1,94 @@
+"""Fine-tuning SFace, the fused descriptor's second network, on a job's people.
+
+Fine-tuning dlib's network gains on turned faces of people the job never saw, but beside SFace
+most of that gain is one SFace already brings (docs/identification.md); SFace is the network
+the fused descriptor leans on for profiles, so it is adapted too. The recipe is the job's for
+dlib's network (:mod:`facegrad.training.loop`): a CosFace head (Wang et al. 2018; s 30, m 0.35)
+imprinted with each person's mean descriptor (Qi et al. 2018), SGD with momentum at the job's
+rate for the head and ``backbone_lr_scale`` of it for the network, cosine decay, the job's
+clipping rule, mirrored faces as augmentation, then weight-space ensembling with the file's
+weights (WiSE-FT, Wortsman et al. 2022; the job's ``fine_tuned_share``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facegrad.clipping import build_clipper
+from facegrad.recognition import sface
+from facegrad.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SCALE, MARGIN = 30.0, 0.35  # CosFace's, as dlib's head (facegrad.recognition.models)
+
+
+def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
+              pretrained_part: torch.Tensor, device: torch.device) -> sface.SFace:
+    """SFace fine-tuned on ``images[rows]`` (stored uint8 chips) of people ``labels[rows]`` for
+    ``cfg.sface_epochs`` epochs, blended with the file's weights; ``pretrained_part``: the file's
+    SFace descriptors of those rows (unit, as :func:`sface.describe` gives them), which imprint
+    the head. Returns the network in eval mode, ready to describe."""
+    rows = np.sort(rows)
+    net = copy.deepcopy(sface.network("cpu")).to(device).to(memory_format=torch.contiguous_format)
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.requires_grad_(True)
+    net.eval()  # its one batch norm left after folding keeps the file's statistics
+    people, y_all = np.unique(labels[rows], return_inverse=True)
+    y_all = torch.from_numpy(y_all.astype(np.int64))
+    w = torch.zeros(len(people), pretrained_part.shape[1]).index_add_(0, y_all,
+                                                                       pretrained_part.float())
+    head = torch.nn.Parameter(F.normalize(w, dim=1).to(device))
+    lr = float(cfg.learning_rate)
+    opt = torch.optim.SGD([{"params": list(net.parameters()), "lr": lr * cfg.backbone_lr_scale},
+                           {"params": [head], "lr": lr}], momentum=0.9, weight_decay=5e-4)
+    base = [g["lr"] for g in opt.param_groups]
+    both = torch.nn.Module()  # the network and its head, clipped together as the job's are
+    both.net, both.head = net, head
+    params = list(both.parameters())
+    clipper = build_clipper(cfg.clip, both)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.batch_size, len(rows))
+    per_epoch = len(rows) // batch
+    total, step, skipped = cfg.sface_epochs * per_epoch, 0, 0
+    t0 = time.perf_counter()
+    for epoch in range(cfg.sface_epochs):
+        order = torch.randperm(len(rows), generator=gen)
+        for i in range(per_epoch):
+            pick = order[i * batch:(i + 1) * batch]
+            x = torch.from_numpy(np.asarray(images[np.sort(rows[pick.numpy()])]))
+            y = y_all[pick.sort().values].to(device)
+            crops = sface.to_arcface(x.to(device).permute(0, 3, 1, 2).float() / 255)
+            flip = torch.rand(len(crops), generator=gen) < 0.5
+            crops[flip] = crops[flip].flip(3)
+            emb = F.normalize(net(crops), dim=1)
+            cos = emb @ F.normalize(head, dim=1).t()
+            loss = F.cross_entropy(SCALE * (cos - MARGIN * F.one_hot(y, len(people))), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+            if bool(clipper(params).finite):
+                opt.step()
+            else:
+                skipped += 1
+            step += 1
+        log.info("SFace fine-tuning: epoch %d of %d, loss %.3f, %.0f s", epoch + 1,
+                 cfg.sface_epochs, float(loss.detach()), time.perf_counter() - t0)
+    share = cfg.fine_tuned_share
+    with torch.no_grad():
+        tuned = net.state_dict()
+        net.load_state_dict({k: (1 - share) * start[k].to(device) + share * tuned[k]
+                             for k in start})
+    if skipped:
+        log.warning("SFace fine-tuning skipped %d of %d steps (gradients not finite)", skipped,
+                    step)
+    net.requires_grad_(False)
+    return net.to(memory_format=torch.channels_last).eval()
