@@ -216,13 +216,15 @@ def test_fine_tuning_judged_again_in_the_fused_descriptor(faces, weights_dir, tm
     """When descriptor 'auto' takes fused after the fine-tuned network was kept, the two
     networks are judged again, each beside SFace, on the same held-out people; where the
     fine-tuned one is not better there, the model serves the pretrained network beside SFace
-    and says so. The three judgements are forced (ORL's frontal faces tie): fine-tuned kept,
-    fused taken, then the pretrained network beside SFace preferred."""
+    and says so. The four judgements are forced (ORL's frontal faces tie): fine-tuned kept,
+    fused taken, then the pretrained network beside SFace preferred, and SFace as it is
+    preferred to the fine-tuned one."""
     import facegrad.pipeline as pipeline
 
-    verdicts = iter([True, True, False])  # choose_network, choose_descriptor, in fused
+    # choose_network, choose_descriptor, in fused, tune_second_network
+    verdicts = iter([True, True, False, False])
     monkeypatch.setattr(pipeline.open_set, "better", lambda a, b: next(verdicts))
-    cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2)
+    cfg = TrainConfig(epochs=1, device="cpu", calibration_identities=0.2, sface_epochs=1)
     res = run_training_job(cfg, faces["train"], tmp_path / "run", pretrained_dir=weights_dir)
     assert next(verdicts, None) is None  # each judgement made once
     ft, choice = res.open_set["fine_tuning"], res.open_set["descriptor_choice"]
@@ -240,6 +242,8 @@ def test_fine_tuning_judged_again_in_the_fused_descriptor(faces, weights_dir, tm
         assert torch.equal(stored[f"model.backbone.{name}"], ref[name])
     lm = LoadedModel(res.model_path.parent)
     assert lm.meta["preprocessing"]["descriptor"] == "fused" and lm.fusion is not None
+    assert res.open_set["sface_fine_tuning"]["kept"] == "pretrained"
+    assert lm.meta["preprocessing"]["sface"] == "pretrained" and lm.fusion.network is None
     # the gallery is the pretrained pair's: the served model describes its images so
     # (other batch shapes: close, not equal)
     train_images = np.asarray(faces["train"].images)
