@@ -296,7 +296,11 @@ class Progress(BaseModel):
     epochs: int = 0
     step: int = 0
     steps_total: int = 0
-    fraction: float = 0.0
+    fraction: float = Field(0.0, description="of the training steps done")
+    stage: str | None = Field(None, description="what the job does now: 'training', then its "
+                              "steps after training ('building the gallery', 'choosing the "
+                              "network', 'choosing the descriptor', 'fine-tuning SFace', "
+                              "'calibrating', 'saving the model'), and 'done' once it succeeded")
 
 
 class NormStats(BaseModel):

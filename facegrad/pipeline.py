@@ -67,17 +67,25 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     ``pretrained_dir``: where dlib's converted weights are kept (needed by a pretrained
     architecture); ``dataset_dir``: the stored dataset, read by the other ranks of a
     multi-device run (:func:`facegrad.training.loop.train`)."""
+    stage = (hooks or Hooks()).on_stage
     trained = train(cfg, data, run_dir, hooks, resume, pretrained_dir, dataset_dir)
+    stage("building the gallery")
     gallery = build_gallery(cfg, trained)
+    stage("choosing the network")
     gallery, fine_tuning, pretrained = choose_network(cfg, trained, gallery, pretrained_dir)
+    stage("choosing the descriptor")
     gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery, fine_tuning,
                                                    pretrained, pretrained_dir)
+    if gallery.descriptor == "fused":
+        stage("fine-tuning SFace")
     gallery, sface_tuning = tune_second_network(cfg, trained, gallery)
+    stage("calibrating")
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
         open_set_rec["descriptor_choice"] = descriptor_choice
     if sface_tuning is not None:
         open_set_rec["sface_fine_tuning"] = sface_tuning
+    stage("saving the model")
     model_path, meta = save_model(cfg, trained, gallery, open_set_rec, Path(run_dir))
     return JobResult(model_path, trained.history, trained.clipping, meta["open_set"],
                      trained.resumed_from_epoch,
@@ -297,7 +305,10 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
               "kept": "fine_tuned" if keep else "pretrained"}
     if not keep:
         return gallery, record
-    second = _sface_part(cfg, trained, torch.arange(len(gallery.owner)), net)
+    second = torch.empty_like(second)  # every row with the fine-tuned SFace, each once
+    second[rows] = tuned_part
+    rest = torch.nonzero(~judged).view(-1)
+    second[rest] = _sface_part(cfg, trained, rest, net)
     emb, fusion = fit_fusion(torch.cat([first, second], 1), gallery.owner)
     return GalleryEmbeddings(emb, gallery.owner, "fused", replace(fusion, network=net),
                              second), record

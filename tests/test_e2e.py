@@ -22,6 +22,7 @@ def test_train_and_identify_on_redis(client, orl, orl_model):
     assert clip["steps"] > 0 and 0.0 <= clip["clip_fraction"] <= 1.0
     assert clip["grad_norm_pre"]["max"] >= clip["grad_norm_post"]["max"]
     assert job["progress"]["fraction"] == 1.0 and job["checkpoints"]
+    assert job["progress"]["stage"] == "done"
     hist = client.get(f"/v1/jobs/{job['id']}/metrics").json()["history"]
     assert len(hist) == job["config"]["epochs"]
     assert all("clipping" in h for h in hist)

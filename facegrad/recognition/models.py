@@ -82,6 +82,15 @@ class CosineClassifier(nn.Module):
             cos = cos - self.margin * F.one_hot(target, cos.shape[1]).to(cos.dtype)
         return self.scale * cos
 
+    @torch.no_grad()
+    def imprint(self, sums: torch.Tensor) -> None:
+        """Each class with embeddings in ``sums`` (one row per class: the sum of its training
+        embeddings) gets their mean direction as its weight (weight imprinting, Qi et al. 2018):
+        fine-tuning then starts from a head that already separates the classes, and the
+        pretrained network is not pushed around by a random one. Classes with none keep theirs."""
+        seen = sums.norm(dim=1) > 0
+        self.weight[seen] = F.normalize(sums[seen].to(self.weight.dtype), dim=1)
+
     def without_margin(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Training logits (margin taken off the target's) back to the plain s * cos(theta)."""
         if not self.margin:

@@ -185,7 +185,7 @@ def _run_job(settings: Settings, job_id: str, owner: str) -> str:
 def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
     def on_progress(p: dict) -> None:
         p["fraction"] = round(p["step"] / max(1, p["steps_total"]), 4)
-        _update_job(settings, job_id, progress=p)
+        _update_job(settings, job_id, progress=p | {"stage": "training"})
 
     def on_epoch(rec: dict) -> None:
         with session_scope(settings.db_url) as s:
@@ -195,7 +195,8 @@ def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
             steps_total = int(rec["step"] * epochs / rec["epoch"])
             job.progress = {"epoch": rec["epoch"], "epochs": epochs, "step": rec["step"],
                             "steps_total": steps_total,
-                            "fraction": round(rec["step"] / max(1, steps_total), 4)}
+                            "fraction": round(rec["step"] / max(1, steps_total), 4),
+                            "stage": "training"}
             job.metrics = {k: rec[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                                "epsilon") if k in rec}
             job.clipping = rec["clipping_total"]
@@ -218,9 +219,14 @@ def _hooks(settings: Settings, job_id: str, heartbeat: Heartbeat) -> Hooks:
     def on_resume(epoch: int) -> None:
         _update_job(settings, job_id, resumed_from_epoch=epoch)
 
+    def on_stage(stage: str) -> None:  # the steps after training: the fraction stays training's
+        with session_scope(settings.db_url) as s:
+            job = s.get(Job, job_id)
+            job.progress = dict(job.progress or {}) | {"stage": stage}
+
     return Hooks(on_progress=on_progress, on_epoch=on_epoch, on_checkpoint=on_checkpoint,
                  should_stop=lambda: heartbeat.cancelled.is_set() or heartbeat.lost.is_set(),
-                 on_resume=on_resume)
+                 on_resume=on_resume, on_stage=on_stage)
 
 
 def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, result) -> str:
@@ -244,7 +250,7 @@ def _finish(settings: Settings, job_id: str, dataset_id: str, cfg: TrainConfig, 
         job.status, job.model_id, job.finished_at = "succeeded", model.id, utcnow()
         job.metrics, job.lease_owner = metrics, None
         job.clipping = result.clipping
-        job.progress = dict(job.progress or {}) | {"fraction": 1.0}
+        job.progress = dict(job.progress or {}) | {"fraction": 1.0, "stage": "done"}
         job.info = dict(job.info or {}) | result.info
         if job.error:  # an earlier attempt's failure, retried: kept as history, not as an error
             job.info = job.info | {"earlier_attempt": job.error}

@@ -48,6 +48,7 @@ class Hooks:
     on_checkpoint: Callable[[Path, int], None] = lambda path, epoch: None
     should_stop: Callable[[], bool] = lambda: False
     on_resume: Callable[[int], None] = lambda epoch: None
+    on_stage: Callable[[str], None] = lambda stage: None  # a job's step after training
     progress_interval_s: float = 1.0
 
 
@@ -217,31 +218,28 @@ def pretrained_state(pretrained_dir: Path | None) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def imprint_head(model: torch.nn.Module, batches: DeviceBatches, batch_size: int,
                  rank: Rank = Rank()) -> None:
-    """Set each class's weight in a cosine head to the mean of its training embeddings (weight
-    imprinting, Qi et al. 2018): fine-tuning then starts from a head that already separates the
-    classes, and the pretrained backbone is not pushed around by a random one. On a process
-    group each rank embeds its share and the sums are added up."""
+    """The model's cosine head imprinted with each class's training embeddings
+    (:meth:`~facegrad.recognition.models.CosineClassifier.imprint`). On a process group each
+    rank embeds its share and the sums are added up."""
     model.eval()
-    w = model.classifier.weight
-    sums = torch.zeros_like(w)
+    sums = torch.zeros_like(model.classifier.weight)
     for xb, yb in batches.epoch(batch_size, None, augment=False, drop_last=False,
                                 shard=rank.shard):
         sums.index_add_(0, yb, model(xb)[0].float())
     distributed.all_reduce(sums, rank)
-    seen = sums.norm(dim=1) > 0
-    w[seen] = F.normalize(sums[seen], dim=1)
+    model.classifier.imprint(sums)
 
 
 @torch.no_grad()
-def blend_with_pretrained(model: torch.nn.Module, pretrained: dict[str, torch.Tensor],
+def blend_with_pretrained(net: torch.nn.Module, pretrained: dict[str, torch.Tensor],
                           share: float) -> None:
     """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): every floating-point tensor of
-    the backbone (weights and batch-norm statistics) becomes ``(1 - share) * pretrained +
-    share * fine-tuned``. Fine-tuning from one pretrained network stays in one basin of the
-    loss, so the average is a network of its own, not a mix of two: on turned faces of people
-    no job saw it keeps most of fine-tuning's gain while frontal faces stay as the pretrained
-    network had them (docs/clipping-study.md)."""
-    state = model.backbone.state_dict()
+    ``net``'s state (weights and batch-norm statistics) becomes ``(1 - share) * pretrained +
+    share * fine-tuned``, ``pretrained`` holding the same names. Fine-tuning from one pretrained
+    network stays in one basin of the loss, so the average is a network of its own, not a mix
+    of two: on turned faces of people no job saw it keeps most of fine-tuning's gain while
+    frontal faces stay as the pretrained network had them (docs/clipping-study.md)."""
+    state = net.state_dict()
     for name, tuned in state.items():
         if tuned.is_floating_point():
             base = pretrained[name].to(tuned.device, tuned.dtype)
@@ -550,7 +548,8 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     if not rank.lead:
         return None
     if pretrained and cfg.epochs and cfg.fine_tuned_share < 1:
-        blend_with_pretrained(model, pretrained_state(pretrained_dir), cfg.fine_tuned_share)
+        blend_with_pretrained(model.backbone, pretrained_state(pretrained_dir),
+                              cfg.fine_tuned_share)
 
     # the device-resident training copies go now: the gallery that a job builds next would
     # otherwise sit on top of them at the run's memory peak

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from facegrad.clipping import build_clipper
 from facegrad.recognition import sface
+from facegrad.recognition.models import CosineClassifier
 from facegrad.training.config import TrainConfig
+from facegrad.training.loop import blend_with_pretrained
 
 log = logging.getLogger(__name__)
-
-SCALE, MARGIN = 30.0, 0.35  # CosFace's, as dlib's head (facegrad.recognition.models)
 
 
 def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
@@ -43,15 +43,17 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     net.eval()  # its one batch norm left after folding keeps the file's statistics
     people, y_all = np.unique(labels[rows], return_inverse=True)
     y_all = torch.from_numpy(y_all.astype(np.int64))
-    w = torch.zeros(len(people), pretrained_part.shape[1]).index_add_(0, y_all,
-                                                                       pretrained_part.float())
-    head = torch.nn.Parameter(F.normalize(w, dim=1).to(device))
+    both = torch.nn.Module()  # the network and its head, clipped together as the job's are
+    both.net = net
+    both.head = CosineClassifier(pretrained_part.shape[1], len(people), scale=30.0, margin=0.35)
+    both.head.imprint(torch.zeros(len(people), pretrained_part.shape[1]).index_add_(
+        0, y_all, pretrained_part.float()))
+    both.head.to(device)
     lr = float(cfg.learning_rate)
     opt = torch.optim.SGD([{"params": list(net.parameters()), "lr": lr * cfg.backbone_lr_scale},
-                           {"params": [head], "lr": lr}], momentum=0.9, weight_decay=5e-4)
+                           {"params": list(both.head.parameters()), "lr": lr}],
+                          momentum=0.9, weight_decay=5e-4)
     base = [g["lr"] for g in opt.param_groups]
-    both = torch.nn.Module()  # the network and its head, clipped together as the job's are
-    both.net, both.head = net, head
     params = list(both.parameters())
     clipper = build_clipper(cfg.clip, both)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -68,9 +70,7 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             crops = sface.to_arcface(x.to(device).permute(0, 3, 1, 2).float() / 255)
             flip = torch.rand(len(crops), generator=gen) < 0.5
             crops[flip] = crops[flip].flip(3)
-            emb = F.normalize(net(crops), dim=1)
-            cos = emb @ F.normalize(head, dim=1).t()
-            loss = F.cross_entropy(SCALE * (cos - MARGIN * F.one_hot(y, len(people))), y)
+            loss = F.cross_entropy(both.head(F.normalize(net(crops), dim=1), y), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g, b in zip(opt.param_groups, base):
@@ -82,13 +82,9 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             step += 1
         log.info("SFace fine-tuning: epoch %d of %d, loss %.3f, %.0f s", epoch + 1,
                  cfg.sface_epochs, float(loss.detach()), time.perf_counter() - t0)
-    share = cfg.fine_tuned_share
-    with torch.no_grad():
-        tuned = net.state_dict()
-        net.load_state_dict({k: (1 - share) * start[k].to(device) + share * tuned[k]
-                             for k in start})
     if skipped:
         log.warning("SFace fine-tuning skipped %d of %d steps (gradients not finite)", skipped,
                     step)
+    blend_with_pretrained(net, start, cfg.fine_tuned_share)
     net.requires_grad_(False)
     return net.to(memory_format=torch.channels_last).eval()

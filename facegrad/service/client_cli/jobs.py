@@ -41,6 +41,8 @@ def _held_out_figures(f: dict) -> str:
 def _job_line(job: dict) -> str:
     p, m, c = job.get("progress") or {}, job.get("metrics") or {}, job.get("clipping") or {}
     bits = [f"epoch {p.get('epoch', 0)}/{p.get('epochs', '?')}"]
+    if p.get("stage") not in (None, "training", "done"):  # a step after training
+        bits.append(str(p["stage"]))
     if m.get("train_loss") is not None:
         bits.append(f"loss {_f(m['train_loss'])}")
     if m.get("train_acc") is not None:
