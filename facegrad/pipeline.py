@@ -9,6 +9,7 @@ thresholds); the service calls it with hooks that record progress, and knows the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
                                                    pretrained, pretrained_dir)
     if gallery.descriptor == "fused":
         stage("fine-tuning SFace")
-    gallery, sface_tuning = tune_second_network(cfg, trained, gallery)
+    gallery, sface_tuning = tune_second_network(cfg, trained, gallery,
+                                                (hooks or Hooks()).should_stop)
     stage("calibrating")
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
@@ -249,7 +251,8 @@ def _sface_part(cfg: TrainConfig, trained: TrainedModel, rows: torch.Tensor,
                  normalisation=architecture(cfg.architecture).normalisation)
 
 
-def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings
+def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
+                        should_stop: Callable[[], bool] = lambda: False
                         ) -> tuple[GalleryEmbeddings, dict | None]:
     """With the fused descriptor: SFace fine-tuned on the people dlib's network trained on
     (:func:`facegrad.training.sface_tune.fine_tune`), judged as the networks are: the fused
@@ -259,6 +262,8 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
     Skipped (the record says why) with ``sface_epochs`` or ``epochs`` 0, with no people held out
     to judge on, and in a private job: its guarantee covers the training that clips and noises
     each example, which this fine-tuning does not.
+
+    ``should_stop``: the job's cancellation, asked before each step of the fine-tuning.
 
     Returns (the served gallery, the record; None for other descriptors)."""
     if gallery.descriptor != "fused":
@@ -286,7 +291,7 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
     train_rows = torch.from_numpy(trained.split.train_idx.astype(np.int64))
     t0 = time.perf_counter()
     net = sface_tune.fine_tune(cfg, np.asarray(full.images), full.labels, train_rows.numpy(),
-                               second[train_rows], trained.device)
+                               second[train_rows], trained.device, should_stop)
     secs = time.perf_counter() - t0
     rows = torch.nonzero(judged).view(-1)
     owner = gallery.owner[rows]

@@ -153,3 +153,26 @@ def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
     after = sface.network().state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")
+def test_sface_fine_tuning_asks_the_job_to_go_on_before_each_step():
+    """A job cancelled while SFace is fine-tuned stops at the next step, not after its epochs."""
+    from facegrad.training import sface_tune
+    from facegrad.training.loop import Cancelled
+    from testkit.harness import orl_chips
+
+    two, _, _ = orl_chips(2, 1)
+    images = np.asarray(two.images)
+    part = sface.describe(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    cfg = TrainConfig(descriptor="fused", sface_epochs=5, batch_size=4)
+    with pytest.raises(Cancelled):
+        sface_tune.fine_tune(cfg, images, two.labels, np.arange(len(images)), part,
+                             torch.device("cpu"), should_stop)
+    assert len(asked) == 3  # two steps ran, the third was not begun

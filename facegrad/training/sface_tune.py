@@ -16,6 +16,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,17 +26,22 @@ from facegrad.clipping import build_clipper
 from facegrad.recognition import sface
 from facegrad.recognition.models import CosineClassifier
 from facegrad.training.config import TrainConfig
-from facegrad.training.loop import blend_with_pretrained
+from facegrad.training.loop import Cancelled, TrainingError, blend_with_pretrained
 
 log = logging.getLogger(__name__)
 
 
 def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
-              pretrained_part: torch.Tensor, device: torch.device) -> sface.SFace:
+              pretrained_part: torch.Tensor, device: torch.device,
+              should_stop: Callable[[], bool] = lambda: False) -> sface.SFace:
     """SFace fine-tuned on ``images[rows]`` (stored uint8 chips) of people ``labels[rows]`` for
     ``cfg.sface_epochs`` epochs, blended with the file's weights; ``pretrained_part``: the file's
     SFace descriptors of those rows (unit, as :func:`sface.describe` gives them), which imprint
-    the head. Returns the network in eval mode, ready to describe."""
+    the head. Returns the network in eval mode, ready to describe.
+
+    Raises :class:`Cancelled` when ``should_stop()`` says so (asked before each step), and
+    :class:`TrainingError` at a non-finite loss or gradient when the job's clipping says
+    ``on_nonfinite: fail`` (else the step is skipped, as the job's training does)."""
     rows = np.sort(rows)
     net = copy.deepcopy(sface.network("cpu")).to(device).to(memory_format=torch.contiguous_format)
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -64,6 +70,8 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     for epoch in range(cfg.sface_epochs):
         order = torch.randperm(len(rows), generator=gen)
         for i in range(per_epoch):
+            if should_stop():
+                raise Cancelled()
             pick = order[i * batch:(i + 1) * batch]
             x = torch.from_numpy(np.asarray(images[np.sort(rows[pick.numpy()])]))
             y = y_all[pick.sort().values].to(device)
@@ -75,8 +83,12 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             loss.backward()
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
-            if bool(clipper(params).finite):
+            if bool(clipper(params).finite) and bool(torch.isfinite(loss)):
                 opt.step()
+            elif cfg.clip.on_nonfinite == "fail":
+                raise TrainingError(f"non-finite loss or gradient norm fine-tuning SFace at "
+                                    f"epoch {epoch + 1}, step {i + 1}; lower the learning rate "
+                                    f"or clip harder")
             else:
                 skipped += 1
             step += 1
