@@ -80,7 +80,8 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     if gallery.descriptor == "fused":
         stage("fine-tuning SFace")
     gallery, sface_tuning = tune_second_network(cfg, trained, gallery,
-                                                (hooks or Hooks()).should_stop)
+                                                (hooks or Hooks()).should_stop,
+                                                Path(run_dir) / "checkpoints" / "sface")
     stage("calibrating")
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
@@ -252,7 +253,8 @@ def _sface_part(cfg: TrainConfig, trained: TrainedModel, rows: torch.Tensor,
 
 
 def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
-                        should_stop: Callable[[], bool] = lambda: False
+                        should_stop: Callable[[], bool] = lambda: False,
+                        checkpoint: Path | None = None
                         ) -> tuple[GalleryEmbeddings, dict | None]:
     """With the fused descriptor: SFace fine-tuned on the people dlib's network trained on
     (:func:`facegrad.training.sface_tune.fine_tune`), judged as the networks are: the fused
@@ -263,7 +265,8 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
     to judge on, and in a private job: its guarantee covers the training that clips and noises
     each example, which this fine-tuning does not.
 
-    ``should_stop``: the job's cancellation, asked before each step of the fine-tuning.
+    ``should_stop``: the job's cancellation, asked before each step of the fine-tuning;
+    ``checkpoint``: where the fine-tuning keeps its epochs' checkpoints, and goes on from one.
 
     Returns (the served gallery, the record; None for other descriptors)."""
     if gallery.descriptor != "fused":
@@ -291,7 +294,7 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
     train_rows = torch.from_numpy(trained.split.train_idx.astype(np.int64))
     t0 = time.perf_counter()
     net = sface_tune.fine_tune(cfg, np.asarray(full.images), full.labels, train_rows.numpy(),
-                               second[train_rows], trained.device, should_stop)
+                               second[train_rows], trained.device, should_stop, checkpoint)
     secs = time.perf_counter() - t0
     rows = torch.nonzero(judged).view(-1)
     owner = gallery.owner[rows]

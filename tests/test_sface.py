@@ -176,3 +176,46 @@ def test_sface_fine_tuning_asks_the_job_to_go_on_before_each_step():
         sface_tune.fine_tune(cfg, images, two.labels, np.arange(len(images)), part,
                              torch.device("cpu"), should_stop)
     assert len(asked) == 3  # two steps ran, the third was not begun
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")
+def test_sface_fine_tuning_killed_after_an_epoch_goes_on_from_its_checkpoint(tmp_path, caplog):
+    """Cancelled in its second epoch, the fine-tuning goes on from the first epoch's checkpoint
+    and ends where an uninterrupted run ends; a checkpoint made for other settings is not
+    gone on from."""
+    import json
+    import logging
+
+    from facegrad.training import sface_tune
+    from facegrad.training.loop import Cancelled
+    from testkit.harness import orl_chips
+
+    two, _, _ = orl_chips(2, 1)
+    images = np.asarray(two.images)
+    part = sface.describe(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    rows, cpu = np.arange(len(images)), torch.device("cpu")
+    cfg = TrainConfig(descriptor="fused", sface_epochs=2, batch_size=4,
+                      clip={"mode": "autoclip", "percentile": 10})
+    per_epoch = len(rows) // 4
+
+    def run(stem, stop_after=None, c=cfg):
+        asked = []
+
+        def should_stop():
+            asked.append(1)
+            return stop_after is not None and len(asked) > stop_after
+        return sface_tune.fine_tune(c, images, two.labels, rows, part, cpu, should_stop, stem)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Cancelled):
+        run(tmp_path / "cut", stop_after=per_epoch + 1)
+    assert json.loads((tmp_path / "cut.json").read_text())["epoch"] == 1
+    with caplog.at_level(logging.INFO, logger=sface_tune.__name__):
+        resumed = run(tmp_path / "cut")
+    assert "goes on after epoch 1 of 2" in caplog.text
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)  # same steps, same shapes: close
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=sface_tune.__name__), pytest.raises(Cancelled):
+        run(tmp_path / "cut", stop_after=0, c=cfg.model_copy(update={"seed": 1}))
+    assert "goes on" not in caplog.text

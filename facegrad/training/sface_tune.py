@@ -13,10 +13,12 @@ weights (WiSE-FT, Wortsman et al. 2022; the job's ``fine_tuned_share``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,15 +27,21 @@ import torch.nn.functional as F
 from facegrad.clipping import build_clipper
 from facegrad.recognition import sface
 from facegrad.recognition.models import CosineClassifier
+from facegrad.training import checkpoint as ckpt
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import Cancelled, TrainingError, blend_with_pretrained
 
 log = logging.getLogger(__name__)
 
+# the settings a checkpoint must have been made with to be gone on from
+RESUME_SETTINGS = {"sface_epochs", "learning_rate", "backbone_lr_scale", "batch_size", "clip",
+                   "seed", "fine_tuned_share"}
+
 
 def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
               pretrained_part: torch.Tensor, device: torch.device,
-              should_stop: Callable[[], bool] = lambda: False) -> sface.SFace:
+              should_stop: Callable[[], bool] = lambda: False,
+              checkpoint: Path | None = None) -> sface.SFace:
     """SFace fine-tuned on ``images[rows]`` (stored uint8 chips) of people ``labels[rows]`` for
     ``cfg.sface_epochs`` epochs, blended with the file's weights; ``pretrained_part``: the file's
     SFace descriptors of those rows (unit, as :func:`sface.describe` gives them), which imprint
@@ -41,7 +49,12 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
 
     Raises :class:`Cancelled` when ``should_stop()`` says so (asked before each step), and
     :class:`TrainingError` at a non-finite loss or gradient when the job's clipping says
-    ``on_nonfinite: fail`` (else the step is skipped, as the job's training does)."""
+    ``on_nonfinite: fail`` (else the step is skipped, as the job's training does).
+
+    ``checkpoint``: a path stem; after each epoch the network, its head, the optimizer's and the
+    clipping rule's state and the random generator's are written there (safetensors + JSON,
+    atomically), and a run that finds one made for the same rows and settings goes on from it,
+    so a worker killed in this stage loses at most an epoch."""
     rows = np.sort(rows)
     net = copy.deepcopy(sface.network("cpu")).to(device).to(memory_format=torch.contiguous_format)
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -65,9 +78,26 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.batch_size, len(rows))
     per_epoch = len(rows) // batch
-    total, step, skipped = cfg.sface_epochs * per_epoch, 0, 0
+    total, step, skipped, first = cfg.sface_epochs * per_epoch, 0, 0, 0
+    made_for = {"rows": hashlib.sha256(rows.tobytes() + labels[rows].tobytes()).hexdigest(),
+                "settings": cfg.model_dump(mode="json", include=RESUME_SETTINGS)}
+    if checkpoint is not None and checkpoint.with_suffix(".json").is_file():
+        try:
+            tensors, meta = ckpt.load(checkpoint.with_suffix(".json"), device)
+        except ckpt.CheckpointError as e:
+            log.warning("SFace checkpoint unusable (%s): fine-tuning from the start", e)
+            meta = {}
+        if meta.get("made_for") == made_for:
+            both.load_state_dict({k[6:]: v for k, v in tensors.items()
+                                  if k.startswith("model.")})
+            ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
+            clipper.load_state_dict({k[5:]: v for k, v in tensors.items()
+                                     if k.startswith("clip.")} | meta["clipper"])
+            gen.set_state(tensors["rng"].cpu())
+            first, step, skipped = meta["epoch"], meta["step"], meta["skipped"]
+            log.info("SFace fine-tuning goes on after epoch %d of %d", first, cfg.sface_epochs)
     t0 = time.perf_counter()
-    for epoch in range(cfg.sface_epochs):
+    for epoch in range(first, cfg.sface_epochs):
         order = torch.randperm(len(rows), generator=gen)
         for i in range(per_epoch):
             if should_stop():
@@ -94,6 +124,16 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             step += 1
         log.info("SFace fine-tuning: epoch %d of %d, loss %.3f, %.0f s", epoch + 1,
                  cfg.sface_epochs, float(loss.detach()), time.perf_counter() - t0)
+        if checkpoint is not None:
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
+            clip_state = clipper.state_dict()
+            ckpt.save(checkpoint, {f"model.{k}": v for k, v in both.state_dict().items()}
+                      | opt_tensors | {"rng": gen.get_state()}
+                      | {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)},
+                      {"made_for": made_for, "epoch": epoch + 1, "step": step,
+                       "skipped": skipped, "optimizer": opt_meta,
+                       "clipper": {k: v for k, v in clip_state.items()
+                                   if not torch.is_tensor(v)}})
     if skipped:
         log.warning("SFace fine-tuning skipped %d of %d steps (gradients not finite)", skipped,
                     step)
