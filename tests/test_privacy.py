@@ -18,6 +18,7 @@ from torch import nn
 from facegrad.clipping import build_clipper
 from facegrad.clipping.config import ClipPerExample
 from facegrad.data.store import FaceArrays
+from facegrad.pipeline import GalleryEmbeddings, tune_second_network
 from facegrad.recognition.dlib_resnet import Affine
 from facegrad.recognition.models import CosineClassifier
 from facegrad.training import private
@@ -248,3 +249,9 @@ def test_a_resumed_private_run_accounts_the_whole_run(tmp_path):
     assert eps == sorted(eps) and eps[0] > 0
     assert all(h["clipping"]["examples"]["count"] <= 8 * whole.privacy["steps_per_epoch"]
                for h in whole.history)
+    # with the fused descriptor, SFace is not fine-tuned on the dataset: the guarantee covers
+    # the training that clips and noises each example, and that fine-tuning would not
+    fused = _cfg(descriptor="fused")
+    gallery = GalleryEmbeddings(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), "fused")
+    served, rec = tune_second_network(fused, whole, gallery)
+    assert served is gallery and rec["kept"] == "pretrained" and "private job" in rec["note"]

@@ -19,8 +19,7 @@ PRIVATE = {"architecture": "dlib_resnet", "epochs": 1, "batch_size": 24,
 def private_sweep(client, orl_model):
     r = client.post("/v1/sweeps", json={
         "name": "private", "metric": "val_acc",
-        # fused: SFace beside dlib's network, which a private job must not fine-tune
-        "base": PRIVATE | {"dataset_id": orl_model["dataset"]["id"], "descriptor": "fused"},
+        "base": PRIVATE | {"dataset_id": orl_model["dataset"]["id"]},
         "grid": {"privacy": [{"target_epsilon": 8, "delta": 1e-4, "unit": "person"},
                              {"target_epsilon": 8, "delta": 1e-4, "unit": "image"}]}})
     assert r.status_code == 202, r.text
@@ -50,9 +49,6 @@ def test_private_jobs_report_their_guarantee(client, private_sweep):
         assert "gallery" in model["privacy"]["covers"]
         assert job["config"]["freeze_stages"] == 5  # the private default
         assert rec["expected_batch_size"] == rec["images"] // 4  # a quarter, under 256
-        sface = job["metrics"]["open_set"]["sface_fine_tuning"]
-        assert sface["kept"] == "pretrained" and "private job" in sface["note"], sface
-        assert model["preprocessing"]["sface"] == "pretrained"
 
 
 def test_leaderboard_shows_epsilon(client, private_sweep):
