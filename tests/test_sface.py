@@ -212,7 +212,7 @@ def test_sface_fine_tuning_killed_after_an_epoch_goes_on_from_its_checkpoint(tmp
     assert json.loads((tmp_path / "cut.json").read_text())["epoch"] == 1
     with caplog.at_level(logging.INFO, logger=sface_tune.__name__):
         resumed = run(tmp_path / "cut")
-    assert "goes on after epoch 1 of 2" in caplog.text
+    assert "goes on after epoch 1" in caplog.text
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)  # same steps, same shapes: close
     caplog.clear()

@@ -81,24 +81,12 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     total, step, skipped, first = cfg.sface_epochs * per_epoch, 0, 0, 0
     made_for = {"rows": hashlib.sha256(rows.tobytes() + labels[rows].tobytes()).hexdigest(),
                 "settings": cfg.model_dump(mode="json", include=RESUME_SETTINGS)}
-    if checkpoint is not None and checkpoint.with_suffix(".json").is_file():
-        try:
-            tensors, meta = ckpt.load(checkpoint.with_suffix(".json"), device)
-        except ckpt.CheckpointError as e:
-            log.warning("SFace checkpoint unusable (%s): fine-tuning from the start", e)
-            meta = {}
-        if meta.get("made_for") == made_for:
-            both.load_state_dict({k[6:]: v for k, v in tensors.items()
-                                  if k.startswith("model.")})
-            ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
-            clipper.load_state_dict({k[5:]: v for k, v in tensors.items()
-                                     if k.startswith("clip.")} | meta["clipper"])
-            gen.set_state(tensors["rng"].cpu())
-            first, step, skipped = meta["epoch"], meta["step"], meta["skipped"]
-            log.info("SFace fine-tuning goes on after epoch %d of %d", first, cfg.sface_epochs)
+    if checkpoint is not None:
+        first, step, skipped = _go_on_from(checkpoint, made_for, both, opt, clipper, gen, device)
     t0 = time.perf_counter()
     for epoch in range(first, cfg.sface_epochs):
         order = torch.randperm(len(rows), generator=gen)
+        loss_sum = torch.zeros((), device=device)
         for i in range(per_epoch):
             if should_stop():
                 raise Cancelled()
@@ -113,6 +101,7 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             loss.backward()
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+            loss_sum += loss.detach()
             if bool(clipper(params).finite) and bool(torch.isfinite(loss)):
                 opt.step()
             elif cfg.clip.on_nonfinite == "fail":
@@ -122,21 +111,50 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
             else:
                 skipped += 1
             step += 1
-        log.info("SFace fine-tuning: epoch %d of %d, loss %.3f, %.0f s", epoch + 1,
-                 cfg.sface_epochs, float(loss.detach()), time.perf_counter() - t0)
+        log.info("SFace fine-tuning: epoch %d of %d, mean loss %.3f, %.0f s", epoch + 1,
+                 cfg.sface_epochs, float(loss_sum) / max(per_epoch, 1), time.perf_counter() - t0)
         if checkpoint is not None:
-            opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
-            clip_state = clipper.state_dict()
-            ckpt.save(checkpoint, {f"model.{k}": v for k, v in both.state_dict().items()}
-                      | opt_tensors | {"rng": gen.get_state()}
-                      | {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)},
-                      {"made_for": made_for, "epoch": epoch + 1, "step": step,
-                       "skipped": skipped, "optimizer": opt_meta,
-                       "clipper": {k: v for k, v in clip_state.items()
-                                   if not torch.is_tensor(v)}})
+            _save(checkpoint, made_for, both, opt, clipper, gen,
+                  {"epoch": epoch + 1, "step": step, "skipped": skipped})
     if skipped:
         log.warning("SFace fine-tuning skipped %d of %d steps (gradients not finite)", skipped,
                     step)
     blend_with_pretrained(net, start, cfg.fine_tuned_share)
     net.requires_grad_(False)
     return net.to(memory_format=torch.channels_last).eval()
+
+
+def _save(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.optim.Optimizer,
+          clipper, gen: torch.Generator, progress: dict) -> None:
+    """The fine-tuning's state after an epoch, as the job's checkpoints are written."""
+    opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
+    clip_state = clipper.state_dict()
+    ckpt.save(stem, {f"model.{k}": v for k, v in both.state_dict().items()} | opt_tensors
+              | {"rng": gen.get_state()}
+              | {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)},
+              {"made_for": made_for, "optimizer": opt_meta,
+               "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
+              | progress)
+
+
+def _go_on_from(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.optim.Optimizer,
+                clipper, gen: torch.Generator, device: torch.device) -> tuple[int, int, int]:
+    """(epochs done, steps done, steps skipped): from the checkpoint at ``stem`` when one was
+    made for these rows and settings (its state loaded into ``both``, ``opt``, ``clipper`` and
+    ``gen``), else (0, 0, 0)."""
+    if not stem.with_suffix(".json").is_file():
+        return 0, 0, 0
+    try:
+        tensors, meta = ckpt.load(stem.with_suffix(".json"), device)
+    except ckpt.CheckpointError as e:
+        log.warning("SFace checkpoint unusable (%s): fine-tuning from the start", e)
+        return 0, 0, 0
+    if meta.get("made_for") != made_for:
+        return 0, 0, 0
+    both.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
+    clipper.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
+                            | meta["clipper"])
+    gen.set_state(tensors["rng"].cpu())
+    log.info("SFace fine-tuning goes on after epoch %d", meta["epoch"])
+    return meta["epoch"], meta["step"], meta["skipped"]
