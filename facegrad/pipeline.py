@@ -28,6 +28,7 @@ from facegrad.recognition.gallery import (
     fused_parts,
     holdout_identities,
 )
+from facegrad.training import sface_tune
 from facegrad.training.config import TrainConfig
 from facegrad.training.loop import Hooks, TrainedModel, pretrained_state, train
 
@@ -68,7 +69,8 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     ``pretrained_dir``: where dlib's converted weights are kept (needed by a pretrained
     architecture); ``dataset_dir``: the stored dataset, read by the other ranks of a
     multi-device run (:func:`facegrad.training.loop.train`)."""
-    stage = (hooks or Hooks()).on_stage
+    hooks = hooks or Hooks()
+    stage = hooks.on_stage
     trained = train(cfg, data, run_dir, hooks, resume, pretrained_dir, dataset_dir)
     stage("building the gallery")
     gallery = build_gallery(cfg, trained)
@@ -79,8 +81,7 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
                                                    pretrained, pretrained_dir)
     if gallery.descriptor == "fused":
         stage("fine-tuning SFace")
-    gallery, sface_tuning = tune_second_network(cfg, trained, gallery,
-                                                (hooks or Hooks()).should_stop,
+    gallery, sface_tuning = tune_second_network(cfg, trained, gallery, hooks.should_stop,
                                                 Path(run_dir) / "checkpoints" / "sface")
     stage("calibrating")
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
@@ -282,8 +283,6 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
         record["note"] = "no identities held out to judge a fine-tuned SFace on: SFace as it is"
     if record:
         return gallery, record | {"kept": "pretrained"}
-    from facegrad.training import sface_tune
-
     full = trained.split.full
     first = fused_parts(gallery.emb)[0]  # dlib's unit descriptors
     # SFace as it is, unit and not centred (fit_fusion centres it again)

@@ -11,7 +11,7 @@ import torch
 from facegrad.data.checkpoint import FORMAT, CheckpointError, load, save
 
 __all__ = ["FORMAT", "CheckpointError", "load", "optimizer_from_flat", "optimizer_to_flat",
-           "save"]
+           "save", "training_state_from_flat", "training_state_to_flat"]
 
 
 # --- optimizer state as flat tensors + JSON --------------------------------------------
@@ -40,3 +40,27 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --- a training run's state: the network, its optimizer and its clipping rule ------------------
+
+def training_state_to_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, clipper
+                           ) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a resume checkpoint holds of a run: tensors ``model.*``, ``optim.*`` and ``clip.*``,
+    and the JSON-able rest under ``optimizer`` and ``clipper``."""
+    opt_tensors, opt_meta = optimizer_to_flat(opt)
+    clip_state = clipper.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= opt_tensors
+    tensors |= {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)}
+    return tensors, {"optimizer": opt_meta,
+                     "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
+
+
+def training_state_from_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, clipper,
+                             tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what :func:`training_state_to_flat` wrote back into the run's parts."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_flat(opt, tensors, meta["optimizer"])
+    clipper.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
+                            | meta.get("clipper", {}))

@@ -473,10 +473,7 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
     resumed_from = None
     if resume is not None:
         tensors, meta = ckpt.load(resume, device)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
-        clipper.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
-                                | meta.get("clipper", {}))
+        ckpt.training_state_from_flat(model, opt, clipper, tensors, meta)
         telemetry.load_state_dict(meta["telemetry"])
         gen.set_state(tensors["rng.data"].cpu())
         torch.set_rng_state(tensors["rng.torch"].cpu())
@@ -491,15 +488,10 @@ def train_rank(cfg: TrainConfig, data: FaceArrays, run_dir: Path, hooks: Hooks |
         imprint_head(model, train_set, cfg.batch_size * 2, rank)
 
     def save_checkpoint(epoch: int) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
-        clip_state = clipper.state_dict()
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors |= opt_tensors
-        tensors |= {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)}
+        tensors, state_meta = ckpt.training_state_to_flat(model, opt, clipper)
         tensors |= {"rng.data": gen.get_state(), "rng.torch": torch.get_rng_state()}
         meta = {"kind": "resume", "epoch": epoch, "step": step, "config": cfg.model_dump(),
-                "optimizer": opt_meta, "telemetry": telemetry.state_dict(), "history": history,
-                "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
+                "telemetry": telemetry.state_dict(), "history": history} | state_meta
         if accountant is not None:
             meta["accountant"] = accountant.state_dict()
         path = ckpt.save(run_dir / "checkpoints" / f"epoch-{epoch:04d}", tensors, meta)

@@ -127,14 +127,9 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
 def _save(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.optim.Optimizer,
           clipper, gen: torch.Generator, progress: dict) -> None:
     """The fine-tuning's state after an epoch, as the job's checkpoints are written."""
-    opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
-    clip_state = clipper.state_dict()
-    ckpt.save(stem, {f"model.{k}": v for k, v in both.state_dict().items()} | opt_tensors
-              | {"rng": gen.get_state()}
-              | {f"clip.{k}": v for k, v in clip_state.items() if torch.is_tensor(v)},
-              {"made_for": made_for, "optimizer": opt_meta,
-               "clipper": {k: v for k, v in clip_state.items() if not torch.is_tensor(v)}}
-              | progress)
+    tensors, meta = ckpt.training_state_to_flat(both, opt, clipper)
+    ckpt.save(stem, tensors | {"rng": gen.get_state()},
+              meta | {"made_for": made_for} | progress)
 
 
 def _go_on_from(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -151,10 +146,7 @@ def _go_on_from(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.op
         return 0, 0, 0
     if meta.get("made_for") != made_for:
         return 0, 0, 0
-    both.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
-    clipper.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
-                            | meta["clipper"])
+    ckpt.training_state_from_flat(both, opt, clipper, tensors, meta)
     gen.set_state(tensors["rng"].cpu())
     log.info("SFace fine-tuning goes on after epoch %d", meta["epoch"])
     return meta["epoch"], meta["step"], meta["skipped"]
