@@ -152,6 +152,16 @@ class DescriptorChoice(_Record):
     note: str | None = None
 
 
+class SFaceRefit(_Record):
+    """The served SFace when sface_refit: the kept recipe fine-tuned again on every photo of
+    every person, after the judgement and the thresholds, which are the judged SFace's."""
+
+    people: int | None = None
+    photos: int | None = None
+    seconds: float | None = None
+    note: str | None = None
+
+
 class SFaceFineTuning(_Record):
     """A model serving the fused descriptor: SFace fine-tuned on the people trained on
     (sface_epochs), judged against SFace as it is on the held-out people, in the fused
@@ -165,6 +175,8 @@ class SFaceFineTuning(_Record):
     gain: FineTuningGain | None = Field(None, description="fine-tuned minus pretrained SFace")
     kept: str | None = Field(None, description="'fine_tuned' or 'pretrained'")
     note: str | None = Field(None, description="why SFace was not fine-tuned, where it was not")
+    refit: SFaceRefit | None = Field(None, description="where the kept SFace was refitted on "
+                                     "every person (sface_refit)")
 
 
 class OpenSetFigures(_Record):
@@ -300,7 +312,8 @@ class Progress(BaseModel):
     stage: str | None = Field(None, description="what the job does now: 'training', then its "
                               "steps after training ('building the gallery', 'choosing the "
                               "network', 'choosing the descriptor', 'fine-tuning SFace', "
-                              "'calibrating', 'saving the model'), and 'done' once it succeeded")
+                              "'calibrating', 'refitting SFace on every person', 'saving the "
+                              "model'), and 'done' once it succeeded")
 
 
 class NormStats(BaseModel):

@@ -139,6 +139,7 @@ def main() -> None:
         calibrate,
         choose_descriptor,
         choose_network,
+        refit_second_network,
         tune_second_network,
     )
     from facegrad.recognition.architectures import architecture
@@ -214,17 +215,21 @@ def main() -> None:
             served_gallery, choice = choose_descriptor(cfg, trained, chosen, judged,
                                                        pre_gallery, pretrained_dir)
             served_gallery, sface_tuning = tune_second_network(cfg, trained, served_gallery)
+            # the served model's own verification threshold (its calibration step)
+            own = calibrate(cfg, trained, served_gallery, judged)["verify_threshold"]
             if sface_tuning is not None:
                 print(f"fold {k}: SFace fine-tuning kept {sface_tuning['kept']}, gain "
                       f"{sface_tuning.get('gain')}", flush=True)
+                if sface_tuning["kept"] == "fine_tuned" and cfg.sface_refit:
+                    served_gallery, refit = refit_second_network(cfg, trained, served_gallery)
+                    print(f"fold {k}: SFace refitted on every person ({refit['people']} "
+                          f"people, {refit['seconds']} s)", flush=True)
             kept = judged["kept"] if judged else "fine_tuned"  # after its fused judgement
             if served_gallery.descriptor != desc:  # the job took the fused descriptor
                 served_desc = describe(cfg, trained.model, trained.device, test,
                                        served_gallery.descriptor, served_gallery.fusion)
             else:
                 served_desc = None
-            # the served model's own verification threshold (its calibration step)
-            own = calibrate(cfg, trained, served_gallery, judged)["verify_threshold"]
             if k not in pre_figs:
                 trained.model.backbone.load_state_dict(pretrained_state(pretrained_dir))
                 pre_desc[k] = describe(cfg, trained.model, trained.device, test, desc,

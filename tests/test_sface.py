@@ -132,10 +132,13 @@ def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
     stages: list[str] = []
     res = run_training_job(cfg, train, tmp_path / "run", Hooks(on_stage=stages.append),
                            pretrained_dir=tmp_path / "pre")
-    assert stages == ["building the gallery", "choosing the network", "choosing the descriptor",
-                      "fine-tuning SFace", "calibrating", "saving the model"]
     rec = res.open_set["sface_fine_tuning"]
     assert rec["epochs"] == 1 and rec["kept"] in ("fine_tuned", "pretrained")
+    # a kept SFace is refitted on every person after the thresholds are calibrated
+    refit = ["refitting SFace on every person"] if rec["kept"] == "fine_tuned" else []
+    assert stages == ["building the gallery", "choosing the network", "choosing the descriptor",
+                      "fine-tuning SFace", "calibrating", *refit, "saving the model"]
+    assert ("refit" in rec) == bool(refit)
     for side in ("pretrained", "fine_tuned"):
         assert set(rec[side]) >= {"tpir_at_fpir_0.05", "verify_accuracy"}, rec
     lm = LoadedModel(tmp_path / "run")
@@ -153,6 +156,44 @@ def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
     after = sface.network().state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")
+def test_refit_trains_sface_on_every_person_and_the_model_serves_it(tmp_path):
+    """refit_second_network fine-tunes SFace on every photo, the held-out people's too (its
+    checkpoint is made for all the rows), and the saved model describes faces with that
+    network as the gallery has them; the gallery's dlib part is left as it was."""
+    import hashlib
+    import json
+
+    from facegrad.data.store import FaceArrays
+    from facegrad.pipeline import build_gallery, calibrate, refit_second_network, save_model
+    from facegrad.recognition.gallery import fused_parts
+    from facegrad.recognition.inference import LoadedModel
+    from facegrad.training.loop import train
+    from testkit.harness import orl_chips
+
+    ten, _, _ = orl_chips(10, 1)
+    keep = np.concatenate([np.nonzero(ten.labels == i)[0][:4] for i in range(10)])
+    data = FaceArrays(np.asarray(ten.images)[keep], ten.labels[keep], ten.names)
+    cfg = TrainConfig(descriptor="fused", epochs=1, sface_epochs=1)
+    trained = train(cfg, data, tmp_path / "run", pretrained_dir=tmp_path / "pre")
+    assert len(trained.split.held)  # some people the first fine-tuning would not see
+    gallery = build_gallery(cfg, trained)
+    served, rec = refit_second_network(cfg, trained, gallery, checkpoint=tmp_path / "every")
+    assert (rec["people"], rec["photos"]) == (10, 40)
+    made = json.loads((tmp_path / "every.json").read_text())
+    rows = np.arange(40)
+    assert made["made_for"]["rows"] == hashlib.sha256(
+        rows.tobytes() + data.labels[rows].tobytes()).hexdigest()
+    torch.testing.assert_close(fused_parts(served.emb)[0], fused_parts(gallery.emb)[0])
+    assert served.fusion.network is not None
+    save_model(cfg, trained, served, calibrate(cfg, trained, gallery, None), tmp_path / "run")
+    lm = LoadedModel(tmp_path / "run")
+    assert lm.meta["preprocessing"]["sface"] == "fine_tuned"
+    each = np.arange(0, 40, 4)
+    torch.testing.assert_close(lm.embed(np.asarray(data.images)[each]), served.emb[each],
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")

@@ -184,6 +184,14 @@ class TrainConfig(_Strict):
         "fine_tuned_share; the job keeps it only where it tells the held-out people apart "
         "better than SFace as it is (model.json: open_set.sface_fine_tuning). "
         "0, epochs 0 or a private job: SFace as it is.")
+    sface_refit: bool = Field(
+        True,
+        description="With a fine-tuned SFace kept (sface_epochs): after calibrating, fine-tune "
+        "SFace once more by the same recipe on every photo of every person, the held-out "
+        "people's too, and serve that one (refitting on all the data once the model is "
+        "chosen). The judgement and the thresholds stay those of the SFace that never saw the "
+        "held-out people (model.json: open_set.sface_fine_tuning.refit). Costs a second "
+        "fine-tuning, on about 1.4 times the photos. False: serve the judged SFace.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     checkpoint_every: int = Field(1, ge=1, le=1000, description="Checkpoint every N epochs.")
     target_fpir: float | None = Field(

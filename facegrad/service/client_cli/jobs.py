@@ -206,6 +206,10 @@ def show_job(job: dict, history: list[dict], console: Console) -> None:
     if st.get("pretrained") and st.get("fine_tuned"):
         rows.insert(-2, ("SFace", f"as it is {v(st['pretrained'])} -> fine-tuned "
                          f"{v(st['fine_tuned'])}; kept {st.get('kept', '-').replace('_', '-')}"))
+        if st.get("refit"):
+            rows.insert(-2, ("SFace refit", f"on every person: {st['refit'].get('people')} "
+                             f"people, {st['refit'].get('photos')} photos, "
+                             f"{st['refit'].get('seconds')} s"))
     elif st.get("note"):
         rows.insert(-2, ("SFace", st["note"]))
     ex = c.get("examples")
