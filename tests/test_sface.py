@@ -139,6 +139,8 @@ def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
     assert stages == ["building the gallery", "choosing the network", "choosing the descriptor",
                       "fine-tuning SFace", "calibrating", *refit, "saving the model"]
     assert ("refit" in rec) == bool(refit)
+    # the fine-tuning's checkpoints go once the model that holds its SFace is saved
+    assert not list((tmp_path / "run" / "checkpoints").glob("sface*"))
     for side in ("pretrained", "fine_tuned"):
         assert set(rec[side]) >= {"tpir_at_fpir_0.05", "verify_accuracy"}, rec
     lm = LoadedModel(tmp_path / "run")
