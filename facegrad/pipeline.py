@@ -294,9 +294,7 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
         return gallery, record | {"kept": "pretrained"}
     full = trained.split.full
     first = fused_parts(gallery.emb)[0]  # dlib's unit descriptors
-    # SFace as it is, unit and not centred (fit_fusion centres it again)
-    second = gallery.second if gallery.second is not None else _sface_part(
-        cfg, trained, torch.arange(len(gallery.owner)))
+    second = _sface_as_is(cfg, trained, gallery)
     honest = torch.from_numpy(held.astype(np.int64))
     judged = torch.isin(gallery.owner, honest)
     train_rows = torch.from_numpy(trained.split.train_idx.astype(np.int64))
@@ -325,9 +323,7 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
     tuned_all[rows] = tuned_part
     rest = torch.nonzero(~judged).view(-1)
     tuned_all[rest] = _sface_part(cfg, trained, rest, net)
-    emb, fusion = fit_fusion(torch.cat([first, tuned_all], 1), gallery.owner)
-    return GalleryEmbeddings(emb, gallery.owner, "fused", replace(fusion, network=net),
-                             second), record
+    return _beside_tuned_sface(gallery, tuned_all, net, second), record
 
 
 def refit_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,
@@ -347,21 +343,36 @@ def refit_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galle
     gallery, the record)."""
     full = trained.split.full
     every = np.arange(len(gallery.owner))
-    second = gallery.second if gallery.second is not None else _sface_part(
-        cfg, trained, torch.from_numpy(every))
+    second = _sface_as_is(cfg, trained, gallery)
     t0 = time.perf_counter()
     net = sface_tune.fine_tune(cfg, np.asarray(full.images), full.labels, every, second,
                                trained.device, should_stop, checkpoint)
     secs = time.perf_counter() - t0
     tuned = _sface_part(cfg, trained, torch.from_numpy(every), net)
-    emb, fusion = fit_fusion(torch.cat([fused_parts(gallery.emb)[0], tuned], 1), gallery.owner)
     record = {"people": len(np.unique(full.labels)), "photos": len(every),
               "seconds": round(secs, 1),
               "note": "the served SFace: the kept recipe refitted on every photo of every "
                       "person; the figures above and the thresholds are the judged SFace's, "
                       "measured on held-out people it had not trained on"}
-    return GalleryEmbeddings(emb, gallery.owner, "fused", replace(fusion, network=net),
-                             second), record
+    return _beside_tuned_sface(gallery, tuned, net, second), record
+
+
+def _sface_as_is(cfg: TrainConfig, trained: TrainedModel,
+                 gallery: GalleryEmbeddings) -> torch.Tensor:
+    """The file's SFace's unit descriptors of every gallery row, not centred (fit_fusion
+    centres them): the gallery's own where at hand."""
+    if gallery.second is not None:
+        return gallery.second
+    return _sface_part(cfg, trained, torch.arange(len(gallery.owner)))
+
+
+def _beside_tuned_sface(gallery: GalleryEmbeddings, tuned: torch.Tensor,
+                        net: torch.nn.Module, second: torch.Tensor) -> GalleryEmbeddings:
+    """The served gallery: the gallery's dlib part beside ``tuned`` (every row described by
+    the fine-tuned SFace ``net``), fused as fitted on them; ``second``: the file's SFace's
+    descriptors, kept for a later fine-tuning's head."""
+    emb, fusion = fit_fusion(torch.cat([fused_parts(gallery.emb)[0], tuned], 1), gallery.owner)
+    return GalleryEmbeddings(emb, gallery.owner, "fused", replace(fusion, network=net), second)
 
 
 def calibrate(cfg: TrainConfig, trained: TrainedModel, gallery: GalleryEmbeddings,

@@ -55,7 +55,8 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     clipping rule's state and the random generator's are written there (safetensors + JSON,
     atomically), and a run that finds one made for the same rows and settings goes on from it,
     so a worker killed in this stage loses at most an epoch."""
-    rows = np.sort(rows)
+    order = np.argsort(rows, kind="stable")  # rows in order; their descriptors with them
+    rows, pretrained_part = rows[order], pretrained_part[torch.from_numpy(order)]
     net = copy.deepcopy(sface.network("cpu")).to(device).to(memory_format=torch.contiguous_format)
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
     net.requires_grad_(True)
