@@ -81,11 +81,11 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
     stage("choosing the descriptor")
     gallery, descriptor_choice = choose_descriptor(cfg, trained, gallery, fine_tuning,
                                                    pretrained, pretrained_dir)
-    sface_checkpoints = [Path(run_dir) / "checkpoints" / n for n in ("sface", "sface_every")]
+    tune_stem, refit_stem = (Path(run_dir) / "checkpoints" / n for n in ("sface", "sface_every"))
     if gallery.descriptor == "fused":
         stage("fine-tuning SFace")
     gallery, sface_tuning = tune_second_network(cfg, trained, gallery, hooks.should_stop,
-                                                sface_checkpoints[0])
+                                                tune_stem)
     stage("calibrating")
     open_set_rec = calibrate(cfg, trained, gallery, fine_tuning)
     if descriptor_choice is not None:
@@ -94,12 +94,12 @@ def run_training_job(cfg: TrainConfig, data: FaceArrays, run_dir: Path,
         if sface_tuning["kept"] == "fine_tuned" and cfg.sface_refit:
             stage("refitting SFace on every person")
             gallery, sface_tuning["refit"] = refit_second_network(
-                cfg, trained, gallery, hooks.should_stop, sface_checkpoints[1])
+                cfg, trained, gallery, hooks.should_stop, refit_stem)
         open_set_rec["sface_fine_tuning"] = sface_tuning
     stage("saving the model")
     model_path, meta = save_model(cfg, trained, gallery, open_set_rec, Path(run_dir))
-    for stem in sface_checkpoints:  # the model holds the SFace it serves; each is ~78 MB
-        sface_tune.discard_checkpoint(stem)
+    for stem in (tune_stem, refit_stem):  # the model holds the SFace it serves; each ~78 MB
+        ckpt.remove(stem)
     return JobResult(model_path, trained.history, trained.clipping, meta["open_set"],
                      trained.resumed_from_epoch,
                      {"too_few_to_split": meta["too_few_to_split"],

@@ -86,3 +86,10 @@ def load(meta_path: Path, device: str | torch.device = "cpu"):
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint weights {weights.name} are corrupt: {e}") from e
     return tensors, meta
+
+
+def remove(stem: Path) -> None:
+    """Delete the checkpoint at ``stem``: its JSON first, so that no JSON is left naming a
+    tensor file that is gone (the reverse of :func:`save`'s order)."""
+    for suffix in (".json", ".safetensors"):
+        stem.with_suffix(suffix).unlink(missing_ok=True)

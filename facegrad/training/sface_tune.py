@@ -151,10 +151,3 @@ def _go_on_from(stem: Path, made_for: dict, both: torch.nn.Module, opt: torch.op
     gen.set_state(tensors["rng"].cpu())
     log.info("SFace fine-tuning goes on after epoch %d", meta["epoch"])
     return meta["epoch"], meta["step"], meta["skipped"]
-
-
-def discard_checkpoint(stem: Path) -> None:
-    """Remove the checkpoint at ``stem``, once the model that holds the fine-tuned SFace is
-    saved: a finished job does not go on from it."""
-    for suffix in (".json", ".safetensors"):
-        stem.with_suffix(suffix).unlink(missing_ok=True)
