@@ -168,6 +168,9 @@ class SFaceFineTuning(_Record):
     descriptor; the one kept (preprocessing.sface)."""
 
     epochs: int | None = None
+    fine_tuned_share: float | None = Field(
+        None, description="The fine-tuned SFace is the average (1 - share) x the file's + "
+        "share x trained weights (the job's sface_fine_tuned_share)")
     seconds: float | None = None
     measured_on: str | None = None
     pretrained: FineTuningFigures | None = None

@@ -312,7 +312,8 @@ def tune_second_network(cfg: TrainConfig, trained: TrainedModel, gallery: Galler
 
     pre, tuned = figures(second[rows]), figures(tuned_part)
     keep = open_set.better(tuned, pre)
-    record = {"epochs": cfg.sface_epochs, "seconds": round(secs, 1),
+    record = {"epochs": cfg.sface_epochs, "fine_tuned_share": cfg.sface_fine_tuned_share,
+              "seconds": round(secs, 1),
               "measured_on": "the people held out of training among themselves, in the fused "
                              "descriptor the model serves",
               "pretrained": pre, "fine_tuned": tuned, "gain": open_set.gain(tuned, pre),

@@ -128,12 +128,13 @@ def test_fused_job_fine_tunes_sface_judges_it_and_serves_what_it_kept(tmp_path):
     keep = np.concatenate([np.nonzero(ten.labels == i)[0][:4] for i in range(10)])
     train = FaceArrays(np.asarray(ten.images)[keep], ten.labels[keep], ten.names)
     before = {k: v.clone() for k, v in sface.network().state_dict().items()}
-    cfg = TrainConfig(descriptor="fused", epochs=1, sface_epochs=1)
+    cfg = TrainConfig(descriptor="fused", epochs=1, sface_epochs=1, sface_fine_tuned_share=0.8)
     stages: list[str] = []
     res = run_training_job(cfg, train, tmp_path / "run", Hooks(on_stage=stages.append),
                            pretrained_dir=tmp_path / "pre")
     rec = res.open_set["sface_fine_tuning"]
     assert rec["epochs"] == 1 and rec["kept"] in ("fine_tuned", "pretrained")
+    assert rec["fine_tuned_share"] == 0.8
     # a kept SFace is refitted on every person after the thresholds are calibrated
     refit = ["refitting SFace on every person"] if rec["kept"] == "fine_tuned" else []
     assert stages == ["building the gallery", "choosing the network", "choosing the descriptor",
@@ -262,3 +263,29 @@ def test_sface_fine_tuning_killed_after_an_epoch_goes_on_from_its_checkpoint(tmp
     with caplog.at_level(logging.INFO, logger=sface_tune.__name__), pytest.raises(Cancelled):
         run(tmp_path / "cut", stop_after=0, c=cfg.model_copy(update={"seed": 1}))
     assert "goes on" not in caplog.text
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL not found at {ORL}")
+def test_sface_keeps_its_own_share_of_the_fine_tuned_weights():
+    """sface_fine_tuned_share is SFace's WiSE-FT share, apart from dlib's fine_tuned_share:
+    0 gives back the file's weights, 1 the weights as trained, 0.5 their midpoint."""
+    from facegrad.training import sface_tune
+    from testkit.harness import orl_chips
+
+    assert (TrainConfig().fine_tuned_share, TrainConfig().sface_fine_tuned_share) == (0.5, 1.0)
+    two, _, _ = orl_chips(2, 1)
+    images = np.asarray(two.images)
+    part = sface.describe(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    rows, cpu = np.arange(len(images)), torch.device("cpu")
+    file_weights = sface.network("cpu").state_dict()
+    nets = {share: sface_tune.fine_tune(
+        TrainConfig(descriptor="fused", sface_epochs=1, batch_size=4, fine_tuned_share=0.5,
+                    sface_fine_tuned_share=share), images, two.labels, rows, part, cpu)
+        .state_dict() for share in (0.0, 0.5, 1.0)}
+    floats = [k for k, v in file_weights.items() if v.is_floating_point()]
+    for k in floats:  # lerp at 0 is the start itself
+        assert torch.equal(nets[0.0][k], file_weights[k]), k
+    assert any(not torch.allclose(nets[1.0][k], file_weights[k]) for k in floats)
+    for k in floats:  # the same seed trains the same weights; the blend is their midpoint
+        torch.testing.assert_close(nets[0.5][k], (file_weights[k] + nets[1.0][k]) / 2,
+                                   rtol=1e-5, atol=1e-6, msg=k)

@@ -180,10 +180,18 @@ class TrainConfig(_Strict):
     sface_epochs: int = Field(
         3, ge=0, le=100,
         description="With the fused descriptor, after training dlib's network: epochs that "
-        "fine-tune SFace on the people trained on, with the same head, rates, clipping and "
-        "fine_tuned_share; the job keeps it only where it tells the held-out people apart "
-        "better than SFace as it is (model.json: open_set.sface_fine_tuning). "
+        "fine-tune SFace on the people trained on, with the same head, rates and clipping "
+        "(its WiSE-FT share: sface_fine_tuned_share); the job keeps it only where it tells "
+        "the held-out people apart better than SFace as it is (model.json: "
+        "open_set.sface_fine_tuning). "
         "0, epochs 0 or a private job: SFace as it is.")
+    sface_fine_tuned_share: float = Field(
+        1.0, ge=0, le=1,
+        description="With SFace fine-tuned (sface_epochs): its own WiSE-FT share, as "
+        "fine_tuned_share is dlib's network's: each SFace weight becomes (1 - share) x the "
+        "file's + share x fine-tuned. 1 (default) keeps the fine-tuned weights: on CFP's "
+        "turned faces of people the job never saw every share above 0 gained and 1 gained most "
+        "(docs/identification.md).")
     sface_refit: bool = Field(
         True,
         description="With a fine-tuned SFace kept (sface_epochs): after calibrating, fine-tune "

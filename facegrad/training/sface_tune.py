@@ -7,7 +7,7 @@ dlib's network (:mod:`facegrad.training.loop`): a CosFace head (Wang et al. 2018
 imprinted with each person's mean descriptor (Qi et al. 2018), SGD with momentum at the job's
 rate for the head and ``backbone_lr_scale`` of it for the network, cosine decay, the job's
 clipping rule, mirrored faces as augmentation, then weight-space ensembling with the file's
-weights (WiSE-FT, Wortsman et al. 2022; the job's ``fine_tuned_share``).
+weights (WiSE-FT, Wortsman et al. 2022; the job's ``sface_fine_tuned_share``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # the settings a checkpoint must have been made with to be gone on from
 RESUME_SETTINGS = {"sface_epochs", "learning_rate", "backbone_lr_scale", "batch_size", "clip",
-                   "seed", "fine_tuned_share"}
+                   "seed", "sface_fine_tuned_share"}
 
 
 def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
@@ -120,7 +120,7 @@ def fine_tune(cfg: TrainConfig, images, labels: np.ndarray, rows: np.ndarray,
     if skipped:
         log.warning("SFace fine-tuning skipped %d of %d steps (gradients not finite)", skipped,
                     step)
-    blend_with_pretrained(net, start, cfg.fine_tuned_share)
+    blend_with_pretrained(net, start, cfg.sface_fine_tuned_share)
     net.requires_grad_(False)
     return net.to(memory_format=torch.channels_last).eval()
 
