@@ -78,6 +78,23 @@ def test_augmentation_scales_the_face_within_its_range():
     assert float(linear.min()) < 0.85 and float(linear.max()) > 1.18
 
 
+@pytest.mark.parametrize("name", ["per_image_standardise", "rgb_unit"])
+def test_normalisers_leave_their_input_alone(name):
+    """Each normaliser works in place on a copy of its own: a float batch handed to it comes back
+    unchanged, and uint8 and float batches of the same pixels give the same result."""
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    xf = x.float()
+    keep = xf.clone()
+    out = normaliser(name)(xf)
+    assert torch.equal(xf, keep) and out.data_ptr() != xf.data_ptr()
+    assert torch.allclose(out, normaliser(name)(x), atol=1e-6)
+    if name == "per_image_standardise":
+        flat = out.flatten(1)
+        assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(flat.std(1), torch.ones(4), atol=1e-4)
+
+
 def test_same_seed_same_metrics(small_faces, tmp_path):
     a = train(cfg(), small_faces, tmp_path / "a")
     b = train(cfg(), small_faces, tmp_path / "b")

@@ -74,19 +74,21 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     Per-image standardisation takes out global brightness and contrast, which matters more for
     faces shot under other lighting than anything learnt from one dataset's mean.
     """
-    x = x.float()
-    d = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    # one float copy, centred and scaled in place: a batch is a few MB, and each fresh tensor
+    # of that size costs the allocator and the page faults more than the arithmetic
+    d = x.to(torch.float32, copy=True)
+    d -= d.mean(dim=(1, 2, 3), keepdim=True)
     # the sample std (as Tensor.std) from the L2 norm of the centred image: torch's std
     # reduction over several dims is not vectorised on the CPU (3x slower, bench/data_pipeline.py)
     n = x.shape[1] * x.shape[2] * x.shape[3]
     std = torch.linalg.vector_norm(d, dim=(1, 2, 3), keepdim=True) / math.sqrt(max(1, n - 1))
-    return d / std.clamp_min(1.0)
+    return d.div_(std.clamp_min(1.0))
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8/float (N, 3, H, W) in [0, 255] → float in [0, 1]: the input of a pretrained network,
     which applies the normalisation it was trained with itself."""
-    return x.float() / 255.0
+    return x.to(torch.float32, copy=True).div_(255.0)  # one fresh tensor, as standardise
 
 
 # a model's ``preprocessing.normalisation`` → the function that prepares its input
