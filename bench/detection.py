@@ -1,8 +1,9 @@
 """Face detection rates and cost of facegrad.recognition.detect (dlib's HOG detector, then its
-CNN detector where HOG finds nothing, + 5 landmarks), on ORL and CFP faces.
+CNN detector, run in PyTorch, where HOG finds nothing, + 5 landmarks), on ORL and CFP faces.
 
     .venv/bin/python bench/detection.py [--per-cell 40] [--seed 0] [--cfp 200]
-                                        [--detect-side 960] [--max-upscale 2.0]
+                                        [--cnn-compare 40] [--detect-side 960]
+                                        [--max-upscale 2.0]
 
 - ORL bare: the 400 ORL images (92×112) as they are: found by the detector directly, by the
   retry on the image with a replicated border, by the CNN detector, or taken as a face crop by
@@ -24,6 +25,10 @@ CNN detector where HOG finds nothing, + 5 landmarks), on ORL and CFP faces.
   stage runs: HOG, the padded retry, the CNN); wall time
   and this process's CPU time (dlib runs on one thread; CPU time is what the figure would be on
   an idle machine).
+- CNN stage: the PyTorch port of dlib's CNN detector (facegrad.recognition.mmod) against
+  dlib-bin's own on ``--cnn-compare`` CFP profile photos at the size the stage scans: in how
+  many it gives the same boxes (those scoring clear of the threshold), and ms per picture on
+  one thread, alone and in batches of 8 pictures of one size, beside dlib-bin's (the ratio).
 
 ``--detect-side`` / ``--max-upscale`` override ``facegrad.recognition.detect``'s constants, to
 compare.
@@ -73,11 +78,65 @@ def eye_angle(points: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0])))
 
 
+def cnn_against_dlib(n: int, batch: int = 8) -> dict:
+    """The CNN stage (facegrad.recognition.mmod, dlib's detector in PyTorch) against dlib-bin's
+    own on ``n`` CFP profile photos scanned as detect._scan_cnn scans them (longest side
+    CNN_SIDE): boxes whose score is clear of the threshold must be dlib's, and its time per
+    picture alone, in batches of ``batch`` pictures of one size (the photos resized to
+    4:3), and dlib-bin's, each median of 3 rounds, one thread."""
+    import dlib
+    import torch
+
+    from facegrad.recognition import detect
+
+    files = sorted(CFP.glob("*/profile_*.jpg"))
+    files = [files[int(k)] for k in np.linspace(0, len(files) - 1, n)]
+    side = detect.CNN_SIDE
+    pics = []
+    for f in files:
+        img = np.asarray(Image.open(f).convert("RGB"))
+        pics.append(np.ascontiguousarray(detect._resized(img, side / max(img.shape[:2]))))
+    ours = detect._load_cnn()
+    theirs = dlib.cnn_face_detection_model_v1(str(detect.predictor_path(detect.CNN_FILE)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        same, diff = 0, 0.0
+        for pic in pics:
+            mine = {d.rect: d.confidence for d in ours.detect(pic)[0] if d.confidence > 1e-3}
+            ref = {(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()): d.confidence
+                   for d in theirs(pic, 0) if d.confidence > 1e-3}
+            same += mine.keys() == ref.keys()
+            diff = max([diff] + [abs(mine[r] - ref[r]) for r in ref if r in mine])
+        shape = (side * 3 // 4, side)
+        even = [cv2.resize(p, shape[::-1], interpolation=cv2.INTER_AREA) for p in pics]
+        groups = [np.stack(even[i:i + batch]) for i in range(0, len(even) - batch + 1, batch)]
+
+        def timed(fn) -> float:
+            rounds = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                rounds.append(time.perf_counter() - t)
+            return 1e3 * median(rounds)
+
+        torch_ms = timed(lambda: [ours.detect(p) for p in pics]) / len(pics)
+        batched_ms = timed(lambda: [ours.detect(g) for g in groups]) / (batch * len(groups))
+        dlib_ms = timed(lambda: [theirs(p, 0) for p in pics]) / len(pics)
+    finally:
+        torch.set_num_threads(threads)
+    return {"n": len(pics), "side": side, "same": same, "score_diff": diff,
+            "torch_ms": torch_ms, "batched_ms": batched_ms, "dlib_ms": dlib_ms,
+            "batch": batch, "batch_size": f"{shape[1]}x{shape[0]}"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--per-cell", type=int, default=40, help="faces per size and turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfp", type=int, default=200, help="CFP photos of each kind")
+    p.add_argument("--cnn-compare", type=int, default=40,
+                   help="CFP profiles on which the CNN stage is checked against dlib-bin's")
     p.add_argument("--detect-side", type=int, default=None)
     p.add_argument("--max-upscale", type=float, default=None)
     args = p.parse_args()
@@ -187,6 +246,8 @@ def main() -> None:
         false += len(boxes)
     rows.append(["no face (noise 640x480)", 40, "", "", "", "", "", "", false])
 
+    cnn = cnn_against_dlib(args.cnn_compare)
+
     print(table(["case", "images", "detector", "padded", "cnn", "crop rule", "found",
                  "eyes deg", "other"], rows))
     if miss_list:
@@ -197,6 +258,11 @@ def main() -> None:
           f"{median(crop_ms):.1f} / {median(crop_cpu):.1f}; find_faces with no face "
           f"{median(empty_ms):.1f} / {median(empty_cpu):.1f} (HOG, its padded retry and the "
           f"CNN); a CFP profile x3, every stage it goes through: {median(cfp_ms):.0f}")
+    print(f"CNN stage on {cnn['n']} CFP profiles at {cnn['side']} px, one thread: the same "
+          f"boxes as dlib-bin's in {cnn['same']} of {cnn['n']} (scores within "
+          f"{cnn['score_diff']:.1e}); ms per picture: torch {cnn['torch_ms']:.1f}, batched by "
+          f"{cnn['batch']} at {cnn['batch_size']} {cnn['batched_ms']:.1f}, dlib-bin "
+          f"{cnn['dlib_ms']:.1f}; ratio {cnn['dlib_ms'] / cnn['torch_ms']:.1f}x")
     placed = [r for r in rows if r[0].startswith("placed")]
     cfp = {r[0]: r for r in rows if r[0].startswith("CFP")}
     print(f"summary: ORL bare {rows[0][6]}/400; CFP x3 frontal "
@@ -204,7 +270,8 @@ def main() -> None:
           f"(HOG alone {sum(cfp['CFP profile x3'][2:4])}); placed {sum(r[6] for r in placed)}/"
           f"{sum(r[1] for r in placed)}; two faces {both}/{pairs}; false boxes on noise {false}; "
           f"{median(crop_ms):.0f} ms per 640x480 image ({median(crop_cpu):.0f} ms CPU), "
-          f"{median(empty_ms):.0f} ms with no face")
+          f"{median(empty_ms):.0f} ms with no face; CNN stage {cnn['same']}/{cnn['n']} "
+          f"boxes as dlib-bin's, {cnn['dlib_ms'] / cnn['torch_ms']:.1f}x its speed")
     footer()
 
 

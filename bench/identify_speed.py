@@ -3,9 +3,9 @@ earlier commit, in the same run: detect → align → describe on 640×480 photo
 
     .venv/bin/python bench/identify_speed.py [--base 6defaf2] [--photos 40] [--rounds 5]
 
-- new: ``facegrad.recognition.detect.crop_faces`` (HOG on the colour image, dlib's CNN where
-  HOG finds nothing) and the model's descriptor (``flip_mean``: the chip and its mirror in one
-  batch), as identify runs them;
+- new: ``facegrad.recognition.detect.crop_faces`` (HOG on the colour image, dlib's CNN, run in
+  PyTorch, where HOG finds nothing) and the model's descriptor (``flip_mean``: the chip and its
+  mirror in one batch), as identify runs them;
 - base: ``facegrad/recognition/detect.py`` as it was at ``--base`` (read with ``git show`` and
   loaded as a module: HOG on the grey image, no CNN stage) and the plain embedding;
 - new, fused: the same detection with the ``fused`` descriptor (dlib's network and SFace, each

@@ -165,11 +165,12 @@ BENCHMARKS: list[Bench] = [
         "noise pictures, by which stage; the eye line's angle error; ms per 640x480 image.",
         "", quick=("--per-cell", "8", "--cfp", "20"), headline="summary: ",
         notes="Stages: detector (HOG), padded (the retry on the image with a replicated border), "
-        "cnn (dlib's CNN detector where HOG finds nothing), crop rule (a tight crop taken as the "
-        "face). \"eyes deg\": median error of the eye line's angle (from the landmarks) against "
-        "the face's turn; \"other\": boxes away from the face. The ms figures are wall / CPU "
-        "time of the script's process (dlib runs on one thread): CPU time is what an idle "
-        "machine would show."),
+        "cnn (dlib's CNN detector, run in PyTorch, where HOG finds nothing), crop rule (a tight "
+        "crop taken as the face). \"eyes deg\": median error of the eye line's angle (from the "
+        "landmarks) against the face's turn; \"other\": boxes away from the face. The ms "
+        "figures are wall / CPU time of the script's process (dlib runs on one thread): CPU "
+        "time is what an idle machine would show. The CNN stage line compares the PyTorch port "
+        "with dlib-bin's own detector on the same pictures, one thread each."),
     Bench(
         "identify_speed", "identify_speed.py",
         "identify's per-photo work (detect, align, describe) on 640x480 photos with one face, "
@@ -177,9 +178,10 @@ BENCHMARKS: list[Bench] = [
         "run; pictures with no face timed apart.",
         "ratio >= 0.8", quick=("--photos", "8", "--rounds", "2"), judge=judge_identify_speed,
         headline="identify_speed: ",
-        notes="new: this code's `crop_faces` (HOG, then dlib's CNN where HOG finds nothing) and "
-        "the flip_mean descriptor; base: `facegrad/recognition/detect.py` as it was at 6defaf2 "
-        "(HOG on the grey image, no CNN stage) and the plain embedding. The two alternate; ratio "
+        notes="new: this code's `crop_faces` (HOG, then dlib's CNN in PyTorch where HOG finds "
+        "nothing) and the flip_mean descriptor; base: `facegrad/recognition/detect.py` as it "
+        "was at 6defaf2 (HOG on the grey image, no CNN stage) and the plain embedding. The two "
+        "alternate; ratio "
         "= new images/s over base's, on photos with a face. One torch thread."),
     Bench(
         "verification", "verification.py",

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from facegrad.recognition.dlib_resnet import dlib_model_path
-from facegrad.recognition.dlib_serialize import DlibFormatError, Reader, parse_network
+from facegrad.recognition.dlib_serialize import (
+    DlibFormatError,
+    Reader,
+    parse_detector,
+    parse_network,
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +215,37 @@ def test_non_finite_weights(model_bytes):
     con = model_bytes.index(b"con_4") + len(b"con_4") + 11
     nan = np.array([np.nan], dtype="<f4").tobytes()
     _raises(model_bytes[:con] + nan + model_bytes[con + 4:], "non-finite")
+
+
+# --- dlib's CNN face detector ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detector_bytes() -> bytes:
+    from facegrad.recognition.detect import CNN_FILE, predictor_path
+
+    return predictor_path(CNN_FILE).read_bytes()
+
+
+def test_detector_file_parses(detector_bytes):
+    det = parse_detector(detector_bytes)
+    assert det.window == (80, 80)
+    assert 0 < det.nms_iou < 1 and det.nms_covered == 1.0
+    assert np.allclose(det.input_mean_rgb, (122.782, 117.001, 104.298))
+    assert (det.pyramid_padding, det.pyramid_outer_padding) == (10, 11)  # input.h's defaults
+    kinds = [layer.spec.kind for layer in det.layers]
+    assert kinds == ["con", "bn_con", "relu"] * 6 + ["con"]
+    assert det.layers[-1].params["weight"].shape == (1, 45, 9, 9)
+    for layer in det.layers:
+        assert all(np.isfinite(a).all() and a.dtype == np.float32 for a in layer.params.values())
+
+
+def test_detector_truncated_or_renamed(detector_bytes):
+    rng = random.Random(1)
+    cuts = [1, 5, 60, 100, detector_bytes.index(b"bn_con2") + 40, len(detector_bytes) - 1]
+    for cut in cuts + rng.sample(range(1, len(detector_bytes)), 20):
+        with pytest.raises(DlibFormatError, match="truncated"):
+            parse_detector(detector_bytes[:cut])
+    with pytest.raises(DlibFormatError, match="expected 'bn_con2', found 'bn_con3'"):
+        parse_detector(_replace_once(detector_bytes, b"bn_con2", b"bn_con3"))
+    with pytest.raises(DlibFormatError, match="loss layer version"):
+        parse_network(detector_bytes)  # the face network's reader refuses the detector

@@ -1,9 +1,10 @@
 """Face detection and alignment with dlib: HOG detector → 5 landmarks → aligned 150×150 chip.
 
 Models (loaded once per process, on first use): dlib's HOG frontal face detector
-(``dlib.get_frontal_face_detector()``, built into dlib) and its 5-point landmark model
-``shape_predictor_5_face_landmarks.dat`` from the ``face-recognition-models`` package (the
-68-point model is not used: its training data restricts commercial use).
+(``dlib.get_frontal_face_detector()``, built into dlib), its CNN face detector
+``mmod_human_face_detector.dat`` (run in PyTorch: "Turned faces" below) and its 5-point landmark
+model ``shape_predictor_5_face_landmarks.dat``, both from the ``face-recognition-models``
+package (the 68-point model is not used: its training data restricts commercial use).
 
 Detection (:func:`find_faces`)
     The HOG detector scans the image resized so that its longest side is ``DETECT_SIDE`` (960 px),
@@ -56,8 +57,9 @@ Turned faces
     retry find nothing, dlib's CNN face detector (MMOD, King 2015: "Max-Margin Object
     Detection"; ``mmod_human_face_detector.dat`` of ``face-recognition-models``, trained on faces
     in every pose) scans the photo at ``CNN_SIDE`` (320 px), and its faces are aligned by their
-    landmarks like HOG's. It costs about 0.4 s of CPU per 640×480 picture, paid only where HOG
-    found no face.
+    landmarks like HOG's. The detector runs in PyTorch (:mod:`facegrad.recognition.mmod`, read
+    from the same file, with dlib's boxes), about 15× faster than dlib-bin's own on one thread
+    (``bench/detection.py``).
 
     The 5-point alignment scales the chip by the spread of the eye corners, which shrinks with
     the cosine of the head's turn, so a turned face's chip comes out zoomed in on the near eye.
@@ -97,6 +99,7 @@ import dlib
 import numpy as np
 
 from facegrad.data.preprocess import STORE_SIZE, prepare_face
+from facegrad.recognition.mmod import MMODDetector
 
 __all__ = [
     "CHIP_PADDING",
@@ -137,8 +140,7 @@ CNN_FILE = "mmod_human_face_detector.dat"
 _load_lock = threading.Lock()
 _detect_lock = threading.Lock()
 _models: tuple[object, object] | None = None
-_cnn: object | None = None
-_cnn_lock = threading.Lock()
+_cnn: MMODDetector | None = None
 
 
 def predictor_path(name: str = PREDICTOR_FILE) -> Path:
@@ -164,13 +166,13 @@ def _load() -> tuple[object, object]:
     return _models
 
 
-def _load_cnn():
-    """dlib's CNN face detector (MMOD, King 2015), loaded once per process."""
+def _load_cnn() -> MMODDetector:
+    """dlib's CNN face detector (MMOD, King 2015) in PyTorch, loaded once per process."""
     global _cnn
     if _cnn is None:
         with _load_lock:
             if _cnn is None:
-                _cnn = dlib.cnn_face_detection_model_v1(str(predictor_path(CNN_FILE)))
+                _cnn = MMODDetector.from_file(predictor_path(CNN_FILE))
     return _cnn
 
 
@@ -255,14 +257,12 @@ def _scan_cnn(rgb: np.ndarray, side: int) -> list[tuple[float, float, float, flo
     and more at the scanned size."""
     h, w = rgb.shape[:2]
     img = _resized(rgb, min(MAX_UPSCALE, side / max(h, w)))
-    if min(img.shape[:2]) < CNN_MIN_SIDE:  # no room for its smallest window (dlib refuses)
+    if min(img.shape[:2]) < CNN_MIN_SIDE:  # too small for its window (dlib-bin refuses it)
         return []
     sx, sy = img.shape[1] / w, img.shape[0] / h
-    cnn = _load_cnn()
-    with _cnn_lock:
-        found = cnn(np.ascontiguousarray(img), 0)
-    return [(d.rect.left() / sx, d.rect.top() / sy, (d.rect.right() + 1) / sx,
-             (d.rect.bottom() + 1) / sy) for d in found]
+    found = _load_cnn().detect(img)[0]
+    return [(left / sx, top / sy, (right + 1) / sx, (bottom + 1) / sy)
+            for left, top, right, bottom in (d.rect for d in found)]
 
 
 def _is_crop(h: int, w: int) -> bool:

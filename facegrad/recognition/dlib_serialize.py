@@ -286,6 +286,27 @@ def _read_details(r: Reader, spec: LayerSpec, what: str) -> dict[str, np.ndarray
         r.expect_alias((1, c, 1, 1), f"{what}: beta")
         r.expect_int(0, f"{what}: mode (0: CONV_MODE)")
         return {"gamma": params[:c], "beta": params[c:]}
+    if spec.kind == "bn_con":
+        # layers.h bn_<CONV_MODE>, which dlib's affine_ reads in its place at inference:
+        # gamma / sqrt(running variance + eps) and beta - that * running mean
+        r.expect_string("bn_con2", f"{what}: version")
+        c = spec.channels
+        params = r.params(2 * c, f"{c} gamma + {c} beta", f"{what}: params")
+        r.expect_alias((1, c, 1, 1), f"{what}: gamma")
+        r.expect_alias((1, c, 1, 1), f"{what}: beta")
+        r.tensor(f"{what}: means")
+        r.tensor(f"{what}: invstds")
+        mean = r.params(c, f"{c} running means", f"{what}: running_means")
+        var = r.params(c, f"{c} running variances", f"{what}: running_variances")
+        r.int(f"{what}: num_updates", unsigned=True)
+        r.int(f"{what}: running_stats_window_size", unsigned=True)
+        for name in _MULTIPLIERS:
+            r.float(f"{what}: {name} multiplier")
+        eps = r.float(f"{what}: eps")
+        if not eps > 0 or (var < 0).any():
+            raise r.error(what, f"invalid batch-norm statistics (eps {eps})")
+        gamma = (params[:c] / np.sqrt(var + np.float32(eps))).astype(np.float32)
+        return {"gamma": gamma, "beta": (params[c:] - gamma * mean).astype(np.float32)}
     if spec.kind in ("max_pool", "avg_pool"):
         r.expect_string(f"{spec.kind}_2", f"{what}: version")
         for name, value in (("nr", spec.size), ("nc", spec.size), ("stride_y", spec.stride),
@@ -311,19 +332,8 @@ def _read_details(r: Reader, spec: LayerSpec, what: str) -> dict[str, np.ndarray
     raise AssertionError(spec.kind)
 
 
-def parse_network(data: bytes) -> DlibNetwork:
-    """Parse the bytes of ``dlib_face_recognition_resnet_model_v1.dat``."""
-    if not data:
-        raise DlibFormatError("empty input: expected a serialized dlib network")
-    r = Reader(data)
-    r.expect_int(1, "add_loss_layer version")
-    # loss.h loss_metric_: margin and distance threshold
-    r.expect_string("loss_metric_2", "loss layer version")
-    margin = r.float("loss_metric_ margin")
-    threshold = r.float("loss_metric_ dist_thresh")
-
-    layout = anet_layout()
-    # core.h: the versions of every layer come first, from the loss end down to the input.
+def _read_versions(r: Reader, layout: list[LayerSpec]) -> dict[int, int]:
+    """core.h: the versions of every layer come first, from the loss end down to the input."""
     versions: dict[int, int] = {}
     for i in reversed(range(len(layout))):
         spec = layout[i]
@@ -334,15 +344,12 @@ def parse_network(data: bytes) -> DlibNetwork:
             versions[i] = r.expect_int((2, 3), what)  # add_layer on the input layer
         else:
             versions[i] = r.expect_int((1, 2), what)
+    return versions
 
-    # input.h input_rgb_image_sized<150>
-    r.expect_string("input_rgb_image_sized", "input layer version")
-    mean = tuple(r.float(f"input layer avg_{c}") for c in ("red", "green", "blue"))
-    if not all(0.0 <= m <= 255.0 for m in mean):
-        raise r.error("input layer", f"channel means {mean} outside 0..255")
-    rows = r.expect_int(150, "input layer NR", unsigned=True)
-    cols = r.expect_int(150, "input layer NC", unsigned=True)
 
+def _read_layers(r: Reader, layout: list[LayerSpec], versions: dict[int, int]
+                 ) -> list[DlibLayer]:
+    """Each computational layer's details and add_layer state, from the input side up."""
     layers = []
     for i, spec in enumerate(layout):
         if not spec.computational:
@@ -364,7 +371,106 @@ def parse_network(data: bytes) -> DlibNetwork:
             r.tensor(f"{what}: params_grad")
         layers.append(DlibLayer(spec, at, params))
     r.end()
-    return DlibNetwork(margin, threshold, mean, (rows, cols), layers)  # type: ignore[arg-type]
+    return layers
+
+
+def _read_mean(r: Reader) -> tuple[float, float, float]:
+    mean = tuple(r.float(f"input layer avg_{c}") for c in ("red", "green", "blue"))
+    if not all(0.0 <= m <= 255.0 for m in mean):
+        raise r.error("input layer", f"channel means {mean} outside 0..255")
+    return mean  # type: ignore[return-value]
+
+
+def parse_network(data: bytes) -> DlibNetwork:
+    """Parse the bytes of ``dlib_face_recognition_resnet_model_v1.dat``."""
+    if not data:
+        raise DlibFormatError("empty input: expected a serialized dlib network")
+    r = Reader(data)
+    r.expect_int(1, "add_loss_layer version")
+    # loss.h loss_metric_: margin and distance threshold
+    r.expect_string("loss_metric_2", "loss layer version")
+    margin = r.float("loss_metric_ margin")
+    threshold = r.float("loss_metric_ dist_thresh")
+    layout = anet_layout()
+    versions = _read_versions(r, layout)
+    # input.h input_rgb_image_sized<150>
+    r.expect_string("input_rgb_image_sized", "input layer version")
+    mean = _read_mean(r)
+    rows = r.expect_int(150, "input layer NR", unsigned=True)
+    cols = r.expect_int(150, "input layer NC", unsigned=True)
+    layers = _read_layers(r, layout, versions)
+    return DlibNetwork(margin, threshold, mean, (rows, cols), layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# dlib's CNN face detector (MMOD)
+
+
+def mmod_layout() -> list[LayerSpec]:
+    """``net_type`` of dlib's ``examples/dnn_mmod_face_detection_ex.cpp`` (as trained, with
+    bn_con where the example's inference type has affine), from the input up: a downsampler of
+    three 5x5 stride-2 convolutions (16, 32, 32 filters), three 5x5 convolutions of 45, and a
+    9x9 convolution to one score map."""
+    layers: list[LayerSpec] = []
+    for n, k in ((16, 3), (32, 16), (32, 32)):  # downsampler: relu<bn<con5d<N>>>
+        layers += [LayerSpec("con", n, k, 5, 2), LayerSpec("bn_con", n), LayerSpec("relu")]
+    for _ in range(3):  # rcon5: relu<bn<con5<45>>>
+        layers += [LayerSpec("con", 45, layers[-3].channels, 5, 1), LayerSpec("bn_con", 45),
+                   LayerSpec("relu")]
+    return layers + [LayerSpec("con", 1, 45, 9, 1)]
+
+
+@dataclass
+class DlibDetector:
+    """``mmod_human_face_detector`` as read from its file: loss_mmod's options (loss.h
+    mmod_options) and the network after input_rgb_image_pyramid<pyramid_down<6>>."""
+
+    window: tuple[int, int]  # the detector window (width, height) in pyramid pixels
+    nms_iou: float  # test_box_overlap: two boxes overlap when IoU (over their bounding box)
+    nms_covered: float  # ... or the share of either one covered exceeds these
+    input_mean_rgb: tuple[float, float, float]
+    pyramid_padding: int
+    pyramid_outer_padding: int
+    layers: list[DlibLayer]  # computational layers, from the input side
+
+
+def parse_detector(data: bytes) -> DlibDetector:
+    """Parse the bytes of ``mmod_human_face_detector.dat``."""
+    if not data:
+        raise DlibFormatError("empty input: expected a serialized dlib network")
+    r = Reader(data)
+    r.expect_int(1, "add_loss_layer version")
+    r.expect_string("loss_mmod_", "loss layer version")
+    version = r.expect_int((1, 2, 3, 4), "mmod_options version")
+    if version != 1:  # later versions hold a list of windows, each with a label
+        raise r.error("mmod_options", f"version {version}: only one detector window "
+                                      "(version 1) is supported")
+    window = (r.int("mmod_options detector_width", unsigned=True),
+              r.int("mmod_options detector_height", unsigned=True))
+    for name in ("loss_per_false_alarm", "loss_per_missed_target", "truth_match_iou_threshold"):
+        r.float(f"mmod_options {name}")
+    nms_iou, nms_covered = r.float("overlaps_nms iou"), r.float("overlaps_nms covered")
+    r.float("overlaps_ignore iou")
+    r.float("overlaps_ignore covered")
+    if min(window) < 1 or not (0 <= nms_iou <= 1 and 0 <= nms_covered <= 1):
+        raise r.error("mmod_options", f"invalid window {window} or NMS ({nms_iou}, "
+                                      f"{nms_covered})")
+    layout = mmod_layout()
+    versions = _read_versions(r, layout)
+    found = r.expect_string(("input_rgb_image_pyramid", "input_rgb_image_pyramid2"),
+                            "input layer version")
+    mean = _read_mean(r)
+    padding, outer = 10, 11  # input.h: the defaults, written only from the second version on
+    if found.endswith("2"):
+        padding = r.int("input layer pyramid_padding", unsigned=True)
+        outer = r.int("input layer pyramid_outer_padding", unsigned=True)
+    layers = _read_layers(r, layout, versions)
+    return DlibDetector(window, nms_iou, nms_covered, mean, padding, outer, layers)
+
+
+def read_detector(path: str | Path) -> DlibDetector:
+    """Read and parse a ``mmod_human_face_detector.dat`` file."""
+    return parse_detector(Path(path).read_bytes())
 
 
 def read_network(path: str | Path) -> DlibNetwork:
