@@ -381,7 +381,8 @@ BENCHMARKS: list[Bench] = [
         "cuda_check", "cuda_check.py",
         "every clip mode on the same gradients on the GPU and the CPU; the default job and a "
         "private job trained on the GPU, their models identifying ORL photos as identify "
-        "loads them.", "clip modes agree; jobs name and reject >= 0.95; epsilon <= target",
+        "loads them; dlib's CNN face detector on the GPU and the CPU.",
+        "clip modes agree; jobs name and reject >= 0.95; epsilon <= target; detector boxes agree",
         full=(), quick=("--skip-cpu-job",), cuda=True),
     Bench(
         "ddp_scaling_cuda", "ddp_scaling.py",
