@@ -278,22 +278,17 @@ def _read_details(r: Reader, spec: LayerSpec, what: str) -> dict[str, np.ndarray
         for name in _MULTIPLIERS:
             r.float(f"{what}: {name} multiplier")
         return {"weight": params[:size].reshape(n, k, s, s), "bias": params[size:]}
-    if spec.kind == "affine":
-        r.expect_string("affine_", f"{what}: version")
+    if spec.kind in ("affine", "bn_con"):
+        # affine_, or bn_<CONV_MODE>, which dlib's affine_ reads in its place at inference
+        r.expect_string("affine_" if spec.kind == "affine" else "bn_con2", f"{what}: version")
         c = spec.channels
         params = r.params(2 * c, f"{c} gamma + {c} beta", f"{what}: params")
         r.expect_alias((1, c, 1, 1), f"{what}: gamma")
         r.expect_alias((1, c, 1, 1), f"{what}: beta")
-        r.expect_int(0, f"{what}: mode (0: CONV_MODE)")
-        return {"gamma": params[:c], "beta": params[c:]}
-    if spec.kind == "bn_con":
-        # layers.h bn_<CONV_MODE>, which dlib's affine_ reads in its place at inference:
-        # gamma / sqrt(running variance + eps) and beta - that * running mean
-        r.expect_string("bn_con2", f"{what}: version")
-        c = spec.channels
-        params = r.params(2 * c, f"{c} gamma + {c} beta", f"{what}: params")
-        r.expect_alias((1, c, 1, 1), f"{what}: gamma")
-        r.expect_alias((1, c, 1, 1), f"{what}: beta")
+        if spec.kind == "affine":
+            r.expect_int(0, f"{what}: mode (0: CONV_MODE)")
+            return {"gamma": params[:c], "beta": params[c:]}
+        # bn_: gamma / sqrt(running variance + eps) and beta - that * running mean
         r.tensor(f"{what}: means")
         r.tensor(f"{what}: invstds")
         mean = r.params(c, f"{c} running means", f"{what}: running_means")
@@ -381,14 +376,19 @@ def _read_mean(r: Reader) -> tuple[float, float, float]:
     return mean  # type: ignore[return-value]
 
 
-def parse_network(data: bytes) -> DlibNetwork:
-    """Parse the bytes of ``dlib_face_recognition_resnet_model_v1.dat``."""
+def _open(data: bytes, loss: str) -> Reader:
+    """A reader past the loss layer's version string (core.h add_loss_layer, version 1)."""
     if not data:
         raise DlibFormatError("empty input: expected a serialized dlib network")
     r = Reader(data)
     r.expect_int(1, "add_loss_layer version")
-    # loss.h loss_metric_: margin and distance threshold
-    r.expect_string("loss_metric_2", "loss layer version")
+    r.expect_string(loss, "loss layer version")
+    return r
+
+
+def parse_network(data: bytes) -> DlibNetwork:
+    """Parse the bytes of ``dlib_face_recognition_resnet_model_v1.dat``."""
+    r = _open(data, "loss_metric_2")  # loss.h loss_metric_: margin and distance threshold
     margin = r.float("loss_metric_ margin")
     threshold = r.float("loss_metric_ dist_thresh")
     layout = anet_layout()
@@ -436,11 +436,7 @@ class DlibDetector:
 
 def parse_detector(data: bytes) -> DlibDetector:
     """Parse the bytes of ``mmod_human_face_detector.dat``."""
-    if not data:
-        raise DlibFormatError("empty input: expected a serialized dlib network")
-    r = Reader(data)
-    r.expect_int(1, "add_loss_layer version")
-    r.expect_string("loss_mmod_", "loss layer version")
+    r = _open(data, "loss_mmod_")
     version = r.expect_int((1, 2, 3, 4), "mmod_options version")
     if version != 1:  # later versions hold a list of windows, each with a label
         raise r.error("mmod_options", f"version {version}: only one detector window "
