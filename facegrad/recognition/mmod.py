@@ -27,8 +27,8 @@ Boxes are dlib's ``rectangle``: (left, top, right, bottom), inclusive, in the pi
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,10 +164,10 @@ class MMODDetector(nn.Module):
                 i += 1
         self.net = nn.Sequential(*convs)
         self.register_buffer("mean", torch.tensor(spec.input_mean_rgb).view(1, 3, 1, 1))
-        self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path) -> MMODDetector:
+    def from_file(cls, path: str | Path) -> MMODDetector:
+        """The detector of a ``mmod_human_face_detector.dat`` file, ready for inference."""
         return cls(read_detector(path)).eval()
 
     def _input_point(self, x: float, y: float) -> tuple[float, float]:
