@@ -8,7 +8,6 @@ import cv2
 import dlib
 import numpy as np
 import pytest
-import torch
 
 from facegrad.recognition.detect import CNN_FILE, CNN_SIDE, predictor_path
 from facegrad.recognition.mmod import MMODDetector, pyramid_layout
@@ -79,7 +78,6 @@ def _agree(mine, reference) -> None:
 
 @needs_data
 def test_boxes_and_scores_are_dlibs(ours, theirs):
-    torch.set_num_threads(1)
     found = 0
     for pic in _scenes():
         reference = _dlib_boxes(theirs, pic)
