@@ -115,6 +115,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def box_agreement(pairs, noise: float = 1e-3) -> tuple[int, float, int]:
+    """How far two face detectors agree, over pictures: ``pairs`` holds, per picture, each
+    detector's [(box, score)]. Boxes scoring within ``noise`` of the threshold (0) may fall either
+    side of it on other hardware, so only firmer ones count. Returns (pictures with the same
+    firm boxes, the largest score difference of a box both found, firm boxes of the second)."""
+    same, worst, found = 0, 0.0, 0
+    for a, b in pairs:
+        fa = {r: c for r, c in a if c > noise}
+        fb = {r: c for r, c in b if c > noise}
+        same += fa.keys() == fb.keys()
+        found += len(fb)
+        worst = max([worst] + [abs(fa[r] - fb[r]) for r in fb if r in fa])
+    return same, worst, found
+
+
 # --- timing -----------------------------------------------------------------------------------
 
 def median(xs) -> float:

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import footer, header, pretrained_dir, table
+from _common import box_agreement, footer, header, pretrained_dir, sync, table
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
@@ -237,19 +237,14 @@ def check_detector(device: torch.device) -> bool:
     dev.detect(pics[:2])  # kernels chosen outside the timing
     t = time.perf_counter()
     on_dev = dev.detect(pics)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     dev_ms = 1e3 * (time.perf_counter() - t) / len(pics)
     t = time.perf_counter()
     on_cpu = [cpu.detect(p)[0] for p in pics]
     cpu_ms = 1e3 * (time.perf_counter() - t) / len(pics)
-    same, worst, found = 0, 0.0, 0
-    for a, b in zip(on_dev, on_cpu):
-        fa = {d.rect: d.confidence for d in a if d.confidence > 1e-3}
-        fb = {d.rect: d.confidence for d in b if d.confidence > 1e-3}
-        same += fa.keys() == fb.keys()
-        found += len(fb)
-        worst = max([worst] + [abs(fa[r] - fb[r]) for r in fb if r in fa])
+    same, worst, found = box_agreement(
+        ([(d.rect, d.confidence) for d in a], [(d.rect, d.confidence) for d in b])
+        for a, b in zip(on_dev, on_cpu))
     ok = same == len(pics) and worst < 1e-3 and found >= len(pics) // 2
     print(f"{len(pics)} CFP profiles at 240x320: the same boxes in {same}, {found} faces on the "
           f"CPU, scores within {worst:.1e}; ms per picture: {device.type} batched {dev_ms:.2f}, "

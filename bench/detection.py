@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import ORL, footer, header, median, table
+from _common import ORL, box_agreement, footer, header, median, table
 
 import cv2  # isort: skip
 import numpy as np  # isort: skip
@@ -101,13 +101,10 @@ def cnn_against_dlib(n: int, batch: int = 8) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        same, diff = 0, 0.0
-        for pic in pics:
-            mine = {d.rect: d.confidence for d in ours.detect(pic)[0] if d.confidence > 1e-3}
-            ref = {(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()): d.confidence
-                   for d in theirs(pic, 0) if d.confidence > 1e-3}
-            same += mine.keys() == ref.keys()
-            diff = max([diff] + [abs(mine[r] - ref[r]) for r in ref if r in mine])
+        same, diff, _ = box_agreement(
+            ([(d.rect, d.confidence) for d in ours.detect(pic)[0]],
+             [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence)
+              for d in theirs(pic, 0)]) for pic in pics)
         shape = (side * 3 // 4, side)
         even = [cv2.resize(p, shape[::-1], interpolation=cv2.INTER_AREA) for p in pics]
         groups = [np.stack(even[i:i + batch]) for i in range(0, len(even) - batch + 1, batch)]
