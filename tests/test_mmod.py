@@ -9,7 +9,7 @@ import dlib
 import numpy as np
 import pytest
 
-from facegrad.recognition.detect import CNN_FILE, CNN_SIDE, predictor_path
+from facegrad.recognition.detect import CNN_FILE, CNN_SIDE, _resized, predictor_path
 from facegrad.recognition.mmod import MMODDetector, pyramid_layout
 from tests.harness import ORL
 from tests.scenes import paste
@@ -36,9 +36,7 @@ def theirs():
 def _photo(path, side: int = CNN_SIDE) -> np.ndarray:
     """A cfp_dev photo as detect._scan_cnn scans it: RGB, longest side ``side``."""
     rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-    s = side / max(rgb.shape[:2])
-    size = (round(rgb.shape[1] * s), round(rgb.shape[0] * s))
-    return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+    return np.ascontiguousarray(_resized(rgb, side / max(rgb.shape[:2])))
 
 
 def _scenes() -> list[np.ndarray]:
