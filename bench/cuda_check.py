@@ -36,16 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import box_agreement, footer, header, pretrained_dir, sync, table
+from _common import box_agreement, footer, header, pretrained_dir, sync, table, verdict
 
 import numpy as np  # isort: skip
 import torch  # isort: skip
 
 N_IDS = 12
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "MISSED"
 
 
 def knobs(grads: list[torch.Tensor]) -> list[dict]:
